@@ -1,0 +1,127 @@
+"""In-memory columnar splits that every source produces and the loader batches.
+
+Sources parse their files into a `Split` (numpy arrays, one row per instance); the
+loader (`data/loader.py`) slices rows into `Batch`es. Keeping one columnar layout means
+each source only parses, and batching, sharding and normalisation are written once.
+
+Legend: N rows, Dn dense columns, nnz total ids of a sparse feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data.spec import DatasetSpec
+
+
+@dataclass(slots=True)
+class SparseColumn:
+    """Ids of one feature in CSR form: row i holds `values[offsets[i]:offsets[i+1]]`.
+
+    Attributes:
+        values: `[nnz]` int64 ids.
+        offsets: `[N + 1]` int64, non-decreasing, `offsets[0] == 0`.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def single_hot(cls, ids_N: np.ndarray) -> SparseColumn:
+        ids_N = np.ascontiguousarray(ids_N, dtype=np.int64)
+        return cls(values=ids_N, offsets=np.arange(len(ids_N) + 1, dtype=np.int64))
+
+    @classmethod
+    def from_lists(cls, rows: list[list[int]]) -> SparseColumn:
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter((v for r in rows for v in r), dtype=np.int64, count=int(offsets[-1]))
+        return cls(values=values, offsets=offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def take(self, rows_N: np.ndarray) -> SparseColumn:
+        """Rows `rows_N` (any order) as a new column."""
+        starts = self.offsets[rows_N]
+        lengths = self.offsets[rows_N + 1] - starts
+        offsets = np.zeros(len(rows_N) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if len(self.values) == len(self):  # single-hot fast path
+            values = self.values[rows_N]
+        else:
+            idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+            values = self.values[idx]
+        return SparseColumn(values=values, offsets=offsets)
+
+
+@dataclass(slots=True)
+class Split:
+    """One split (train / val / test) of a dataset, row-aligned across columns.
+
+    Attributes:
+        dense: `[N, Dn]` float32.
+        sparse: feature name -> ids.
+        labels: task name -> `[N]` float32 in {0, 1}.
+        user_id: `[N]` int64 or None.
+    """
+
+    dense: np.ndarray
+    sparse: dict[str, SparseColumn]
+    labels: dict[str, np.ndarray]
+    user_id: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+    def take(self, rows_N: np.ndarray) -> Split:
+        return Split(
+            dense=self.dense[rows_N],
+            sparse={k: v.take(rows_N) for k, v in self.sparse.items()},
+            labels={k: v[rows_N] for k, v in self.labels.items()},
+            user_id=None if self.user_id is None else self.user_id[rows_N],
+        )
+
+
+@dataclass(slots=True)
+class Dataset:
+    """A source's output: the schema plus its three splits."""
+
+    spec: DatasetSpec
+    train: Split
+    val: Split
+    test: Split
+    skipped_rows: int = 0
+    info: dict[str, object] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; expected train, val or test")
+        return getattr(self, name)
+
+
+def standardize_dense(train: Split, *others: Split, eps: float = 1e-6) -> dict[str, np.ndarray]:
+    """Normalise dense columns in place with mean / std of the train split.
+
+    Returns:
+        The statistics used (`mean`, `std`), so they can be stored with the run.
+    """
+    mean = train.dense.mean(axis=0, dtype=np.float64)
+    std = train.dense.std(axis=0, dtype=np.float64)
+    std = np.where(std < eps, 1.0, std)
+    for s in (train, *others):
+        s.dense = ((s.dense - mean) / std).astype(np.float32)
+    return {"mean": mean, "std": std}
+
+
+def carve_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split off a random `fraction` of rows as validation (seeded, reproducible)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {fraction}")
+    perm = np.random.default_rng(seed).permutation(len(split))
+    num_val = int(round(len(split) * fraction))
+    val_rows, train_rows = np.sort(perm[:num_val]), np.sort(perm[num_val:])
+    return split.take(train_rows), split.take(val_rows)

@@ -1,0 +1,178 @@
+"""Batching a columnar `Split` into `Batch`es, sharded by rank.
+
+Training order is a seeded global permutation per epoch; global batch i holds rows
+`perm[i*G:(i+1)*G]` (G = local batch x world size) and rank r takes its slice
+`[r*b:(r+1)*b]`. The concatenation of all ranks' batches is therefore the same global
+batch whatever the world size, which is what the parity tests and checkpoint resharding
+rely on. Incomplete global batches at the end of an epoch are dropped.
+
+Evaluation covers every row exactly once: rank r takes a contiguous chunk of
+`ceil(N / world)` rows; every rank runs the same number of batches (sharded embeddings
+run collectives), so the last ones are padded with weight-0 rows that metrics ignore.
+
+Legend: B local batch, G global batch, N rows.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data.batch import Batch
+from data.columns import Split
+from data.spec import DatasetSpec
+
+
+def make_batch(split: Split, rows_B: np.ndarray, spec: DatasetSpec, num_valid: int | None = None) -> Batch:
+    """Gather rows `rows_B` of `split` into a `Batch` (rows past `num_valid` get weight 0)."""
+    lengths, values = [], []
+    for name in spec.sparse_names:
+        col = split.sparse[name].take(rows_B)
+        lengths.append(np.diff(col.offsets))
+        values.append(col.values)
+    kjt = KeyedJaggedTensor(
+        keys=list(spec.sparse_names),
+        values=torch.from_numpy(np.concatenate(values)),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+    )
+    weights = torch.ones(len(rows_B), dtype=torch.float32)
+    if num_valid is not None:
+        weights[num_valid:] = 0.0
+    return Batch(
+        dense=torch.from_numpy(split.dense[rows_B]),
+        sparse=kjt,
+        labels={t: torch.from_numpy(split.labels[t][rows_B]) for t in spec.tasks},
+        weights=weights,
+        user_id=None if split.user_id is None else torch.from_numpy(split.user_id[rows_B]),
+    )
+
+
+class TrainLoader:
+    """Endless, resumable iterator of this rank's training batches.
+
+    Args:
+        split: the training split.
+        spec: dataset schema (fixes the KJT key order).
+        batch_size: local (per-rank) batch size.
+        rank: this rank; world_size: number of data-parallel ranks.
+        seed: base seed for the per-epoch permutation.
+        prefetch: batches built ahead in a background thread (0 = synchronous).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        *,
+        spec: DatasetSpec,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        prefetch: int = 4,
+    ) -> None:
+        self.split, self.spec = split, spec
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = len(split) // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"train split has {len(split)} rows, fewer than one global batch "
+                f"(trainer.batch_size={batch_size} x world {world_size})"
+            )
+        self.epoch, self.index = 0, 0  # position of the next batch to yield
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"checkpoint was written with global batch {state['global_batch']}, this run "
+                f"uses {self.global_batch}; resume needs the same global batch"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def _rows(self, epoch: int, index: int) -> np.ndarray:
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+        else:
+            perm = np.arange(len(self.split))
+        start = index * self.global_batch + self.rank * self.batch_size
+        return perm[start : start + self.batch_size]
+
+    def _positions(self) -> Iterator[tuple[int, int]]:
+        epoch, index = self.epoch, self.index
+        while True:
+            yield epoch, index
+            index += 1
+            if index == self.batches_per_epoch:
+                epoch, index = epoch + 1, 0
+
+    def _build(self, epoch: int, index: int) -> Batch:
+        return make_batch(self.split, self._rows(epoch, index), self.spec)
+
+    def __iter__(self) -> Iterator[Batch]:
+        positions = self._positions()
+        if self.prefetch <= 0:
+            for epoch, index in positions:
+                batch = self._build(epoch, index)
+                self._advance(epoch, index)
+                yield batch
+            return
+        yield from self._prefetched(positions)
+
+    def _advance(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = epoch, index + 1
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = epoch + 1, 0
+
+    def _prefetched(self, positions: Iterator[tuple[int, int]]) -> Iterator[Batch]:
+        q: queue.Queue[tuple[int, int, Batch] | BaseException] = queue.Queue(self.prefetch)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for epoch, index in positions:
+                    if stop.is_set():
+                        return
+                    q.put((epoch, index, self._build(epoch, index)))
+            except BaseException as e:  # surfaced in the consumer
+                q.put(e)
+
+        thread = threading.Thread(target=work, daemon=True, name="batch-prefetch")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                epoch, index, batch = item
+                self._advance(epoch, index)
+                yield batch
+        finally:
+            stop.set()
+            while not q.empty():  # unblock a producer waiting on a full queue
+                q.get_nowait()
+
+
+def eval_batches(
+    split: Split, *, spec: DatasetSpec, batch_size: int, rank: int = 0, world_size: int = 1
+) -> Iterator[Batch]:
+    """This rank's evaluation batches: every row once over all ranks, padded to equal steps."""
+    n = len(split)
+    per_rank = math.ceil(n / world_size)
+    lo, hi = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
+    num_batches = max(1, math.ceil(per_rank / batch_size))
+    for i in range(num_batches):
+        rows = np.arange(lo + i * batch_size, min(lo + (i + 1) * batch_size, hi))
+        num_valid = len(rows)
+        pad = np.zeros(batch_size - num_valid, dtype=np.int64)  # row 0, weight 0
+        yield make_batch(split, np.concatenate([rows, pad]), spec, num_valid=num_valid)
