@@ -117,11 +117,16 @@ def standardize_dense(train: Split, *others: Split, eps: float = 1e-6) -> dict[s
     return {"mean": mean, "std": std}
 
 
-def carve_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Split off a random `fraction` of rows as validation (seeded, reproducible)."""
+def validation_rows(num_rows: int, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train_rows, val_rows) partition of `range(num_rows)`, each sorted."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {fraction}")
-    perm = np.random.default_rng(seed).permutation(len(split))
-    num_val = int(round(len(split) * fraction))
-    val_rows, train_rows = np.sort(perm[:num_val]), np.sort(perm[num_val:])
+    perm = np.random.default_rng(seed).permutation(num_rows)
+    num_val = int(round(num_rows * fraction))
+    return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+def carve_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split off a random `fraction` of rows as validation (seeded, reproducible)."""
+    train_rows, val_rows = validation_rows(len(split), fraction=fraction, seed=seed)
     return split.take(train_rows), split.take(val_rows)

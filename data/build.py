@@ -1,0 +1,28 @@
+"""Source registry: `data.name` in the config picks the loader.
+
+Each source module defines a config dataclass (with a `name` field) and a function
+`cfg -> Dataset`; registering both here makes it selectable as `data=<name>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from data.census import CensusIncomeConfig, load_census_income
+from data.columns import Dataset
+
+# name -> (config dataclass, loader)
+SOURCES: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
+    "census_income": (CensusIncomeConfig, load_census_income),
+}
+
+
+def build_dataset(cfg: Any) -> Dataset:
+    name = getattr(cfg, "name", None)
+    if name not in SOURCES:
+        raise ValueError(f"data.name={name!r} is not a known source; choose one of {sorted(SOURCES)}")
+    config_cls, load = SOURCES[name]
+    if not isinstance(cfg, config_cls):
+        raise ValueError(f"data config for {name!r} must be a {config_cls.__name__}, got {type(cfg).__name__}")
+    return load(cfg)

@@ -1,0 +1,204 @@
+"""UCI Census-Income (KDD): the classic two-task benchmark (income > 50K, never married).
+
+Files are headerless, `, `-separated, 42 columns (see data/files/census-income/README.md).
+Choices, following the MMoE / PLE papers' setup:
+
+- tasks: `income` (col 41 == `50000+.`) and `never_married` (col 7 == `Never married`);
+  marital status is therefore not a feature;
+- col 24 (instance weight) is dropped;
+- 7 continuous columns become dense features; the money-valued ones are `log1p`-ed
+  (heavy tails), then all are standardised with train-split statistics;
+- the other 32 columns are single-hot categorical features; vocabularies come from the
+  train split (after the validation carve-out), id 0 = unseen / missing.
+
+The official test file is the test split; validation is a seeded fraction of train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from data.columns import Dataset, SparseColumn, Split, standardize_dense, validation_rows
+from data.spec import DatasetSpec, SparseFeature
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "files" / "census-income"
+NUM_COLUMNS = 42
+LABEL_COL, MARITAL_COL, WEIGHT_COL = 41, 7, 24
+CONTINUOUS = {
+    0: "age",
+    5: "wage_per_hour",
+    16: "capital_gains",
+    17: "capital_losses",
+    18: "dividends",
+    30: "num_persons_worked_for_employer",
+    39: "weeks_worked_in_year",
+}
+LOG1P = {5, 16, 17, 18}
+CATEGORICAL = {
+    1: "class_of_worker",
+    2: "industry_code",
+    3: "occupation_code",
+    4: "education",
+    6: "enroll_in_edu",
+    8: "major_industry",
+    9: "major_occupation",
+    10: "race",
+    11: "hispanic_origin",
+    12: "sex",
+    13: "union_member",
+    14: "unemployment_reason",
+    15: "employment_status",
+    19: "tax_filer_status",
+    20: "region_prev_residence",
+    21: "state_prev_residence",
+    22: "household_family_stat",
+    23: "household_summary",
+    25: "migration_msa",
+    26: "migration_reg",
+    27: "migration_within_reg",
+    28: "same_house_1y_ago",
+    29: "migration_sunbelt",
+    31: "family_members_under_18",
+    32: "country_father",
+    33: "country_mother",
+    34: "country_self",
+    35: "citizenship",
+    36: "own_business",
+    37: "veterans_questionnaire",
+    38: "veterans_benefits",
+    40: "year",
+}
+POSITIVE_INCOME, NEGATIVE_INCOME = "50000+.", "- 50000."
+
+
+@dataclass(kw_only=True)
+class CensusIncomeConfig:
+    """Config of the Census-Income source.
+
+    Attributes:
+        root: folder with `census-income.data.gz` / `.test.gz` (default: shipped copy).
+        val_fraction: share of the official train file held out for validation.
+        seed: seed of the validation carve-out.
+        limit_rows: read only the first N rows of each file (tests, smoke runs); 0 = all.
+    """
+
+    name: str = "census_income"
+    root: str | None = None
+    val_fraction: float = 0.1
+    seed: int = 2026
+    limit_rows: int = 0
+
+
+def read_raw(path: Path, *, limit_rows: int = 0) -> pa.Table:
+    """Read one file as 42 string columns; raise naming the file on a bad layout."""
+    if not path.exists():
+        raise FileNotFoundError(f"Census-Income file not found: {path}")
+    names = [f"c{i}" for i in range(NUM_COLUMNS)]
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 22),
+            parse_options=pacsv.ParseOptions(delimiter=","),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+        )
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{path}: not a {NUM_COLUMNS}-column Census-Income file: {e}") from e
+    return table.slice(0, limit_rows) if limit_rows else table
+
+
+def _strings(table: pa.Table, col: int) -> np.ndarray:
+    return np.asarray(pc.utf8_trim_whitespace(table.column(col)).to_numpy(zero_copy_only=False))
+
+
+def _numeric(table: pa.Table, col: int, path: Path) -> np.ndarray:
+    raw = _strings(table, col)
+    try:
+        values = raw.astype(np.float64)
+    except ValueError:
+        bad = next(i for i, v in enumerate(raw) if not _is_float(v))
+        raise ValueError(
+            f"{path}: row {bad + 1}, column {col} ({CONTINUOUS[col]}): non-numeric value {raw[bad]!r}"
+        ) from None
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise ValueError(f"{path}: row {bad + 1}, column {col} ({CONTINUOUS[col]}): non-finite value")
+    return np.log1p(np.maximum(values, 0.0)) if col in LOG1P else values
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _labels(table: pa.Table, path: Path) -> dict[str, np.ndarray]:
+    income = _strings(table, LABEL_COL)
+    known = (income == POSITIVE_INCOME) | (income == NEGATIVE_INCOME)
+    if not known.all():
+        bad = int(np.flatnonzero(~known)[0])
+        raise ValueError(
+            f"{path}: row {bad + 1}, column {LABEL_COL} (income): label {income[bad]!r} is neither "
+            f"{POSITIVE_INCOME!r} nor {NEGATIVE_INCOME!r}"
+        )
+    marital = _strings(table, MARITAL_COL)
+    return {
+        "income": (income == POSITIVE_INCOME).astype(np.float32),
+        "never_married": (marital == "Never married").astype(np.float32),
+    }
+
+
+def _parse(path: Path, limit_rows: int) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, np.ndarray]]:
+    table = read_raw(path, limit_rows=limit_rows)
+    dense = np.stack([_numeric(table, c, path) for c in CONTINUOUS], axis=1).astype(np.float32)
+    cats = {c: _strings(table, c) for c in CATEGORICAL}
+    return dense, cats, _labels(table, path)
+
+
+def _encode(vocab: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Map strings to ids 1..len(vocab) (sorted vocab); unseen -> 0."""
+    pos = np.searchsorted(vocab, values)
+    pos = np.minimum(pos, len(vocab) - 1)
+    found = vocab[pos] == values
+    return np.where(found, pos + 1, 0).astype(np.int64)
+
+
+def load_census_income(cfg: CensusIncomeConfig) -> Dataset:
+    """Parse, encode and split Census-Income into train / val / test."""
+    root = Path(cfg.root) if cfg.root else DEFAULT_DIR
+    train_dense, train_cats, train_labels = _parse(root / "census-income.data.gz", cfg.limit_rows)
+    test_dense, test_cats, test_labels = _parse(root / "census-income.test.gz", cfg.limit_rows)
+
+    # carve validation on row indices first so vocabularies see only the train rows
+    tr_rows, va_rows = validation_rows(len(train_dense), fraction=cfg.val_fraction, seed=cfg.seed)
+
+    features, sparse_train, sparse_val, sparse_test = [], {}, {}, {}
+    for col, name in CATEGORICAL.items():
+        vocab = np.unique(train_cats[col][tr_rows])
+        features.append(SparseFeature(name=name, num_embeddings=len(vocab) + 1))
+        sparse_train[name] = SparseColumn.single_hot(_encode(vocab, train_cats[col][tr_rows]))
+        sparse_val[name] = SparseColumn.single_hot(_encode(vocab, train_cats[col][va_rows]))
+        sparse_test[name] = SparseColumn.single_hot(_encode(vocab, test_cats[col]))
+
+    def labels(src: dict[str, np.ndarray], rows: np.ndarray | None) -> dict[str, np.ndarray]:
+        return {k: (v if rows is None else v[rows]) for k, v in src.items()}
+
+    train = Split(dense=train_dense[tr_rows], sparse=sparse_train, labels=labels(train_labels, tr_rows))
+    val = Split(dense=train_dense[va_rows], sparse=sparse_val, labels=labels(train_labels, va_rows))
+    test = Split(dense=test_dense, sparse=sparse_test, labels=labels(test_labels, None))
+    stats = standardize_dense(train, val, test)
+    spec = DatasetSpec(
+        name="census_income",
+        sparse=tuple(features),
+        dense_names=tuple(CONTINUOUS.values()),
+        tasks=("income", "never_married"),
+        has_user_id=False,
+    )
+    return Dataset(spec=spec, train=train, val=val, test=test, info={"dense_stats": stats})
