@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -88,6 +89,9 @@ class TrainLoader:
                 f"(trainer.batch_size={batch_size} x world {world_size})"
             )
         self.epoch, self.index = 0, 0  # position of the next batch to yield
+        # time spent building batches and rows built (loader throughput, with or without
+        # the prefetch thread); read by the trainer for `loader_samples_per_s`
+        self.build_s, self.built_rows = 0.0, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "global_batch": self.global_batch}
@@ -117,7 +121,11 @@ class TrainLoader:
                 epoch, index = epoch + 1, 0
 
     def _build(self, epoch: int, index: int) -> Batch:
-        return make_batch(self.split, self._rows(epoch, index), self.spec)
+        start = time.perf_counter()
+        batch = make_batch(self.split, self._rows(epoch, index), self.spec)
+        self.build_s += time.perf_counter() - start
+        self.built_rows += batch.batch_size
+        return batch
 
     def __iter__(self) -> Iterator[Batch]:
         positions = self._positions()

@@ -92,6 +92,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.tasks = spec.tasks
+        self.embedding_dim = embedding_dim
         self.ebc = build_ebc(spec, embedding_dim=embedding_dim, device=ebc_device)
         in_dim = len(spec.sparse) * embedding_dim + spec.num_dense
         self.core = build_core(core_cfg, in_dim=in_dim, tasks=spec.tasks)

@@ -1,0 +1,88 @@
+"""Process-group set-up shared by every entry point.
+
+Under torchrun the rank, world size and rendezvous come from the environment; without
+it a world of one is created on a free loopback port, so single-process runs take the
+same (DMP + process group) code path as distributed ones. gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise (or reuse) the default process group and pick this rank's device.
+
+    Args:
+        device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
+        timeout_s: collective timeout.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but CUDA is not available")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+                timeout=timedelta(seconds=timeout_s),
+            )
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=dev,
+        backend=dist.get_backend(),
+    )
+
+
+def shutdown(exit_code: int = 0) -> None:
+    """Tear down the process group and exit hard.
+
+    Ranks were seen to abort at interpreter exit after finishing (gloo / TorchRec
+    teardown order); destroying the group, flushing and `os._exit` avoids it.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

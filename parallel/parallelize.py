@@ -1,0 +1,111 @@
+"""One entry that turns a plain single-process model into a distributed one.
+
+`parallelize(model, cfg, info)` applies, in this order:
+
+1. the fused sparse optimizer on the embedding tables (it must be attached before
+   sharding so TorchRec fuses it into the sharded kernels);
+2. TorchRec embedding sharding (planner + `DistributedModelParallel`), which also wraps
+   every non-embedding parameter in DDP.
+
+Expert parallelism slots in between 2's planning and the DDP wrap (expert parameters are
+then excluded from DDP through `ddp_ignore`).
+
+The dense optimizer is built by the trainer over `dense_parameters(...)`; the fused
+sparse optimizer lives inside the DMP (`dmp.fused_optimizer`). Tables the plan makes
+`data_parallel` are replicated plain tensors that TorchRec does not fuse: they get the
+same optimizer as the sparse tables, as a regular torch optimizer
+(`ParallelModel.replicated_table_optimizer`) that the trainer steps with the dense one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from model.build import MultiTaskModel
+from parallel.dist import DistInfo
+from parallel.embedding_sharding import (
+    EmbeddingShardingConfig,
+    SparseOptimizerConfig,
+    apply_sparse_optimizer,
+    describe_plan,
+    shard_embeddings,
+    sparse_optimizer_class,
+)
+
+EMBEDDING_PREFIX = "ebc."
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """`parallel` config group.
+
+    Attributes:
+        embedding: how embedding tables are sharded.
+        sparse_optimizer: fused optimizer of the embedding tables.
+        ep: expert-parallel group size (1 = experts replicated on every rank).
+    """
+
+    embedding: EmbeddingShardingConfig = field(default_factory=EmbeddingShardingConfig)
+    sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    ep: int = 1
+
+
+@dataclass(slots=True)
+class ParallelModel:
+    """The distributed model and what the trainer needs to know about it."""
+
+    dmp: DistributedModelParallel
+    plan: dict[str, str]  # table -> "sharding_type/kernel"
+    replicated_table_optimizer: torch.optim.Optimizer | None = None
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.dmp(*args, **kwargs)
+
+
+def dense_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters updated by the dense optimizer: everything but embedding tables."""
+    for name, p in in_backward_optimizer_filter(dmp.named_parameters()):
+        if not name.startswith(EMBEDDING_PREFIX):
+            yield name, p
+
+
+def replicated_table_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Embedding tables sharded `data_parallel` (not fused into backward by TorchRec)."""
+    for name, p in in_backward_optimizer_filter(dmp.named_parameters()):
+        if name.startswith(EMBEDDING_PREFIX):
+            yield name, p
+
+
+def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> ParallelModel:
+    """Shard `model` (embedding tables built on `meta`) over the default process group."""
+    if cfg.ep != 1:
+        raise ValueError(f"parallel.ep={cfg.ep}: expert parallelism is not available yet; use parallel.ep=1")
+    apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
+    feature_to_table = {f: f"t_{f}" for f in model.spec.sparse_names}
+    dmp, plan = shard_embeddings(
+        model,
+        ebc=model.ebc,
+        cfg=cfg.embedding,
+        feature_to_table=feature_to_table,
+        embedding_dim=model.embedding_dim,
+        device=info.device,
+    )
+    replicated = [p for _, p in replicated_table_parameters(dmp)]
+    table_opt = None
+    if replicated:
+        cls, kwargs = sparse_optimizer_class(cfg.sparse_optimizer)
+        table_opt = cls(replicated, **kwargs)
+    return ParallelModel(dmp=dmp, plan=describe_plan(plan), replicated_table_optimizer=table_opt)
+
+
+def unwrap(dmp: DistributedModelParallel) -> MultiTaskModel:
+    """The plain model inside DMP (and DDP)."""
+    module = dmp.module
+    return module  # type: ignore[return-value]
+

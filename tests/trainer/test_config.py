@@ -1,0 +1,79 @@
+"""Every config group composes and validates; bad configs fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from trainer.config import RunConfig, build_run_config, validate_against_data
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_run(*overrides: str) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return build_run_config(cfg)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_default_is_mmoe_on_census() -> None:
+    run = compose_run()
+    assert run.model.name == "mmoe" and run.data.name == "census_income"
+    assert run.logger.name == "wandb" and run.logger.mode == "offline"
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_composes(model: str) -> None:
+    assert compose_run(f"model={model}").model.name == model
+
+
+@pytest.mark.parametrize("data", group_options("data"))
+def test_every_data_source_composes(data: str) -> None:
+    assert compose_run(f"data={data}").data.name == data
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_composes(experiment: str) -> None:
+    compose_run(f"experiment={experiment}")
+
+
+def test_overrides_reach_typed_config() -> None:
+    run = compose_run("model.num_experts=3", "trainer.steps=7", "parallel.embedding.sharding_type=row_wise")
+    assert run.model.core.num_experts == 3 and run.trainer.steps == 7
+    assert run.parallel.embedding.sharding_type == "row_wise"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("+model.num_expertz=3", "num_expertz"),
+        ("model.num_experts=abc", "num_experts"),
+        ("trainer.optimizer=lamb", "trainer.optimizer"),
+        ("trainer.steps=0", "trainer.steps"),
+        ("parallel.embedding.sharding_type=diagonal", "parallel.embedding.sharding_type"),
+        ("parallel.sparse_optimizer.name=lion", "parallel.sparse_optimizer.name"),
+        ("model.name=transformer", "model.name"),
+        ("logger.mode=sometimes", "logger.mode"),
+    ],
+)
+def test_bad_config_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        compose_run(override)
+
+
+def test_checks_against_data() -> None:
+    run = compose_run("trainer.batch_size=1001")
+    with pytest.raises(ValueError, match="trainer.batch_size"):
+        validate_against_data(run, tasks=("income",), features=("sex",), world=2)
+    run = compose_run("+trainer.task_weights.incme=2.0")
+    with pytest.raises(ValueError, match="incme"):
+        validate_against_data(run, tasks=("income",), features=("sex",), world=1)
+    run = compose_run("+parallel.embedding.tables.sexx=row_wise")
+    with pytest.raises(ValueError, match="sexx"):
+        validate_against_data(run, tasks=("income",), features=("sex",), world=1)

@@ -1,0 +1,204 @@
+"""Typed run configuration, built from the Hydra config and validated before any work.
+
+Hydra composes `conf/` into a plain `DictConfig`; `build_run_config` turns each section
+into its dataclass (the data source and the core pick theirs by `name`), so that a typo
+or a wrong type fails here, naming the key, before any process group or data work
+starts. Model-level fields shared by every core (`embedding_dim`, `tower`) live beside
+the core's own fields in the `model` group, so users write `model.num_experts=16`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.build import SOURCES
+from model.build import CORES, TowerConfig
+from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
+from parallel.parallelize import ParallelConfig
+
+DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """`trainer` config group.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: global batch size (split evenly over ranks; must be divisible by
+            the world size), so results do not depend on the number of processes.
+        eval_batch_size: per-rank evaluation batch size.
+        eval_every: evaluate on the validation split every N steps (0 = only at the end).
+        log_every: log training metrics every N steps.
+        seed: seed of model init and data order.
+        device: auto | cpu | cuda.
+        optimizer, lr, weight_decay: dense optimizer (everything but embedding tables).
+        lr_schedule: constant | cosine (to 10% of lr), after `warmup_steps` linear warmup.
+        grad_clip: clip the dense gradient norm (0 = off).
+        task_weights: task -> loss weight (default 1 for every task).
+        prefetch: batches built ahead by the loader thread.
+        max_bad_steps: abort after this many consecutive non-finite losses.
+        progress: show a progress bar on rank 0.
+    """
+
+    steps: int = 1500
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    eval_every: int = 0
+    log_every: int = 50
+    seed: int = 2026
+    device: str = "auto"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    task_weights: dict[str, float] = field(default_factory=dict)
+    prefetch: int = 4
+    max_bad_steps: int = 10
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    """`logger` config group: `wandb` (offline by default) or `none`.
+
+    Metrics always also go to `metrics.jsonl` in the run directory.
+    """
+
+    name: str = "wandb"
+    project: str = "smes-rec"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The model: shared fields plus the selected core's config (`core`)."""
+
+    name: str
+    embedding_dim: int
+    tower: TowerConfig
+    core: Any
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    data: Any
+    model: ModelConfig
+    parallel: ParallelConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    experiment: str | None = None
+
+
+def _structured(cls: type, node: Any, key: str) -> Any:
+    """`node` merged into dataclass `cls`; unknown keys or bad types -> ValueError naming them."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        full_key = f"{key}.{e.full_key}" if getattr(e, "full_key", None) else key
+        raise ValueError(f"invalid config at {full_key}: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def _by_name(registry: dict[str, tuple[type, Any]], node: Any, key: str, drop: tuple[str, ...] = ()) -> Any:
+    name = node.get("name") if node is not None else None
+    if name not in registry:
+        raise ValueError(f"{key}.name={name!r} is unknown; choose one of {sorted(registry)}")
+    section = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in drop}  # type: ignore[union-attr]
+    return _structured(registry[name][0], section, key)
+
+
+def build_run_config(cfg: DictConfig) -> RunConfig:
+    """Validate the composed Hydra config into a `RunConfig` (raises ValueError)."""
+    for key in ("data", "model", "parallel", "trainer", "logger"):
+        if key not in cfg or cfg[key] is None:
+            raise ValueError(f"config lacks the `{key}` section")
+    model_node = cfg.model
+    core = _by_name(CORES, model_node, "model", drop=("embedding_dim", "tower"))
+    model = ModelConfig(
+        name=core.name,
+        embedding_dim=int(model_node.get("embedding_dim", 16)),
+        tower=_structured(TowerConfig, model_node.get("tower", {}), "model.tower"),
+        core=core,
+    )
+    run = RunConfig(
+        data=_by_name(SOURCES, cfg.data, "data"),
+        model=model,
+        parallel=_structured(ParallelConfig, cfg.parallel, "parallel"),
+        trainer=_structured(TrainerConfig, cfg.trainer, "trainer"),
+        logger=_structured(LoggerConfig, cfg.logger, "logger"),
+        experiment=cfg.get("experiment_name"),
+    )
+    validate(run)
+    return run
+
+
+def validate(run: RunConfig) -> None:
+    """Checks that need no data or process group."""
+    t = run.trainer
+    if t.steps < 1:
+        raise ValueError(f"trainer.steps must be >= 1, got {t.steps}")
+    if t.batch_size < 1 or t.eval_batch_size < 1:
+        raise ValueError("trainer.batch_size and trainer.eval_batch_size must be >= 1")
+    if t.optimizer not in DENSE_OPTIMIZERS:
+        raise ValueError(f"trainer.optimizer={t.optimizer!r}; choose one of {DENSE_OPTIMIZERS}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+    if t.lr <= 0:
+        raise ValueError(f"trainer.lr must be > 0, got {t.lr}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {t.device!r}")
+    if run.model.embedding_dim < 1:
+        raise ValueError(f"model.embedding_dim must be >= 1, got {run.model.embedding_dim}")
+    emb = run.parallel.embedding
+    if emb.sharding_type is not None and emb.sharding_type not in SHARDING_TYPES:
+        raise ValueError(
+            f"parallel.embedding.sharding_type={emb.sharding_type!r}; choose one of {sorted(SHARDING_TYPES)}"
+        )
+    if run.parallel.sparse_optimizer.name not in SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"parallel.sparse_optimizer.name={run.parallel.sparse_optimizer.name!r}; "
+            f"choose one of {sorted(SPARSE_OPTIMIZERS)}"
+        )
+    if run.parallel.ep < 1:
+        raise ValueError(f"parallel.ep must be >= 1, got {run.parallel.ep}")
+    if run.logger.name not in ("wandb", "none"):
+        raise ValueError(f"logger.name={run.logger.name!r}; choose wandb or none")
+    if run.logger.mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"logger.mode={run.logger.mode!r}; choose offline, online or disabled")
+
+
+def validate_against_data(run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...], world: int) -> None:
+    """Checks that need the dataset schema and the world size."""
+    t = run.trainer
+    if t.batch_size % world:
+        raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {world}")
+    unknown = set(t.task_weights) - set(tasks)
+    if unknown:
+        raise ValueError(f"trainer.task_weights names unknown tasks {sorted(unknown)}; tasks: {list(tasks)}")
+    unknown = set(run.parallel.embedding.tables) - set(features)
+    if unknown:
+        raise ValueError(
+            f"parallel.embedding.tables names unknown features {sorted(unknown)}; features: {list(features)}"
+        )
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts (for the summary and the logger)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj

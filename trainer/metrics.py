@@ -1,0 +1,161 @@
+"""Evaluation metrics over the whole evaluation set, gathered from every rank.
+
+Per task: AUC, GAUC and NE (normalised entropy).
+
+- AUC is exact (Mann-Whitney with average ranks for ties), not a bucketed estimate.
+- GAUC is the AUC of each user's impressions, averaged with weights = that user's number
+  of impressions; users whose impressions are all positive or all negative are skipped
+  (their AUC is undefined). This is the definition used in DESIGN section 6. TorchRec's
+  `GAUCMetric` groups by in-batch sessions and averages users unweighted, so it would
+  give a different number; its AUC agrees with ours (checked in the tests).
+- NE is the log loss divided by the entropy of the label's base rate; below 1 means the
+  model beats predicting the average.
+
+Ranks each hold a shard of predictions (the evaluation loader pads with weight-0 rows
+so that all shards have the same length); `gather_predictions` all-gathers them, drops
+the padding and hands every rank the full set, so the metrics are global.
+
+Legend: N evaluation rows.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _average_ranks(x_N: np.ndarray) -> np.ndarray:
+    """1-based ranks of `x_N`, ties sharing their average rank."""
+    order = np.argsort(x_N, kind="mergesort")
+    sorted_x = x_N[order]
+    # boundaries of runs of equal values
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x_N)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks_sorted = np.repeat(avg, ends - starts)
+    ranks = np.empty(len(x_N), dtype=np.float64)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def auc(scores_N: np.ndarray, labels_N: np.ndarray) -> float | None:
+    """Exact ROC AUC; None when only one class is present."""
+    pos = labels_N > 0.5
+    n_pos = int(pos.sum())
+    n_neg = len(labels_N) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = _average_ranks(np.asarray(scores_N, dtype=np.float64))
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(scores_N: np.ndarray, labels_N: np.ndarray, users_N: np.ndarray) -> float | None:
+    """Impression-weighted mean of per-user AUC over users with both classes."""
+    scores = np.asarray(scores_N, dtype=np.float64)
+    pos = (labels_N > 0.5).astype(np.int64)
+    # rank within user: sort by (user, score), tie groups are equal (user, score)
+    order = np.lexsort((scores, users_N))
+    u, s, p = users_N[order], scores[order], pos[order]
+    new_user = np.r_[True, u[1:] != u[:-1]]
+    new_tie = new_user | np.r_[True, s[1:] != s[:-1]]
+    user_idx = np.cumsum(new_user) - 1
+    user_start = np.flatnonzero(new_user)
+    tie_starts = np.flatnonzero(new_tie)
+    tie_ends = np.r_[tie_starts[1:], len(u)]
+    # average position of each tie group, relative to the user's first row (1-based)
+    avg_pos = (tie_starts + tie_ends + 1) / 2.0 - user_start[user_idx[tie_starts]]
+    rank = np.repeat(avg_pos, tie_ends - tie_starts)
+    num_users = len(user_start)
+    n = np.bincount(user_idx, minlength=num_users).astype(np.float64)
+    n_pos = np.bincount(user_idx, weights=p, minlength=num_users)
+    n_neg = n - n_pos
+    pos_rank_sum = np.bincount(user_idx, weights=rank * p, minlength=num_users)
+    ok = (n_pos > 0) & (n_neg > 0)
+    if not ok.any():
+        return None
+    user_auc = (pos_rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
+    return float(np.average(user_auc, weights=n[ok]))
+
+
+def normalized_entropy(probs_N: np.ndarray, labels_N: np.ndarray, eps: float = 1e-7) -> float | None:
+    """Log loss / entropy of the base rate; None when the base rate is 0 or 1."""
+    p = np.clip(np.asarray(probs_N, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels_N, dtype=np.float64)
+    rate = y.mean()
+    if rate <= 0.0 or rate >= 1.0:
+        return None
+    logloss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    base = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    return float(logloss / base)
+
+
+class Predictions:
+    """Accumulates this rank's evaluation outputs batch by batch (on CPU)."""
+
+    def __init__(self, tasks: tuple[str, ...]) -> None:
+        self.tasks = tasks
+        self._logits: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
+        self._labels: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
+        self._weights: list[torch.Tensor] = []
+        self._users: list[torch.Tensor] = []
+
+    def add(
+        self,
+        logits: dict[str, torch.Tensor],
+        labels: dict[str, torch.Tensor],
+        weights_B: torch.Tensor,
+        user_id_B: torch.Tensor | None,
+    ) -> None:
+        for t in self.tasks:
+            self._logits[t].append(logits[t].detach().float().cpu())
+            self._labels[t].append(labels[t].detach().float().cpu())
+        self._weights.append(weights_B.detach().float().cpu())
+        if user_id_B is not None:
+            self._users.append(user_id_B.detach().cpu())
+
+    def gather(self, group: dist.ProcessGroup | None = None) -> dict[str, np.ndarray]:
+        """All ranks' rows (padding dropped) as numpy arrays, on every rank.
+
+        Keys: `logit/<task>`, `label/<task>`, and `user_id` when present.
+        """
+        local: dict[str, torch.Tensor] = {}
+        for t in self.tasks:
+            local[f"logit/{t}"] = torch.cat(self._logits[t])
+            local[f"label/{t}"] = torch.cat(self._labels[t])
+        weights = torch.cat(self._weights)
+        if self._users:
+            local["user_id"] = torch.cat(self._users)
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        out: dict[str, np.ndarray] = {}
+        all_weights = _all_gather(weights, world, group)
+        keep = all_weights.numpy() > 0
+        for key, value in local.items():
+            out[key] = _all_gather(value, world, group).numpy()[keep]
+        return out
+
+
+def _all_gather(x: torch.Tensor, world: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous(), group=group)
+    return torch.cat(out)
+
+
+def task_metrics(rows: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
+    """task -> {auc, gauc, ne, num_rows, positive_rate} over gathered rows."""
+    users = rows.get("user_id")
+    out: dict[str, dict[str, float | None]] = {}
+    for t in tasks:
+        logits, labels = rows[f"logit/{t}"], rows[f"label/{t}"]
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        out[t] = {
+            "auc": auc(logits, labels),
+            "gauc": None if users is None else gauc(logits, labels, users),
+            "ne": normalized_entropy(probs, labels),
+            "num_rows": float(len(labels)),
+            "positive_rate": float(labels.mean()) if len(labels) else None,
+        }
+    return out
