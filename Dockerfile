@@ -1,0 +1,33 @@
+# CUDA image: same launch scripts as on CPU, with the CUDA builds of torch and fbgemm-gpu.
+#   docker build -t smes-rec .
+#   docker run --gpus all --ipc=host smes-rec bash launch/torchrun.sh trainer.device=cuda
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends software-properties-common \
+    && add-apt-repository -y ppa:deadsnakes/ppa \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev build-essential \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.11 -m venv /opt/venv
+
+WORKDIR /app
+COPY requirements/ requirements/
+# torch from the CUDA 12.8 index; torchrec last and without deps (its metadata would
+# otherwise pull a different fbgemm-gpu). DS_BUILD_OPS=0: DeepSpeed ops JIT-build on use.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 -r requirements/cuda.txt \
+    && pip install --no-deps -r requirements/torchrec.txt \
+    && python -c "import torch, torchrec, hydra, wandb; print(torch.__version__)"
+
+COPY . .
+RUN useradd --create-home --uid 1000 trainer && chown -R trainer /app
+USER 1000
+ENV PYTHON=/opt/venv/bin/python
+CMD ["bash", "launch/torchrun.sh", "trainer.device=cuda"]
