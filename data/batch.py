@@ -40,9 +40,7 @@ class Batch:
             sparse=self.sparse.to(device, non_blocking=non_blocking),
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
             weights=self.weights.to(device, non_blocking=non_blocking),
-            user_id=None
-            if self.user_id is None
-            else self.user_id.to(device, non_blocking=non_blocking),
+            user_id=None if self.user_id is None else self.user_id.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:

@@ -104,11 +104,14 @@ class CGCLevel(nn.Module):
         self.shared_gate = None if last else nn.Linear(in_dim, num_all)
         self.out_dim = self.shared[0].out_dim
 
-    def forward(self, shared_BD: torch.Tensor, task_BD: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, shared_BD: torch.Tensor, task_BD: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         shared_out = [e(shared_BD) for e in self.shared]
         own_out = {t: [e(task_BD[t]) for e in self.task_experts[t]] for t in self.tasks}
         task_out = {
-            t: _mix(torch.stack(shared_out + own_out[t], dim=1), self.gates[t], task_BD[t]) for t in self.tasks
+            t: _mix(torch.stack(shared_out + own_out[t], dim=1), self.gates[t], task_BD[t])
+            for t in self.tasks
         }
         if self.shared_gate is None:
             return shared_BD, task_out

@@ -20,7 +20,12 @@ class MLP(nn.Sequential):
     """
 
     def __init__(
-        self, in_dim: int, hidden: list[int] | tuple[int, ...], *, out_dim: int | None = None, dropout: float = 0.0
+        self,
+        in_dim: int,
+        hidden: list[int] | tuple[int, ...],
+        *,
+        out_dim: int | None = None,
+        dropout: float = 0.0,
     ) -> None:
         layers: list[nn.Module] = []
         width = in_dim

@@ -57,7 +57,18 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistI
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            # Under torchrun the workers share the agent's store across restarts; keys
+            # left by a dead attempt (e.g. a killed rank's gloo address) were read by
+            # the next attempt ("connection refused"). A per-attempt prefix avoids it.
+            store, rank, world = next(iter(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s))))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(f"trainer/attempt_{attempt}", store),
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+            )
         else:
             dist.init_process_group(
                 backend,
@@ -81,7 +92,9 @@ def shutdown(exit_code: int = 0) -> None:
     Ranks were seen to abort at interpreter exit after finishing (gloo / TorchRec
     teardown order); destroying the group, flushing and `os._exit` avoids it.
     """
-    if dist.is_initialized():
+    # after a failure a peer may be gone and destroying the group can block forever;
+    # exit at once and let torchrun stop / restart the others
+    if exit_code == 0 and dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

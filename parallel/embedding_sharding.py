@@ -38,6 +38,12 @@ SHARDING_TYPES = {
     "table_column_wise": ShardingType.TABLE_COLUMN_WISE.value,
     "data_parallel": ShardingType.DATA_PARALLEL.value,
 }
+# What the planner may choose from when no type is configured. data_parallel is left
+# out: those tables are not fused by TorchRec, so their optimizer state would be laid
+# out differently from the fused tables' and a plan that changes with the world size
+# (the planner replicates small tables on some world sizes only) could not load a
+# checkpoint written under another world size. Ask for it explicitly if wanted.
+PLANNER_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise")
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
@@ -62,7 +68,7 @@ class EmbeddingShardingConfig:
 
     Attributes:
         sharding_type: sharding type for every table (one of SHARDING_TYPES), or None to
-            let the planner choose per table.
+            let the planner choose per table among PLANNER_TYPES.
         tables: per-feature override, e.g. `{occupation_code: row_wise}`.
         column_shard_dim: width of one column shard for (table_)column_wise (the planner
             splits a table of width De into De / column_shard_dim shards).
@@ -106,6 +112,8 @@ def build_constraints(
             types = [_check_type(f"parallel.embedding.tables.{feature}", cfg.tables[feature])]
         elif cfg.sharding_type is not None:
             types = [_check_type("parallel.embedding.sharding_type", cfg.sharding_type)]
+        else:  # planner's choice among the fused (model-parallel) types
+            types = list(PLANNER_TYPES)
         min_partition = None
         if cfg.column_shard_dim is not None:
             if embedding_dim % cfg.column_shard_dim:
@@ -115,7 +123,8 @@ def build_constraints(
                 )
             min_partition = cfg.column_shard_dim
         kernels = None
-        if types is not None and types != [ShardingType.DATA_PARALLEL.value]:
+        types = [SHARDING_TYPES.get(t, t) for t in types]
+        if types != [ShardingType.DATA_PARALLEL.value]:
             kernels = [EmbeddingComputeKernel.FUSED.value]
         constraints[table] = ParameterConstraints(
             sharding_types=types, compute_kernels=kernels, min_partition=min_partition
@@ -156,8 +165,8 @@ def quiet_torchrec() -> Iterator[None]:
 
     The planner logs a multi-screen table at INFO and warns about its own defaults
     (topology construction, storage reservation); the data-parallel tables log "Sharding
-    spec not found" and FBGEMM logs its kernel arguments on the root logger. None of it needs action here, and the plan we
-    chose is logged by the trainer in one line.
+    spec not found" and FBGEMM logs its kernel arguments on the root logger. None of
+    it needs action here, and the trainer logs the chosen plan in one line.
     """
     trec = logging.getLogger("torchrec")
     old_level = trec.level
@@ -188,7 +197,9 @@ def silence_known_warnings() -> None:
     - torch.fx warns on every TorchRec forward that `is_fx_tracing` changed meaning.
     """
     warnings.filterwarnings("ignore", message=r"fbgemm::dense_embedding_codegen_lookup_function")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated. Please use `torch\.distributed")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, message=r".*is deprecated. Please use `torch\.distributed"
+    )
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"Please use DTensor instead")
     logging.getLogger("torchrec.distributed.embeddingbag").setLevel(logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

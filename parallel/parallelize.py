@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from model.build import MultiTaskModel
@@ -62,7 +62,7 @@ class ParallelModel:
 
     dmp: DistributedModelParallel
     plan: dict[str, str]  # table -> "sharding_type/kernel"
-    replicated_table_optimizer: torch.optim.Optimizer | None = None
+    replicated_table_optimizer: KeyedOptimizer | None = None
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         return self.dmp(*args, **kwargs)
@@ -96,11 +96,11 @@ def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> P
         embedding_dim=model.embedding_dim,
         device=info.device,
     )
-    replicated = [p for _, p in replicated_table_parameters(dmp)]
+    replicated = dict(replicated_table_parameters(dmp))
     table_opt = None
     if replicated:
         cls, kwargs = sparse_optimizer_class(cfg.sparse_optimizer)
-        table_opt = cls(replicated, **kwargs)
+        table_opt = KeyedOptimizerWrapper(replicated, lambda ps: cls(ps, **kwargs))
     return ParallelModel(dmp=dmp, plan=describe_plan(plan), replicated_table_optimizer=table_opt)
 
 
@@ -108,4 +108,3 @@ def unwrap(dmp: DistributedModelParallel) -> MultiTaskModel:
     """The plain model inside DMP (and DDP)."""
     module = dmp.module
     return module  # type: ignore[return-value]
-

@@ -19,6 +19,7 @@ from data.build import SOURCES
 from model.build import CORES, TowerConfig
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from parallel.parallelize import ParallelConfig
+from trainer.checkpoint import CheckpointConfig
 
 DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -44,6 +45,10 @@ class TrainerConfig:
         prefetch: batches built ahead by the loader thread.
         max_bad_steps: abort after this many consecutive non-finite losses.
         progress: show a progress bar on rank 0.
+        resume: "auto" = continue from the newest complete checkpoint in the run
+            directory if there is one (so a restarted job picks up where it died), a
+            checkpoint folder, or null to always start fresh.
+        checkpoint: when checkpoints are written and how many are kept.
     """
 
     steps: int = 1500
@@ -63,6 +68,8 @@ class TrainerConfig:
     prefetch: int = 4
     max_bad_steps: int = 10
     progress: bool = True
+    resume: str | None = "auto"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 @dataclass(kw_only=True)
@@ -156,6 +163,8 @@ def validate(run: RunConfig) -> None:
         raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r}; choose one of {LR_SCHEDULES}")
     if t.lr <= 0:
         raise ValueError(f"trainer.lr must be > 0, got {t.lr}")
+    if t.checkpoint.every < 0 or t.checkpoint.keep_last < 1:
+        raise ValueError("trainer.checkpoint.every must be >= 0 and trainer.checkpoint.keep_last >= 1")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {t.device!r}")
     if run.model.embedding_dim < 1:
@@ -178,7 +187,9 @@ def validate(run: RunConfig) -> None:
         raise ValueError(f"logger.mode={run.logger.mode!r}; choose offline, online or disabled")
 
 
-def validate_against_data(run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...], world: int) -> None:
+def validate_against_data(
+    run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...], world: int
+) -> None:
     """Checks that need the dataset schema and the world size."""
     t = run.trainer
     if t.batch_size % world:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 from tqdm import tqdm
 
 from data.batch import Batch
@@ -38,8 +39,11 @@ from data.spec import DatasetSpec
 from model.build import ModelOutput, MultiTaskModel
 from parallel.dist import DistInfo, init_distributed
 from parallel.parallelize import ParallelModel, dense_parameters, parallelize
+from trainer import checkpoint
+from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, to_plain, validate_against_data
 from trainer.expert_stats import ExpertLoadMeter
+from trainer.faults import FaultInjector
 from trainer.logger import MetricLogger
 from trainer.metrics import Predictions, task_metrics
 
@@ -72,7 +76,8 @@ def task_losses(out: ModelOutput, batch: Batch, tasks: tuple[str, ...]) -> dict[
     denom = batch.weights.sum().clamp_min(1.0)
     return {
         t: (
-            F.binary_cross_entropy_with_logits(out.logits[t], batch.labels[t], reduction="none") * batch.weights
+            F.binary_cross_entropy_with_logits(out.logits[t], batch.labels[t], reduction="none")
+            * batch.weights
         ).sum()
         / denom
         for t in tasks
@@ -111,7 +116,9 @@ def evaluate(
     """Per-task metrics over the whole split (every rank returns the same values)."""
     pm.dmp.eval()
     preds = Predictions(spec.tasks)
-    for batch in eval_batches(split, spec=spec, batch_size=batch_size, rank=info.rank, world_size=info.world_size):
+    for batch in eval_batches(
+        split, spec=spec, batch_size=batch_size, rank=info.rank, world_size=info.world_size
+    ):
         batch = batch.to(info.device)
         out: ModelOutput = pm.dmp(batch.dense, batch.sparse)
         preds.add(out.logits, batch.labels, batch.weights, batch.user_id)
@@ -120,7 +127,9 @@ def evaluate(
 
 
 def _flat(prefix: str, metrics: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
-    return {f"{prefix}/{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k in ("auc", "gauc", "ne")}
+    return {
+        f"{prefix}/{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k in ("auc", "gauc", "ne")
+    }
 
 
 def _expert_log(figures: dict[str, Any], tasks: tuple[str, ...], max_keys: int = 64) -> dict[str, Any]:
@@ -141,6 +150,11 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
 
     dataset = build_dataset(run.data)
     spec = dataset.spec
+    for name in ("train", "val", "test"):
+        if len(dataset.split(name)) == 0:
+            raise ValueError(
+                f"data: the {name} split of {spec.name!r} is empty; check the data files / fractions"
+            )
     validate_against_data(run, tasks=spec.tasks, features=spec.sparse_names, world=info.world_size)
     task_w = {task: float(t.task_weights.get(task, 1.0)) for task in spec.tasks}
 
@@ -152,8 +166,10 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         ebc_device="meta",
     )
     pm = parallelize(model, run.parallel, info)
-    dense_params = [p for _, p in dense_parameters(pm.dmp)]
-    optimizer = build_dense_optimizer(run, dense_params)
+    named_dense = dict(dense_parameters(pm.dmp))
+    dense_params = list(named_dense.values())
+    # keyed by parameter name, so checkpoints do not depend on parameter order
+    optimizer = KeyedOptimizerWrapper(named_dense, lambda ps: build_dense_optimizer(run, list(ps)))
     # data_parallel tables: replicated, stepped with the dense optimizer (see parallelize)
     step_optimizers = [optimizer] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -180,18 +196,38 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         log.info("embedding plan: %s", pm.plan)
         log.info("dense parameters: %d", sum(p.numel() for p in dense_params))
 
+    state = TrainState(
+        model=pm.dmp,
+        sparse_optim=pm.dmp.fused_optimizer,
+        dense_optim=optimizer,
+        table_optim=pm.replicated_table_optimizer,
+        scheduler=scheduler,
+        loader=loader,
+    )
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = checkpoint.resolve(t.resume, ckpt_root)
+    if resume_from is not None:
+        checkpoint.load(state, resume_from)
+        if info.is_main:
+            log.info("resumed from %s at step %d", resume_from, state.step)
     setup_s = time.perf_counter() - wall_start
     timer = StepTimer(info.device)
     window_meter, run_meter = ExpertLoadMeter(), ExpertLoadMeter()
     window_loss = torch.zeros(len(spec.tasks) + 2, dtype=torch.float64)  # tasks, aux, total
-    window_steps, skipped_steps, bad_in_a_row = 0, 0, 0
+    window_steps, bad_in_a_row = 0, 0
+    start_step = state.step
     last_val: dict[str, dict[str, float | None]] | None = None
-    eval_s = 0.0
+    eval_s = ckpt_s = 0.0
     train_start = time.perf_counter()
     window_start = train_start
     batches = iter(loader)
-    bar = tqdm(total=t.steps, disable=not (info.is_main and t.progress), mininterval=1.0, dynamic_ncols=True)
-    for step in range(t.steps):
+    bar = tqdm(
+        total=t.steps, initial=start_step, disable=not (info.is_main and t.progress), mininterval=1.0,
+        dynamic_ncols=True,
+    )  # fmt: skip
+    faults = FaultInjector(info.rank, info.world_size)
+    for step in range(start_step, t.steps):
+        faults.before_step(step)
         timer.start()
         batch = next(batches).to(info.device, non_blocking=True)
         timer.lap("data")
@@ -199,41 +235,41 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         losses = task_losses(out, batch, spec.tasks)
         aux = sum(out.aux_losses.values(), torch.zeros((), device=info.device))
         loss = sum((task_w[k] * v for k, v in losses.items()), torch.zeros((), device=info.device)) + aux
+        loss = faults.loss(step, loss)
         parts = torch.stack([*(v.detach() for v in losses.values()), aux.detach(), loss.detach()])
         parts = parts.double().cpu()
         if info.world_size > 1:
             dist.all_reduce(parts)
         parts /= info.world_size
         timer.lap("forward")
-        if not torch.isfinite(parts).all():
-            skipped_steps += 1
+        for opt in step_optimizers:
+            opt.zero_grad(set_to_none=True)
+        if torch.isfinite(parts).all():  # same decision on every rank: parts are all-reduced
+            bad_in_a_row = 0
+            loss.backward()
+            timer.lap("backward")
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
+            for opt in step_optimizers:
+                opt.step()
+            timer.lap("optimizer")
+            if out.load is not None:
+                window_meter.add(out.load)
+                run_meter.add(out.load)
+            window_loss += parts
+            window_steps += 1
+        else:  # no backward: the fused sparse optimizer would update during it
+            state.skipped_steps += 1
             bad_in_a_row += 1
             log.warning("step %d: non-finite loss %s, step skipped", step, parts.tolist())
             if bad_in_a_row >= t.max_bad_steps:
                 raise FloatingPointError(
-                    f"{bad_in_a_row} consecutive non-finite losses (trainer.max_bad_steps={t.max_bad_steps}); "
+                    f"{bad_in_a_row} consecutive non-finite losses "
+                    f"(trainer.max_bad_steps={t.max_bad_steps}); "
                     "lower trainer.lr or check the data"
                 )
-            for opt in step_optimizers:
-                opt.zero_grad(set_to_none=True)
-            bar.update(1)
-            continue
-        bad_in_a_row = 0
-        for opt in step_optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        timer.lap("backward")
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
-        for opt in step_optimizers:
-            opt.step()
-        scheduler.step()
-        timer.lap("optimizer")
-        if out.load is not None:
-            window_meter.add(out.load)
-            run_meter.add(out.load)
-        window_loss += parts
-        window_steps += 1
+        scheduler.step()  # the schedule follows the step count, skipped steps included
+        state.step = step + 1
         bar.update(1)
 
         last = step + 1 == t.steps
@@ -244,9 +280,11 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
             if info.is_main and logger is not None:
                 mean = (window_loss / max(1, window_steps)).tolist()
                 metrics: dict[str, Any] = {f"loss/{task}": mean[i] for i, task in enumerate(spec.tasks)}
-                metrics.update({"loss/aux": mean[-2], "loss/total": mean[-1], "lr": scheduler.get_last_lr()[0]})
+                metrics.update(
+                    {"loss/aux": mean[-2], "loss/total": mean[-1], "lr": scheduler.get_last_lr()[0]}
+                )
                 metrics["train/samples_per_s"] = window_steps * t.batch_size / max(1e-9, now - window_start)
-                metrics["train/skipped_steps"] = skipped_steps
+                metrics["train/skipped_steps"] = state.skipped_steps
                 if figures is not None:
                     metrics.update(_expert_log(figures, spec.tasks))
                 logger.log(step + 1, metrics)
@@ -262,8 +300,13 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
                 logger.log(step + 1, _flat("val", last_val))
                 log.info("step %d val %s", step + 1, _fmt(last_val))
             window_start += time.perf_counter() - e0  # keep eval out of throughput
+        if (t.checkpoint.every and (step + 1) % t.checkpoint.every == 0) or (last and t.checkpoint.at_end):
+            c0 = time.perf_counter()
+            checkpoint.save(state, ckpt_root, keep_last=t.checkpoint.keep_last)
+            ckpt_s += time.perf_counter() - c0
+            window_start += time.perf_counter() - c0
     bar.close()
-    train_s = time.perf_counter() - train_start - eval_s
+    train_s = time.perf_counter() - train_start - eval_s - ckpt_s
 
     e0 = time.perf_counter()
     test = evaluate(pm, dataset.test, spec, batch_size=t.eval_batch_size, info=info)
@@ -272,7 +315,10 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
     loader_rate = torch.tensor([loader.built_rows / max(1e-9, loader.build_s)], dtype=torch.float64)
     if info.world_size > 1:
         dist.all_reduce(loader_rate)  # sum of per-rank rates = global loader throughput
-    done_steps = t.steps - skipped_steps
+    if last_val is None:  # resumed at the final step: nothing trained in this process
+        last_val = evaluate(pm, dataset.val, spec, batch_size=t.eval_batch_size, info=info)
+    run_steps = t.steps - start_step
+    done_steps = t.steps - state.skipped_steps
     samples = done_steps * t.batch_size
     summary: dict[str, Any] = {
         "model": run.model.name,
@@ -281,16 +327,21 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         "ep_size": run.parallel.ep,
         "steps": done_steps,
         "samples": samples,
-        "train_samples_per_s": samples / max(1e-9, train_s),
+        "train_samples_per_s": run_steps * t.batch_size / max(1e-9, train_s) if run_steps else None,
         "loader_samples_per_s": float(loader_rate),
         "eval": {task: {k: m[k] for k in ("auc", "gauc", "ne")} for task, m in test.items()},
         "val": {task: {k: m[k] for k in ("auc", "gauc", "ne")} for task, m in (last_val or {}).items()},
-        "experts": None if experts is None else {k: v for k, v in experts.items() if k != "selection_fraction_per_task"},
+        "experts": None
+        if experts is None
+        else {k: v for k, v in experts.items() if k != "selection_fraction_per_task"},
         "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "skipped_rows": dataset.skipped_rows,
-        "skipped_steps": skipped_steps,
+        "skipped_steps": state.skipped_steps,
+        "resumed_from": None if resume_from is None else str(resume_from),
+        "resumed_at_step": start_step,
         "batch_size": t.batch_size,
-        "step_time_ms": {k: 1e3 * v / max(1, done_steps) for k, v in timer.totals.items()},
+        "step_time_ms": {k: 1e3 * v / max(1, run_steps) for k, v in timer.totals.items()},
+        "checkpoint_s": ckpt_s,
         "setup_s": setup_s,
         "train_s": train_s,
         "eval_s": eval_s,

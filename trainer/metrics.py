@@ -21,6 +21,7 @@ Legend: N evaluation rows.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.distributed as dist

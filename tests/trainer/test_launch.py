@@ -13,8 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(run_dir: Path, *overrides: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NPROC": str(nproc), "PYTHON": sys.executable, "WANDB_MODE": "offline"}
+def launch(
+    run_dir: Path, *overrides: str, nproc: int = 2, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "NPROC": str(nproc),
+        "PYTHON": sys.executable,
+        "WANDB_MODE": "offline",
+        **(env or {}),
+    }
     return subprocess.run(
         ["bash", "launch/torchrun.sh", *overrides, f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -36,7 +36,12 @@ def test_auc_agrees_with_torchrec_on_distinct_scores(scored) -> None:
     _, y, _ = scored
     s = np.random.default_rng(1).standard_normal(len(y)) + y
     ours = auc(s, y)
-    theirs = compute_auc(1, [torch.tensor(s)[None]], [torch.tensor(y, dtype=torch.float64)[None]], [torch.ones(1, len(y), dtype=torch.float64)])
+    theirs = compute_auc(
+        1,
+        [torch.tensor(s)[None]],
+        [torch.tensor(y, dtype=torch.float64)[None]],
+        [torch.ones(1, len(y), dtype=torch.float64)],
+    )
     assert ours == pytest.approx(float(theirs[0]), abs=1e-6)
 
 

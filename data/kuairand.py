@@ -1,0 +1,528 @@
+"""KuaiRand (Kuaishou, CIKM 2022) interaction logs joined with user and video features.
+
+Takes the real files by path: KuaiRand-1K / -27K / -Pure `log_standard_*.csv` and
+`log_random_*.csv` (several logs are concatenated), `user_features_*.csv` (joined on
+`user_id`), `video_features_basic_*.csv` and `video_features_statistic_*.csv` (each
+joined on `video_id`; video files with the same header are parts of one table, like the
+27K `..._part1/2/3.csv`, and are concatenated first). A log that already carries the
+user and video columns, like the pre-joined 200-row sample in tests/fixtures/kuairand,
+works without feature tables: every feature column is then read from the log.
+
+Choices:
+
+- Tasks: by default is_click, long_view, is_like, is_follow, is_comment, is_forward,
+  is_profile_enter, keeping those the logs have or can derive. A task named explicitly
+  in `data.tasks` that the logs lack is an error. Labels must be 0 / 1.
+- `long_view`, when the log lacks it, is derived with the dataset's own definition
+  (KuaiRand README, `long_view` / `long_time_play`): 1 iff
+  `play_time_ms >= min(duration_ms, 18 s)`. `duration_ms <= 0` or empty means unknown
+  (9% of the sample's rows); such a row counts as a long view iff it played >= 18 s.
+- Features: each feature list defaults to None = the KuaiRand-1K columns below that the
+  source has; a column listed explicitly must exist. User columns come from
+  `user_features` when given, else from the log; video columns from the first video
+  table that has them, else from the log. Outcome columns (play_time_ms, stay times,
+  the is_* signals) are never default features: they leak the labels. The video
+  statistics are averages over the whole month, test dates included, as the dataset
+  ships them; set `video_dense: []` to leave them out.
+- Categorical values are matched as trimmed strings, vocabularies come from the train
+  rows only, id 0 = empty or unseen. `tag` is multi-hot (comma-separated ids).
+- Dense columns get `sign(x) * log1p(|x|)` (counts and durations are heavy-tailed; off
+  with `log1p_dense: false`), then standardisation with train statistics.
+- Join policy: a log row whose id is absent from a feature table (or a table cell that
+  is empty / NaN) gets id 0 for that table's categorical columns and the train mean for
+  its dense ones (0 after standardisation); `Dataset.info` counts such rows per table
+  (`rows_without_user_features`, `rows_without_video_features`) and the imputed dense
+  cells per column (`imputed_dense`). A table with a duplicated id is an error.
+- Split `date` (default): test = the last `test_days` dates of the log, val = the
+  `val_days` dates before (or, with `val_days: 0`, a seeded `val_fraction` of the
+  remaining rows), train = the rest. Split `fraction`: seeded `val_fraction` and
+  `test_fraction` of all rows (needed when the log has no `date`, like the sample).
+- `Batch.user_id` is the log's user_id (GAUC groups by it).
+
+Legend: N log rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data.columns import Dataset, SparseColumn, Split, standardize_dense
+from data.spec import DatasetSpec, SparseFeature
+from data.tabular import (
+    TEST,
+    TRAIN,
+    VAL,
+    binary_labels,
+    carve_splits,
+    category_codes,
+    file_columns,
+    floats,
+    group_ids,
+    read_columns,
+    signed_log1p,
+    split_lists,
+    split_rows,
+    strings,
+    train_vocab_ids,
+)
+
+DEFAULT_TASKS = (
+    "is_click",
+    "long_view",
+    "is_like",
+    "is_follow",
+    "is_comment",
+    "is_forward",
+    "is_profile_enter",
+)
+LONG_VIEW_INPUTS = ("play_time_ms", "duration_ms")
+DEFAULT_LOG_CATEGORICAL = ("user_id", "video_id", "tab")
+DEFAULT_LOG_DENSE = ("duration_ms",)
+DEFAULT_USER_CATEGORICAL = (
+    "user_active_degree",
+    "is_lowactive_period",
+    "is_live_streamer",
+    "is_video_author",
+    "follow_user_num_range",
+    "fans_user_num_range",
+    "friend_user_num_range",
+    "register_days_range",
+    *(f"onehot_feat{i}" for i in range(18)),
+)
+DEFAULT_USER_DENSE = ("follow_user_num", "fans_user_num", "friend_user_num", "register_days")
+DEFAULT_VIDEO_CATEGORICAL = ("author_id", "video_type", "upload_type", "visible_status", "music_type")
+DEFAULT_VIDEO_MULTI_HOT = {"tag": ","}
+DEFAULT_VIDEO_DENSE = (
+    "server_width",
+    "server_height",
+    "show_cnt",
+    "play_cnt",
+    "play_duration",
+    "complete_play_cnt",
+    "valid_play_cnt",
+    "long_time_play_cnt",
+    "short_time_play_cnt",
+    "play_progress",
+    "like_cnt",
+    "comment_cnt",
+    "follow_cnt",
+    "share_cnt",
+    "collect_cnt",
+)
+SPLITS = ("date", "fraction")
+_KIND_KEY = {"cat": "categorical", "dense": "dense", "multi": "multi_hot"}
+
+
+@dataclass(kw_only=True)
+class KuaiRandConfig:
+    """Config of the KuaiRand source (see the module docstring for the policies).
+
+    Attributes:
+        log_files: interaction logs (CSV), concatenated.
+        user_features: user feature table keyed by user_id; None = user columns are in
+            the log.
+        video_features: video feature tables keyed by video_id (basic, statistic);
+            [] = video columns are in the log.
+        tasks: task columns; None = the default tasks the logs have.
+        long_view_threshold_ms: the 18 s of the long_view definition.
+        log_categorical, log_dense: feature columns of the log.
+        user_categorical, user_dense: user columns; video_categorical, video_dense,
+            video_multi_hot (column -> separator): video columns. None = defaults.
+        log1p_dense: apply `sign(x) * log1p(|x|)` to every dense column.
+        split: `date` or `fraction`.
+        test_days, val_days: date split sizes (val_days 0: val is a val_fraction carve).
+        val_fraction, test_fraction, seed: the seeded carve-outs.
+        limit_rows: read only the first N rows of each log file; 0 = all.
+    """
+
+    name: str = "kuairand"
+    log_files: list[str] = field(default_factory=list)
+    user_features: str | None = None
+    video_features: list[str] = field(default_factory=list)
+    tasks: list[str] | None = None
+    long_view_threshold_ms: int = 18_000
+    log_categorical: list[str] | None = None
+    log_dense: list[str] | None = None
+    user_categorical: list[str] | None = None
+    user_dense: list[str] | None = None
+    video_categorical: list[str] | None = None
+    video_multi_hot: dict[str, str] | None = None
+    video_dense: list[str] | None = None
+    log1p_dense: bool = True
+    split: str = "date"
+    test_days: int = 1
+    val_days: int = 1
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 2026
+    limit_rows: int = 0
+
+
+@dataclass(slots=True)
+class _Source:
+    """One feature source (the log, the user table, or one video table).
+
+    Attributes:
+        name: `log`, `user` or `video<i>`.
+        paths: its files (row-wise parts).
+        columns: columns every one of its files has.
+        key: join column (None for the log).
+    """
+
+    name: str
+    paths: list[str]
+    columns: list[str]
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Feature:
+    column: str
+    kind: str  # cat | multi | dense
+    source: str
+    sep: str = ","
+
+
+def _common_columns(paths: list[str]) -> list[str]:
+    headers = [file_columns(p) for p in paths]
+    return [c for c in headers[0] if all(c in h for h in headers[1:])]
+
+
+def _sources(cfg: KuaiRandConfig) -> dict[str, _Source]:
+    if not cfg.log_files:
+        raise ValueError("data.log_files names no file")
+    sources = {
+        "log": _Source(
+            name="log", paths=list(cfg.log_files), columns=_common_columns(cfg.log_files), key=None
+        )
+    }
+    if cfg.user_features:
+        cols = file_columns(cfg.user_features)
+        sources["user"] = _Source(name="user", paths=[cfg.user_features], columns=cols, key="user_id")
+    parts: dict[tuple[str, ...], list[str]] = {}
+    for path in cfg.video_features:
+        parts.setdefault(tuple(file_columns(path)), []).append(path)
+    for i, (header, paths) in enumerate(parts.items()):
+        sources[f"video{i}"] = _Source(name=f"video{i}", paths=paths, columns=list(header), key="video_id")
+    for s in sources.values():
+        if s.key is not None and s.key not in s.columns:
+            raise ValueError(f"{s.paths[0]}: no {s.key!r} column to join on; the file has {s.columns}")
+        if s.key is not None and s.key not in sources["log"].columns:
+            raise ValueError(f"{cfg.log_files[0]}: no {s.key!r} column to join {s.paths[0]} on")
+    return sources
+
+
+def _candidates(group: str, sources: dict[str, _Source]) -> list[str]:
+    """Sources searched for a feature group's columns: its tables, else the log."""
+    if group == "user" and "user" in sources:
+        return ["user"]
+    videos = [k for k in sources if k.startswith("video")]
+    if group == "video" and videos:
+        return videos
+    return ["log"]
+
+
+def _features(cfg: KuaiRandConfig, sources: dict[str, _Source]) -> list[_Feature]:
+    multi = cfg.video_multi_hot
+    groups = [
+        ("log", "cat", cfg.log_categorical, DEFAULT_LOG_CATEGORICAL, {}),
+        ("log", "dense", cfg.log_dense, DEFAULT_LOG_DENSE, {}),
+        ("user", "cat", cfg.user_categorical, DEFAULT_USER_CATEGORICAL, {}),
+        ("user", "dense", cfg.user_dense, DEFAULT_USER_DENSE, {}),
+        ("video", "cat", cfg.video_categorical, DEFAULT_VIDEO_CATEGORICAL, {}),
+        (
+            "video",
+            "multi",
+            None if multi is None else list(multi),
+            tuple(DEFAULT_VIDEO_MULTI_HOT),
+            multi or {},
+        ),
+        ("video", "dense", cfg.video_dense, DEFAULT_VIDEO_DENSE, {}),
+    ]
+    features: list[_Feature] = []
+    for group, kind, given, default, seps in groups:
+        candidates = _candidates(group, sources)
+        for column in default if given is None else given:
+            source = next((k for k in candidates if column in sources[k].columns), None)
+            if source is None and given is not None:
+                where = [p for k in candidates for p in sources[k].paths]
+                raise ValueError(f"data.{group}_{_KIND_KEY[kind]}: column {column!r} is in none of {where}")
+            if source is not None:
+                sep = seps.get(column, DEFAULT_VIDEO_MULTI_HOT.get(column, ","))
+                features.append(_Feature(column=column, kind=kind, source=source, sep=sep))
+    names = [f.column for f in features]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"feature column(s) {dupes} are selected twice; feature names must be unique")
+    if not features:
+        raise ValueError("no feature column selected")
+    return features
+
+
+def _tasks(cfg: KuaiRandConfig, log: _Source) -> list[tuple[str, bool]]:
+    """(task, derived) pairs, in request order."""
+    out = []
+    for task in DEFAULT_TASKS if cfg.tasks is None else cfg.tasks:
+        if task in log.columns:
+            out.append((task, False))
+        elif task == "long_view" and all(c in log.columns for c in LONG_VIEW_INPUTS):
+            out.append((task, True))
+        elif cfg.tasks is not None:
+            hint = " (long_view needs play_time_ms and duration_ms)" if task == "long_view" else ""
+            raise ValueError(f"task {task!r} is not a column of every log file {log.paths}{hint}")
+    if not out:
+        raise ValueError(f"none of the tasks {list(DEFAULT_TASKS)} is in the log files {log.paths}")
+    return out
+
+
+def long_view(
+    play_time_ms: np.ndarray, duration_ms: np.ndarray, *, threshold_ms: float = 18_000
+) -> np.ndarray:
+    """KuaiRand's long_view: played >= min(duration, 18 s); unknown duration -> 18 s."""
+    known = np.isfinite(duration_ms) & (duration_ms > 0)
+    need = np.where(known, np.minimum(np.where(known, duration_ms, 0.0), threshold_ms), threshold_ms)
+    return (np.nan_to_num(play_time_ms, nan=-1.0) >= need).astype(np.float32)
+
+
+@dataclass(slots=True)
+class _Read:
+    """A source's columns: strings for ids, float64 (NaN = empty) for dense and labels."""
+
+    text: dict[str, pa.ChunkedArray]
+    numbers: dict[str, np.ndarray]
+    file_rows: list[int]
+
+
+def _read(source: _Source, text_cols: list[str], number_cols: list[str], limit_rows: int = 0) -> _Read:
+    text: dict[str, list[pa.ChunkedArray]] = {c: [] for c in text_cols}
+    numbers: dict[str, list[np.ndarray]] = {c: [] for c in number_cols}
+    file_rows = []
+    for path in source.paths:
+        table = read_columns(path, columns=[*text_cols, *number_cols], limit_rows=limit_rows)
+        file_rows.append(table.num_rows)
+        for c in text_cols:
+            text[c].append(strings(table.column(c)))
+        for c in number_cols:
+            numbers[c].append(floats(table.column(c), path=path, column=c))
+    return _Read(
+        text={c: pa.chunked_array([ch for a in v for ch in a.chunks], pa.string()) for c, v in text.items()},
+        numbers={c: np.concatenate(v) for c, v in numbers.items()},
+        file_rows=file_rows,
+    )
+
+
+def _join_index(log_keys: pa.ChunkedArray, source: _Source, keys: pa.ChunkedArray) -> np.ndarray:
+    """`[N]` row of the table for each log row (-1 = id absent); duplicated ids -> error."""
+    codes, _ = category_codes(keys)
+    valid = codes >= 0
+    _, first = np.unique(codes[valid], return_index=True)
+    if len(first) != int(valid.sum()):
+        rows = np.flatnonzero(valid)
+        dup = int(np.setdiff1d(np.arange(len(rows)), first)[0])
+        raise ValueError(f"{source.paths}: {source.key} {keys[int(rows[dup])].as_py()!r} appears twice")
+    index = pc.index_in(log_keys, value_set=keys.combine_chunks(), skip_nulls=True)
+    return np.asarray(pc.fill_null(index, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _join(
+    source: _Source,
+    own: list[_Feature],
+    log_keys: pa.ChunkedArray,
+    text: dict[str, pa.ChunkedArray],
+    dense: dict[str, np.ndarray],
+) -> int:
+    """Add the table's feature columns, aligned to log rows, to `text` / `dense`.
+
+    Returns:
+        The number of log rows whose id the table lacks.
+    """
+    key = str(source.key)
+    table = _read(
+        source,
+        [key, *(f.column for f in own if f.kind != "dense")],
+        [f.column for f in own if f.kind == "dense"],
+    )
+    index = _join_index(log_keys, source, table.text[key])
+    missing = index < 0
+    take = pa.array(index, mask=missing)
+    for f in own:
+        if f.kind == "dense":
+            dense[f.column] = np.where(missing, np.nan, table.numbers[f.column][np.maximum(index, 0)])
+        else:
+            text[f.column] = pc.take(table.text[f.column], take)
+    return int(missing.sum())
+
+
+def _split_codes(
+    cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: int
+) -> tuple[np.ndarray, dict]:
+    if cfg.split not in SPLITS:
+        raise ValueError(f"data.split={cfg.split!r}; choose one of {SPLITS}")
+    if cfg.split == "fraction":
+        split = carve_splits(
+            num_rows, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed
+        )
+        return split, {}
+    if dates is None:
+        raise ValueError(f"the log files {cfg.log_files} have no `date` column; set data.split=fraction")
+    if dates.null_count:
+        row = int(np.flatnonzero(np.asarray(dates.is_null().to_numpy(zero_copy_only=False)))[0])
+        raise ValueError(f"log row {row + 1} (files {cfg.log_files} concatenated): empty `date`")
+    if cfg.test_days < 1 or cfg.val_days < 0:
+        raise ValueError(
+            f"data.test_days must be >= 1 and data.val_days >= 0, got {cfg.test_days}, {cfg.val_days}"
+        )
+    codes, _ = category_codes(dates)
+    values = np.asarray(dates.combine_chunks().dictionary_encode().dictionary.to_pylist())
+    order = np.argsort(values)
+    if len(values) <= cfg.test_days + cfg.val_days:
+        raise ValueError(
+            f"the logs span {len(values)} dates; data.test_days={cfg.test_days} + "
+            f"data.val_days={cfg.val_days} leave no train date"
+        )
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[order] = np.arange(len(values))  # 0 = earliest date
+    row_rank = rank[codes]
+    first_test = len(values) - cfg.test_days
+    first_val = first_test - cfg.val_days
+    split = np.full(num_rows, TRAIN, dtype=np.int8)
+    split[row_rank >= first_test] = TEST
+    split[(row_rank >= first_val) & (row_rank < first_test)] = VAL
+    if cfg.val_days == 0:
+        rest = np.flatnonzero(split == TRAIN)
+        carved = carve_splits(len(rest), val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed)
+        split[rest] = carved
+    info = {
+        "train_dates": sorted(values[order[:first_val]].tolist()),
+        "val_dates": values[order[first_val:first_test]].tolist(),
+        "test_dates": values[order[first_test:]].tolist(),
+    }
+    return split, info
+
+
+def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
+    """Read the logs, join the feature tables, derive labels, encode and split."""
+    sources = _sources(cfg)
+    log = sources["log"]
+    tasks = _tasks(cfg, log)
+    features = _features(cfg, sources)
+    if "user_id" not in log.columns:
+        raise ValueError(f"the log files {log.paths} have no `user_id` column")
+    by_source: dict[str, list[_Feature]] = {}
+    for f in features:
+        by_source.setdefault(f.source, []).append(f)
+
+    read = _read_log(cfg, sources, tasks, by_source.get("log", []))
+    num_rows = len(read.text["user_id"])
+    labels = _labels(cfg, log, tasks, read)
+    split_N, info = _split_codes(cfg, read.text.get("date"), num_rows)
+    is_train = split_N == TRAIN
+
+    text = dict(read.text)
+    dense = {f.column: read.numbers[f.column] for f in by_source.get("log", []) if f.kind == "dense"}
+    info["rows_without_user_features"], info["rows_without_video_features"] = 0, {}
+    for name, source in sources.items():
+        if name != "log" and name in by_source:
+            missing = _join(source, by_source[name], read.text[str(source.key)], text, dense)
+            if name == "user":
+                info["rows_without_user_features"] = missing
+            else:
+                info["rows_without_video_features"][",".join(source.paths)] = missing
+
+    specs, sparse = _sparse_columns(features, text, is_train)
+    dense_names = [f.column for f in features if f.kind == "dense"]
+    dense_ND, info["imputed_dense"] = _dense_matrix(dense_names, dense, is_train, log1p=cfg.log1p_dense)
+    full = Split(dense=dense_ND, sparse=sparse, labels=labels, user_id=group_ids(read.text["user_id"]))
+    train, val, test = split_rows(full, split_N)
+    info["dense_stats"] = standardize_dense(train, val, test)
+    spec = DatasetSpec(
+        name=cfg.name,
+        sparse=tuple(specs),
+        dense_names=tuple(dense_names),
+        tasks=tuple(t for t, _ in tasks),
+        has_user_id=True,
+    )
+    info["derived_tasks"] = [t for t, d in tasks if d]
+    info["feature_sources"] = {f.column: f.source for f in features}
+    info["positive_rates"] = {t: float(train.labels[t].mean()) for t in spec.tasks}
+    return Dataset(spec=spec, train=train, val=val, test=test, info=info)
+
+
+def _read_log(
+    cfg: KuaiRandConfig, sources: dict[str, _Source], tasks: list[tuple[str, bool]], own: list[_Feature]
+) -> _Read:
+    """The log columns needed: join keys, user_id, date, label inputs, its own features."""
+    keys = [s.key for s in sources.values() if s.key]
+    text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense")]
+    text += ["date"] if cfg.split == "date" and "date" in sources["log"].columns else []
+    numbers = [t for t, derived in tasks if not derived]
+    numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in tasks) else []
+    numbers += [f.column for f in own if f.kind == "dense"]
+    return _read(
+        sources["log"], list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), limit_rows=cfg.limit_rows
+    )
+
+
+def _sparse_columns(
+    features: list[_Feature], text: dict[str, pa.ChunkedArray], is_train: np.ndarray
+) -> tuple[list[SparseFeature], dict[str, SparseColumn]]:
+    """Encode the categorical and multi-hot columns with train-only vocabularies."""
+    specs, sparse = [], {}
+    for f in features:
+        if f.kind == "cat":
+            codes, k = category_codes(text[f.column])
+            ids, size = train_vocab_ids(codes, k, is_train)
+            sparse[f.column] = SparseColumn.single_hot(ids)
+        elif f.kind == "multi":
+            lengths, tokens = split_lists(text[f.column], f.sep)
+            codes, k = category_codes(tokens)
+            ids, size = train_vocab_ids(codes, k, np.repeat(is_train, lengths))
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            sparse[f.column] = SparseColumn(values=ids, offsets=offsets)
+        else:
+            continue
+        specs.append(SparseFeature(name=f.column, num_embeddings=size, multi_hot=f.kind == "multi"))
+    return specs, sparse
+
+
+def _dense_matrix(
+    names: list[str], dense: dict[str, np.ndarray], is_train: np.ndarray, *, log1p: bool
+) -> tuple[np.ndarray, dict[str, int]]:
+    """`[N, Dn]` float32 with empty / non-finite cells set to the train mean (and their counts)."""
+    columns, imputed = [], {}
+    for c in names:
+        x = signed_log1p(dense[c]) if log1p else dense[c]
+        bad = ~np.isfinite(x)
+        known = is_train & ~bad
+        columns.append(np.where(bad, float(x[known].mean()) if known.any() else 0.0, x))
+        imputed[c] = int(bad.sum())
+    return (np.stack(columns, axis=1) if columns else np.zeros((len(is_train), 0))).astype(
+        np.float32
+    ), imputed
+
+
+def _labels(
+    cfg: KuaiRandConfig, log: _Source, tasks: list[tuple[str, bool]], read: _Read
+) -> dict[str, np.ndarray]:
+    """Binary labels (errors name the log file and its row)."""
+    sizes = np.concatenate([[0], np.cumsum(read.file_rows)]).tolist()
+    labels = {}
+    for task, derived in tasks:
+        if derived:
+            labels[task] = long_view(
+                read.numbers["play_time_ms"],
+                read.numbers["duration_ms"],
+                threshold_ms=cfg.long_view_threshold_ms,
+            )
+            continue
+        parts = [
+            binary_labels(read.numbers[task][lo:hi], path=path, column=task)
+            for path, lo, hi in zip(log.paths, sizes[:-1], sizes[1:], strict=True)
+        ]
+        labels[task] = np.concatenate(parts)
+    return labels

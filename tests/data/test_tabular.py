@@ -1,0 +1,286 @@
+"""Generic tabular source: CSV and Parquet, rule labels, multi-hot, carve-out, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from data.build import build_dataset
+from data.columns import Split
+from data.tabular import Rule, TabularConfig, apply_rule, load_tabular, parse_rule
+
+HEADER = ["row", "user", "item.id", "tags", "price", "rating", "clicked", "action"]
+ACTIONS = ["view", "buy", "cart", "view", "share"]
+
+
+def _rows(start: int, num: int, *, item_offset: int = 0) -> list[list[str]]:
+    """Rows whose cells are functions of the row number (so results can be checked)."""
+    out = []
+    for r in range(start, start + num):
+        tags = "|".join(f"t{(r + j) % 7}" for j in range(r % 4))  # 0..3 tags, empty cell for 0
+        out.append(
+            [
+                str(r),
+                f"u{r % 5}",
+                f"i{(r % 9) + item_offset}",
+                tags,
+                f"{r * 1.5:.2f}",
+                str(1 + r % 5),
+                str(r % 2),
+                ACTIONS[r % 5],
+            ]
+        )
+    return out
+
+
+def _csv(path: Path, rows: list[list[str]], header: list[str] = HEADER, sep: str = ",") -> str:
+    lines = [sep.join(header)] + [sep.join(f'"{c}"' if sep in c else c for c in r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _parquet(path: Path, rows: list[list[str]], *, list_tags: bool = False) -> str:
+    cols = list(zip(*rows, strict=True))
+    data = {
+        "row": pa.array([int(v) for v in cols[0]]),
+        "user": pa.array(cols[1]),
+        "item.id": pa.array(cols[2]),
+        "tags": pa.array([v.split("|") if v else [] for v in cols[3]]) if list_tags else pa.array(cols[3]),
+        "price": pa.array([float(v) for v in cols[4]]),
+        "rating": pa.array([int(v) for v in cols[5]], pa.int32()),
+        "clicked": pa.array([int(v) for v in cols[6]]),
+        "action": pa.array(cols[7]),
+    }
+    pq.write_table(pa.table(data), path)
+    return str(path)
+
+
+TASKS = [
+    {"name": "click", "column": "clicked"},
+    {"name": "like", "column": "rating", "rule": ">= 4"},
+    {"name": "convert", "column": "action", "rule": "in [buy, 'cart']"},
+]
+
+
+def _cfg(**kw) -> TabularConfig:
+    base = dict(
+        categorical=["user", "item.id"],
+        multi_hot={"tags": "|"},
+        dense=["row", "price"],
+        user_id="user",
+        tasks=TASKS,
+    )
+    return TabularConfig(**{**base, **kw})
+
+
+def _raw_rows(split: Split, stats: dict) -> np.ndarray:
+    """The `row` dense column, un-standardised."""
+    return np.rint(split.dense[:, 0] * stats["std"][0] + stats["mean"][0]).astype(int)
+
+
+def _check_rows(split: Split, rows: np.ndarray) -> None:
+    """Labels and sparse columns agree with the generating formulas."""
+    assert split.labels["click"].tolist() == (rows % 2).tolist()
+    assert split.labels["like"].tolist() == ((1 + rows % 5) >= 4).tolist()
+    assert split.labels["convert"].tolist() == [ACTIONS[r % 5] in ("buy", "cart") for r in rows]
+    assert np.diff(split.sparse["tags"].offsets).tolist() == (rows % 4).tolist()
+    assert split.user_id is not None
+
+
+def test_csv_with_val_and_test_files(tmp_path: Path) -> None:
+    train = _csv(tmp_path / "train.csv", _rows(0, 60))
+    val = _csv(tmp_path / "val.csv", _rows(60, 20))
+    test = _csv(tmp_path / "test.csv", _rows(80, 20, item_offset=100))  # items unseen in train
+    d = load_tabular(_cfg(train=[train], val=[val], test=[test]))
+    assert (len(d.train), len(d.val), len(d.test)) == (60, 20, 20)
+    assert d.spec.sparse_names == ("user", "item_id", "tags")  # `.` is not allowed in a table name
+    assert [f.multi_hot for f in d.spec.sparse] == [False, False, True]
+    assert d.spec.feature("user").num_embeddings == 6 and d.spec.feature("item_id").num_embeddings == 10
+    assert d.spec.feature("tags").num_embeddings == 8
+    assert d.spec.tasks == ("click", "like", "convert") and d.spec.has_user_id
+    stats = d.info["dense_stats"]
+    for split, start in ((d.train, 0), (d.val, 60), (d.test, 80)):
+        rows = _raw_rows(split, stats)  # type: ignore[arg-type]
+        assert rows.tolist() == list(range(start, start + len(split)))
+        _check_rows(split, rows)
+    assert (d.test.sparse["item_id"].values == 0).all()  # vocabulary from train only
+    assert (d.train.sparse["item_id"].values > 0).all()
+    # same value -> same id, across splits
+    user_ids = {}
+    for split in (d.train, d.val, d.test):
+        for uid, sid in zip(split.user_id, split.sparse["user"].values, strict=True):  # type: ignore[arg-type]
+            assert user_ids.setdefault(sid, uid) == uid
+    # a tag id is stable across rows: rows 3 (t3 t4 t5) and 10 (t3 t4) share t3
+    tags = d.train.sparse["tags"]
+    ids_of_row = {r: tags.values[tags.offsets[r] : tags.offsets[r + 1]].tolist() for r in range(60)}
+    assert ids_of_row[3][0] == ids_of_row[10][0]  # both start with t3
+    assert ids_of_row[0] == [] and len(ids_of_row[3]) == 3 and 0 not in ids_of_row[3]
+
+
+def test_parquet_matches_csv(tmp_path: Path) -> None:
+    rows = _rows(0, 80)
+    from_csv = load_tabular(_cfg(train=[_csv(tmp_path / "a.csv", rows)], seed=3))
+    from_pq = load_tabular(_cfg(train=[_parquet(tmp_path / "a.parquet", rows)], seed=3))
+    from_list = load_tabular(_cfg(train=[_parquet(tmp_path / "b.parquet", rows, list_tags=True)], seed=3))
+    for other in (from_pq, from_list):
+        assert other.spec == from_csv.spec
+        for name in ("train", "val", "test"):
+            x, y = from_csv.split(name), other.split(name)
+            np.testing.assert_allclose(x.dense, y.dense, rtol=1e-6)
+            for k in x.sparse:
+                assert np.array_equal(x.sparse[k].values, y.sparse[k].values), k
+                assert np.array_equal(x.sparse[k].offsets, y.sparse[k].offsets), k
+            for t in x.labels:
+                assert np.array_equal(x.labels[t], y.labels[t])
+
+
+def test_carve_out_is_seeded_and_disjoint(tmp_path: Path) -> None:
+    train = [_csv(tmp_path / "a.csv", _rows(0, 70)), _csv(tmp_path / "b.csv", _rows(70, 30))]
+    d = load_tabular(_cfg(train=train, val_fraction=0.2, test_fraction=0.1, seed=1))
+    assert (len(d.train), len(d.val), len(d.test)) == (70, 20, 10)
+    parts = [_raw_rows(s, d.info["dense_stats"]) for s in (d.train, d.val, d.test)]  # type: ignore[arg-type]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    for split, rows in zip((d.train, d.val, d.test), parts, strict=True):
+        _check_rows(split, rows)
+    again = load_tabular(_cfg(train=train, val_fraction=0.2, test_fraction=0.1, seed=1))
+    assert np.array_equal(again.val.dense, d.val.dense)
+    other = load_tabular(_cfg(train=train, val_fraction=0.2, test_fraction=0.1, seed=2))
+    assert not np.array_equal(other.val.dense, d.val.dense)
+    # only the missing split is carved
+    only_val = load_tabular(_cfg(train=train[:1], test=train[1:], val_fraction=0.1))
+    assert (len(only_val.train), len(only_val.val), len(only_val.test)) == (63, 7, 30)
+
+
+def test_log1p_limit_rows_delimiter_headerless(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "a.tsv", _rows(0, 50), header=HEADER, sep="\t")
+    d = load_tabular(
+        _cfg(
+            train=[path], delimiter="\t", log1p=["price"], limit_rows=40, val_fraction=0.25, test_fraction=0.0
+        )
+    )
+    assert len(d.train) + len(d.val) == 40 and len(d.test) == 0
+    stats = d.info["dense_stats"]
+    price = d.train.dense[:, 1] * stats["std"][1] + stats["mean"][1]  # type: ignore[index]
+    rows = _raw_rows(d.train, stats)  # type: ignore[arg-type]
+    np.testing.assert_allclose(price, np.log1p(rows * 1.5), rtol=1e-4, atol=1e-4)
+    lines = (tmp_path / "a.tsv").read_text().splitlines()[1:]
+    (tmp_path / "nohead.tsv").write_text("\n".join(lines) + "\n")
+    headless = load_tabular(_cfg(train=[str(tmp_path / "nohead.tsv")], delimiter="\t", column_names=HEADER))
+    assert len(headless.train) + len(headless.val) + len(headless.test) == 50
+
+
+def test_structured_config_and_registry(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "a.csv", _rows(0, 30))
+    node = OmegaConf.merge(
+        OmegaConf.structured(TabularConfig),
+        {
+            "train": [path],
+            "categorical": ["user"],
+            "dense": ["price"],
+            "tasks": [{"column": "clicked", "rule": None}],
+        },
+    )
+    cfg = OmegaConf.to_object(node)
+    d = build_dataset(cfg)
+    assert d.spec.tasks == ("clicked",) and not d.spec.has_user_id
+
+
+@pytest.mark.parametrize(
+    ("rule", "values", "expected"),
+    [
+        (">= 4", ["3", "4", "5.5"], [0, 1, 1]),
+        ("> 4", ["3", "4", "5.5"], [0, 0, 1]),
+        ("<= 1", ["0", "1", "2"], [1, 1, 0]),
+        ("< 1", ["0", "1", "-2"], [1, 0, 1]),
+        ("== 1", ["1", "1.0", "2"], [1, 1, 0]),
+        ("!= 0", ["0", "3", "-1"], [0, 1, 1]),
+        ("in [1, 3]", ["1", "2", "3"], [1, 0, 1]),
+        ("not in [1, 3]", ["1", "2", "3"], [0, 1, 0]),
+        ("== buy", ["buy", " buy ", "view"], [1, 1, 0]),
+        ("!= 'a b'", ["a b", "ab", "c"], [0, 1, 1]),
+        ('in ["x", y]', ["x", "y", "z"], [1, 1, 0]),
+    ],
+)
+def test_rules(rule: str, values: list[str], expected: list[int]) -> None:
+    out = apply_rule(parse_rule(rule), pa.chunked_array([pa.array(values)]), path="f.csv", column="c")
+    assert out.tolist() == expected and out.dtype == np.float32
+
+
+def test_rule_parsing() -> None:
+    assert parse_rule(" >=4 ") == Rule(op=">=", values=(4.0,))
+    assert parse_rule("not  in [1, 'b']") == Rule(op="not in", values=(1.0, "b"))
+    for bad in ("=> 4", "4", "in []", "> abc", "__import__('os').system('x')", "== "):
+        with pytest.raises(ValueError, match="label rule"):
+            parse_rule(bad)
+
+
+def _write_bad(tmp_path: Path, column: str, row: int, value: str) -> str:
+    rows = _rows(0, 10)
+    rows[row][HEADER.index(column)] = value
+    return _csv(tmp_path / "bad.csv", rows)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [
+        ("price", "12,5", r"bad.csv: row 4, column 'price': non-numeric value '12,5'"),
+        ("price", "", r"bad.csv: row 4, column 'price': empty or NaN dense value"),
+        ("price", "nan", r"bad.csv: row 4, column 'price': empty or NaN dense value"),
+        ("price", "inf", r"bad.csv: row 4, column 'price': non-finite dense value"),
+        ("clicked", "2", r"bad.csv: row 4, column 'clicked': label 2.0 is not 0 or 1"),
+        ("clicked", "", r"bad.csv: row 4, column 'clicked': empty label value"),
+        ("rating", "x", r"bad.csv: row 4, column 'rating': non-numeric value 'x'"),
+        ("action", "", r"bad.csv: row 4, column 'action': empty label value"),
+    ],
+)
+def test_errors_name_file_row_column(tmp_path: Path, column: str, value: str, match: str) -> None:
+    path = _write_bad(tmp_path, column, 3, value)
+    with pytest.raises(ValueError, match=match):
+        load_tabular(_cfg(train=[path]))
+
+
+def test_missing_file_and_column(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        load_tabular(_cfg(train=[str(tmp_path / "nope.csv")]))
+    path = _csv(tmp_path / "a.csv", _rows(0, 10))
+    with pytest.raises(ValueError, match=r"a.csv: no column\(s\) \['age'\]"):
+        load_tabular(_cfg(train=[path], dense=["age"]))
+    pq_path = _parquet(tmp_path / "a.parquet", _rows(0, 10))
+    with pytest.raises(ValueError, match=r"a.parquet: no column\(s\) \['age'\]"):
+        load_tabular(_cfg(train=[pq_path], dense=["price", "age"]))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="junk.parquet: cannot be read as parquet"):
+        load_tabular(_cfg(train=[str(tmp_path / "junk.parquet")]))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"train": []}, "data.train"),
+        ({"tasks": []}, "data.tasks"),
+        ({"tasks": [{"name": "a"}]}, "needs `column`"),
+        ({"tasks": [{"column": "clicked", "name": "a.b"}]}, "letters, digits"),
+        ({"tasks": [{"column": "clicked"}, {"column": "clicked"}]}, "duplicate task"),
+        ({"log1p": ["user"]}, "data.log1p"),
+        ({"format": "json"}, "data.format"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction"),
+    ],
+)
+def test_config_errors(tmp_path: Path, kw: dict, match: str) -> None:
+    path = _csv(tmp_path / "a.csv", _rows(0, 20))
+    with pytest.raises(ValueError, match=match):
+        load_tabular(_cfg(**{"train": [path], **kw}))
+
+
+def test_ragged_csv_row(tmp_path: Path) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text(",".join(HEADER) + "\n" + ",".join(_rows(0, 1)[0]) + "\n1,u1,i1\n")
+    with pytest.raises(
+        ValueError, match=r"ragged.csv: cannot be read as csv: .*Expected 8 columns, got 3: 1,u1,i1"
+    ):
+        load_tabular(_cfg(train=[str(path)]))

@@ -1,0 +1,209 @@
+"""Sharded, resumable, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a folder `<run_dir>/checkpoints/step_<N>/` holding DCP shards of:
+
+- `model`: the DMP state dict (embedding shards as ShardedTensors, dense weights);
+- `optim/sparse`: the fused embedding optimizer (TorchRec `KeyedOptimizer`, sharded
+  like the tables), `optim/dense`: the dense optimizer keyed by parameter name,
+  `optim/tables`: the optimizer of tables sharded `data_parallel`, if any;
+- `meta`: step, scheduler, loader position (global: epoch and batch index), counters,
+  and every rank's RNG states (pickled, written once).
+
+DCP stores each tensor with its global shape, so a checkpoint written by W ranks loads
+on any other number of ranks: every rank reads the slices its own shards cover.
+
+Completeness: every rank writes its shards, all ranks meet at a barrier, then rank 0
+writes `COMPLETE`. A folder without it (a crash mid-write) is ignored with a warning.
+Only the newest `keep_last` complete checkpoints are kept. A checkpoint is never
+written from non-finite weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.optim.keyed import KeyedOptimizer
+
+log = logging.getLogger("trainer.checkpoint")
+MARKER = "COMPLETE"
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """`trainer.checkpoint` config.
+
+    Attributes:
+        every: write a checkpoint every N steps (0 = only at the end, if `at_end`).
+        at_end: write one after the last step.
+        keep_last: number of complete checkpoints kept (older ones are deleted).
+    """
+
+    every: int = 0
+    at_end: bool = True
+    keep_last: int = 2
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores. Tensor state is read and written in place."""
+
+    model: nn.Module
+    sparse_optim: KeyedOptimizer
+    dense_optim: KeyedOptimizer
+    table_optim: KeyedOptimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Any  # TrainLoader (state_dict / load_state_dict)
+    step: int = 0
+    skipped_steps: int = 0
+
+    def tensor_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optim/sparse": self.sparse_optim.state_dict(),
+            "optim/dense": self.dense_optim.state_dict(),
+        }
+        if self.table_optim is not None:
+            state["optim/tables"] = self.table_optim.state_dict()
+        return state
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_finite(module: nn.Module) -> bool:
+    ok = torch.tensor([1.0])
+    for value in module.state_dict().values():
+        tensors = [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                ok.zero_()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first; warns about partial ones."""
+    if not root.exists():
+        return []
+    done, partial = [], []
+    for d in sorted(root.glob("step_*")):
+        (done if (d / MARKER).exists() else partial).append(d)
+    for d in partial:
+        log.warning("ignoring incomplete checkpoint %s (no %s marker)", d, MARKER)
+    return done
+
+
+def save(state: TrainState, root: Path, *, keep_last: int) -> Path | None:
+    """Write a checkpoint of `state` (collective). Returns its folder, or None if skipped."""
+    rank, world = _world()
+    if not _all_finite(state.model):
+        log.error("step %d: non-finite weights, checkpoint not written", state.step)
+        return None
+    path = step_dir(root, state.step)
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # a stale partial write of the same step
+    if dist.is_initialized():
+        dist.barrier()
+    rngs: list[Any] = [None] * world
+    if dist.is_initialized() and world > 1:
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    meta = {
+        "step": state.step,
+        "skipped_steps": state.skipped_steps,
+        "scheduler": state.scheduler.state_dict(),
+        "loader": state.loader.state_dict(),
+        "world_size": world,
+        "rng": rngs,
+    }
+    dcp.save(state.tensor_state(), checkpoint_id=str(path))
+    if dist.is_initialized():
+        dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        (path / "meta.pkl").write_bytes(pickle.dumps(meta))
+        (path / MARKER).write_text(f"step {state.step}\n")
+        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def resolve(resume: str | None, root: Path) -> Path | None:
+    """`trainer.resume`: None/"" = fresh start, "auto" = newest complete under `root`
+    (fresh start if there is none), else an explicit checkpoint folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(root)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / MARKER).exists():
+        raise ValueError(
+            f"trainer.resume={resume!r} is not a complete checkpoint folder (no {MARKER} marker)"
+        )
+    return path
+
+
+def load(state: TrainState, path: Path) -> None:
+    """Restore `state` in place from the checkpoint at `path` (collective)."""
+    rank, world = _world()
+    # lazily created optimizer state must exist before it can be loaded into in place
+    state.dense_optim.init_state()
+    if state.table_optim is not None:
+        state.table_optim.init_state()
+    tensors = state.tensor_state()
+    dcp.load(tensors, checkpoint_id=str(path))
+    state.model.load_state_dict(tensors["model"])
+    state.sparse_optim.load_state_dict(tensors["optim/sparse"])
+    state.dense_optim.load_state_dict(tensors["optim/dense"])
+    if state.table_optim is not None:
+        state.table_optim.load_state_dict(tensors["optim/tables"])
+    meta = pickle.loads((path / "meta.pkl").read_bytes())
+    state.step = int(meta["step"])
+    state.skipped_steps = int(meta["skipped_steps"])
+    state.scheduler.load_state_dict(meta["scheduler"])
+    state.loader.load_state_dict(meta["loader"])
+    if meta["world_size"] == world:
+        _set_rng_state(meta["rng"][rank])
+    else:  # resharded: RNG streams cannot map one to one; reseed deterministically
+        torch.manual_seed(1_000_003 * state.step + rank)
+        np.random.seed((1_000_003 * state.step + rank) % 2**32)
+    log.info("resumed from %s (step %d, written by %d ranks)", path, state.step, meta["world_size"])
