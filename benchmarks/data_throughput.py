@@ -38,9 +38,7 @@ WORLD_SIZE, RANK = 2, 0
 SOURCES = {"census_income": CensusIncomeConfig, "synthetic": SyntheticConfig}
 
 
-def _drain(
-    dataset: Dataset, *, local_batch: int, prefetch: int, steps: int, seed: int
-) -> tuple[float, float]:
+def _drain(dataset: Dataset, *, local_batch: int, prefetch: int, steps: int, seed: int) -> tuple[float, float]:
     """(delivered rows/s, built rows per build-second) for one pass of `steps` batches."""
     loader = TrainLoader(
         dataset.train,
@@ -83,8 +81,7 @@ def run(*, source: str, batch_size: int, steps: int, repeats: int) -> dict[str, 
     }
     for key, prefetch in (("", 4), ("_no_prefetch", 0)):
         runs = [
-            _drain(dataset, local_batch=local_batch, prefetch=prefetch, steps=steps, seed=i)
-            for i in range(repeats)
+            _drain(dataset, local_batch=local_batch, prefetch=prefetch, steps=steps, seed=i) for i in range(repeats)
         ]
         result[f"loader_samples_per_s{key}"] = round(statistics.median(r[0] for r in runs), 1)
         result[f"build_samples_per_s{key}"] = round(statistics.median(r[1] for r in runs), 1)
@@ -100,9 +97,7 @@ def run(*, source: str, batch_size: int, steps: int, repeats: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--source", choices=sorted(SOURCES), default="census_income")
     parser.add_argument("--batch-size", type=int, default=2048, help="global batch (split over 2 ranks)")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from data.census import CensusIncomeConfig, load_census_income
-from data.columns import Dataset
+from data.columns import Dataset, check_dataset
 from data.kuairand import KuaiRandConfig, load_kuairand
 from data.synthetic import SyntheticConfig, load_synthetic
 from data.tabular import TabularConfig, load_tabular
@@ -30,7 +30,7 @@ def build_dataset(cfg: Any) -> Dataset:
         raise ValueError(f"data.name={name!r} is not a known source; choose one of {sorted(SOURCES)}")
     config_cls, load = SOURCES[name]
     if not isinstance(cfg, config_cls):
-        raise ValueError(
-            f"data config for {name!r} must be a {config_cls.__name__}, got {type(cfg).__name__}"
-        )
-    return load(cfg)
+        raise ValueError(f"data config for {name!r} must be a {config_cls.__name__}, got {type(cfg).__name__}")
+    dataset = load(cfg)
+    check_dataset(dataset)
+    return dataset

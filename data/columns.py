@@ -130,3 +130,45 @@ def carve_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split
     """Split off a random `fraction` of rows as validation (seeded, reproducible)."""
     train_rows, val_rows = validation_rows(len(split), fraction=fraction, seed=seed)
     return split.take(train_rows), split.take(val_rows)
+
+
+def check_dataset(ds: Dataset) -> None:
+    """Invariants every source must meet before training; ValueError naming split, column, row.
+
+    Sources already report bad file contents with file / row / column; this is the last
+    line of defence for what reaches the model: ids inside their table (an out-of-range
+    id would read another table's memory in the fused kernels), finite dense values,
+    labels in {0, 1}, aligned lengths.
+    """
+    for split_name in ("train", "val", "test"):
+        split = ds.split(split_name)
+        n = len(split)
+        if not np.isfinite(split.dense).all():
+            row, col = np.argwhere(~np.isfinite(split.dense))[0]
+            raise ValueError(
+                f"{ds.spec.name}/{split_name}: row {row}, dense column {ds.spec.dense_names[col]!r}: non-finite value"
+            )
+        for feature in ds.spec.sparse:
+            col_ = split.sparse.get(feature.name)
+            if col_ is None or len(col_) != n:
+                raise ValueError(f"{ds.spec.name}/{split_name}: sparse feature {feature.name!r} missing or misaligned")
+            bad = (col_.values < 0) | (col_.values >= feature.num_embeddings)
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                row = int(np.searchsorted(col_.offsets, pos, side="right") - 1)
+                raise ValueError(
+                    f"{ds.spec.name}/{split_name}: row {row}, feature {feature.name!r}: id {int(col_.values[pos])} "
+                    f"outside the table [0, {feature.num_embeddings})"
+                )
+        for task in ds.spec.tasks:
+            labels = split.labels.get(task)
+            if labels is None or len(labels) != n:
+                raise ValueError(f"{ds.spec.name}/{split_name}: labels of task {task!r} missing or misaligned")
+            bad = (labels != 0) & (labels != 1)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"{ds.spec.name}/{split_name}: row {row}, task {task!r}: label {labels[row]} not in {{0, 1}}"
+                )
+        if split.user_id is not None and len(split.user_id) != n:
+            raise ValueError(f"{ds.spec.name}/{split_name}: user ids misaligned")

@@ -195,11 +195,7 @@ def _common_columns(paths: list[str]) -> list[str]:
 def _sources(cfg: KuaiRandConfig) -> dict[str, _Source]:
     if not cfg.log_files:
         raise ValueError("data.log_files names no file")
-    sources = {
-        "log": _Source(
-            name="log", paths=list(cfg.log_files), columns=_common_columns(cfg.log_files), key=None
-        )
-    }
+    sources = {"log": _Source(name="log", paths=list(cfg.log_files), columns=_common_columns(cfg.log_files), key=None)}
     if cfg.user_features:
         cols = file_columns(cfg.user_features)
         sources["user"] = _Source(name="user", paths=[cfg.user_features], columns=cols, key="user_id")
@@ -279,9 +275,7 @@ def _tasks(cfg: KuaiRandConfig, log: _Source) -> list[tuple[str, bool]]:
     return out
 
 
-def long_view(
-    play_time_ms: np.ndarray, duration_ms: np.ndarray, *, threshold_ms: float = 18_000
-) -> np.ndarray:
+def long_view(play_time_ms: np.ndarray, duration_ms: np.ndarray, *, threshold_ms: float = 18_000) -> np.ndarray:
     """KuaiRand's long_view: played >= min(duration, 18 s); unknown duration -> 18 s."""
     known = np.isfinite(duration_ms) & (duration_ms > 0)
     need = np.where(known, np.minimum(np.where(known, duration_ms, 0.0), threshold_ms), threshold_ms)
@@ -357,15 +351,11 @@ def _join(
     return int(missing.sum())
 
 
-def _split_codes(
-    cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: int
-) -> tuple[np.ndarray, dict]:
+def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: int) -> tuple[np.ndarray, dict]:
     if cfg.split not in SPLITS:
         raise ValueError(f"data.split={cfg.split!r}; choose one of {SPLITS}")
     if cfg.split == "fraction":
-        split = carve_splits(
-            num_rows, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed
-        )
+        split = carve_splits(num_rows, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
         return split, {}
     if dates is None:
         raise ValueError(f"the log files {cfg.log_files} have no `date` column; set data.split=fraction")
@@ -373,9 +363,7 @@ def _split_codes(
         row = int(np.flatnonzero(np.asarray(dates.is_null().to_numpy(zero_copy_only=False)))[0])
         raise ValueError(f"log row {row + 1} (files {cfg.log_files} concatenated): empty `date`")
     if cfg.test_days < 1 or cfg.val_days < 0:
-        raise ValueError(
-            f"data.test_days must be >= 1 and data.val_days >= 0, got {cfg.test_days}, {cfg.val_days}"
-        )
+        raise ValueError(f"data.test_days must be >= 1 and data.val_days >= 0, got {cfg.test_days}, {cfg.val_days}")
     codes, _ = category_codes(dates)
     values = np.asarray(dates.combine_chunks().dictionary_encode().dictionary.to_pylist())
     order = np.argsort(values)
@@ -462,9 +450,7 @@ def _read_log(
     numbers = [t for t, derived in tasks if not derived]
     numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in tasks) else []
     numbers += [f.column for f in own if f.kind == "dense"]
-    return _read(
-        sources["log"], list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), limit_rows=cfg.limit_rows
-    )
+    return _read(sources["log"], list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), limit_rows=cfg.limit_rows)
 
 
 def _sparse_columns(
@@ -501,14 +487,10 @@ def _dense_matrix(
         known = is_train & ~bad
         columns.append(np.where(bad, float(x[known].mean()) if known.any() else 0.0, x))
         imputed[c] = int(bad.sum())
-    return (np.stack(columns, axis=1) if columns else np.zeros((len(is_train), 0))).astype(
-        np.float32
-    ), imputed
+    return (np.stack(columns, axis=1) if columns else np.zeros((len(is_train), 0))).astype(np.float32), imputed
 
 
-def _labels(
-    cfg: KuaiRandConfig, log: _Source, tasks: list[tuple[str, bool]], read: _Read
-) -> dict[str, np.ndarray]:
+def _labels(cfg: KuaiRandConfig, log: _Source, tasks: list[tuple[str, bool]], read: _Read) -> dict[str, np.ndarray]:
     """Binary labels (errors name the log file and its row)."""
     sizes = np.concatenate([[0], np.cumsum(read.file_rows)]).tolist()
     labels = {}

@@ -162,9 +162,7 @@ def _generate(cfg: SyntheticConfig, rates: list[float]) -> tuple[Split, list[Spa
         cum = np.zeros((len(values) + 1, k))
         np.cumsum(_latent(rng, cfg.multi_hot_vocab_size, k)[values], axis=0, out=cum[1:])
         h_NK += (cum[offsets[1:]] - cum[offsets[:-1]]) / np.maximum(lengths_N, 1)[:, None]
-        features.append(
-            SparseFeature(name=f"tags_{i}", num_embeddings=cfg.multi_hot_vocab_size + 1, multi_hot=True)
-        )
+        features.append(SparseFeature(name=f"tags_{i}", num_embeddings=cfg.multi_hot_vocab_size + 1, multi_hot=True))
         sparse[f"tags_{i}"] = SparseColumn(values=values, offsets=offsets)
 
     x_ND = rng.normal(size=(n, cfg.num_dense))

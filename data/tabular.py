@@ -161,9 +161,7 @@ def file_columns(
         if file_format(path, fmt) == "parquet":
             return list(pq.read_schema(path).names)
         read = pacsv.ReadOptions(block_size=1 << 20)
-        with pacsv.open_csv(
-            path, read_options=read, parse_options=pacsv.ParseOptions(delimiter=delimiter)
-        ) as r:
+        with pacsv.open_csv(path, read_options=read, parse_options=pacsv.ParseOptions(delimiter=delimiter)) as r:
             return list(r.schema.names)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: cannot be read as {file_format(path, fmt)}: {e}") from e
@@ -191,9 +189,7 @@ def floats(arr: pa.ChunkedArray | pa.Array, *, path: str | Path, column: str) ->
         values = pc.cast(text, pa.float64())
     except pa.ArrowInvalid:
         bad = first_failing_cast(text, pa.float64())
-        raise ValueError(
-            f"{path}: row {bad + 1}, column {column!r}: non-numeric value {text[bad].as_py()!r}"
-        ) from None
+        raise ValueError(f"{path}: row {bad + 1}, column {column!r}: non-numeric value {text[bad].as_py()!r}") from None
     return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
@@ -454,9 +450,7 @@ def _parse_file(path: str, cfg: TabularConfig, tasks: list[tuple[str, str, Rule 
     labels = {}
     for name, col, rule in tasks:
         if rule is None:
-            labels[name] = binary_labels(
-                floats(table.column(col), path=path, column=col), path=path, column=col
-            )
+            labels[name] = binary_labels(floats(table.column(col), path=path, column=col), path=path, column=col)
         else:
             labels[name] = apply_rule(rule, table.column(col), path=path, column=col)
     return _Parsed(
@@ -508,9 +502,7 @@ def load_tabular(cfg: TabularConfig) -> Dataset:
 
     features, sparse = [], {}
     for c in cfg.categorical:
-        codes, k = category_codes(
-            pa.chunked_array([ch for p in parsed for ch in p.cats[c].chunks], pa.string())
-        )
+        codes, k = category_codes(pa.chunked_array([ch for p in parsed for ch in p.cats[c].chunks], pa.string()))
         ids, size = train_vocab_ids(codes, k, is_train)
         features.append(SparseFeature(name=feature_name(c), num_embeddings=size))
         sparse[feature_name(c)] = SparseColumn.single_hot(ids)

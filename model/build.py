@@ -19,15 +19,19 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.spec import DatasetSpec
-from model.baselines import MMoE, PLE, MMoEConfig, PLEConfig, SharedBottom, SharedBottomConfig
+from model.baselines import PLE, MMoE, MMoEConfig, PLEConfig, SharedBottom, SharedBottomConfig
 from model.core import ExpertLoad
+from model.home import HoME, HoMEConfig
 from model.mlp import TaskTower
+from model.smes import SMES, SMESConfig
 
 # name -> (config dataclass, core class taking (cfg, *, in_dim, tasks))
 CORES: dict[str, tuple[type, type[nn.Module]]] = {
     "shared_bottom": (SharedBottomConfig, SharedBottom),
     "mmoe": (MMoEConfig, MMoE),
     "ple": (PLEConfig, PLE),
+    "smes": (SMESConfig, SMES),
+    "home": (HoMEConfig, HoME),
 }
 
 

@@ -102,8 +102,7 @@ def build_constraints(
     unknown = set(cfg.tables) - set(feature_to_table)
     if unknown:
         raise ValueError(
-            f"parallel.embedding.tables names unknown features {sorted(unknown)}; "
-            f"known: {sorted(feature_to_table)}"
+            f"parallel.embedding.tables names unknown features {sorted(unknown)}; known: {sorted(feature_to_table)}"
         )
     constraints = {}
     for feature, table in feature_to_table.items():
@@ -135,9 +134,7 @@ def build_constraints(
 def sparse_optimizer_class(cfg: SparseOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """Optimizer class and kwargs of the sparse optimizer config."""
     if cfg.name not in SPARSE_OPTIMIZERS:
-        raise ValueError(
-            f"parallel.sparse_optimizer.name={cfg.name!r}; choose one of {sorted(SPARSE_OPTIMIZERS)}"
-        )
+        raise ValueError(f"parallel.sparse_optimizer.name={cfg.name!r}; choose one of {sorted(SPARSE_OPTIMIZERS)}")
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.name != "sgd":
         kwargs["eps"] = cfg.eps
@@ -243,9 +240,7 @@ def shard_embeddings(
             env=ShardingEnv.from_process_group(pg),
             plan=plan,
             sharders=[sharder],  # type: ignore[list-item]
-            data_parallel_wrapper=DefaultDataParallelWrapper(
-                static_graph=False, params_to_ignore=ddp_ignore or []
-            ),
+            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, params_to_ignore=ddp_ignore or []),
         )
     return dmp, plan
 

@@ -7,8 +7,10 @@
 2. TorchRec embedding sharding (planner + `DistributedModelParallel`), which also wraps
    every non-embedding parameter in DDP.
 
-Expert parallelism slots in between 2's planning and the DDP wrap (expert parameters are
-then excluded from DDP through `ddp_ignore`).
+Between 1 and 2, expert parallelism (`parallel/expert_parallel.py`): every SMES layer
+keeps only its E/ep experts behind an all-to-all dispatcher, and its balance counts are
+all-reduced over all ranks; sharded expert parameters are kept out of DDP and reduced
+inside their expert-data-parallel group by `ParallelModel.after_backward()`.
 
 The dense optimizer is built by the trainer over `dense_parameters(...)`; the fused
 sparse optimizer lives inside the DMP (`dmp.fused_optimizer`). Tables the plan makes
@@ -37,6 +39,13 @@ from parallel.embedding_sharding import (
     shard_embeddings,
     sparse_optimizer_class,
 )
+from parallel.expert_parallel import (
+    ExpertMesh,
+    apply_expert_parallel,
+    build_mesh,
+    expert_parameters,
+    sync_expert_grads,
+)
 
 EMBEDDING_PREFIX = "ebc."
 
@@ -63,6 +72,13 @@ class ParallelModel:
     dmp: DistributedModelParallel
     plan: dict[str, str]  # table -> "sharding_type/kernel"
     replicated_table_optimizer: KeyedOptimizer | None = None
+    mesh: ExpertMesh | None = None
+    sharded_expert_params: list[nn.Parameter] = field(default_factory=list)
+
+    def after_backward(self) -> None:
+        """Gradient sync DDP does not do: sharded experts inside their replica group."""
+        if self.mesh is not None and self.sharded_expert_params:
+            sync_expert_grads(self.sharded_expert_params, self.mesh)
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         return self.dmp(*args, **kwargs)
@@ -84,9 +100,9 @@ def replicated_table_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parame
 
 def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> ParallelModel:
     """Shard `model` (embedding tables built on `meta`) over the default process group."""
-    if cfg.ep != 1:
-        raise ValueError(f"parallel.ep={cfg.ep}: expert parallelism is not available yet; use parallel.ep=1")
     apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
+    mesh = build_mesh(cfg.ep)
+    expert_names = apply_expert_parallel(model, mesh)
     feature_to_table = {f: f"t_{f}" for f in model.spec.sparse_names}
     dmp, plan = shard_embeddings(
         model,
@@ -95,13 +111,20 @@ def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> P
         feature_to_table=feature_to_table,
         embedding_dim=model.embedding_dim,
         device=info.device,
+        ddp_ignore=expert_names,
     )
     replicated = dict(replicated_table_parameters(dmp))
     table_opt = None
     if replicated:
         cls, kwargs = sparse_optimizer_class(cfg.sparse_optimizer)
         table_opt = KeyedOptimizerWrapper(replicated, lambda ps: cls(ps, **kwargs))
-    return ParallelModel(dmp=dmp, plan=describe_plan(plan), replicated_table_optimizer=table_opt)
+    return ParallelModel(
+        dmp=dmp,
+        plan=describe_plan(plan),
+        replicated_table_optimizer=table_opt,
+        mesh=mesh,
+        sharded_expert_params=expert_parameters(dmp) if expert_names else [],
+    )
 
 
 def unwrap(dmp: DistributedModelParallel) -> MultiTaskModel:

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `<run_dir>/checkpoints/step_<N>/` holding DCP shards of:
 
-- `model`: the DMP state dict (embedding shards as ShardedTensors, dense weights);
+- `model`: the DMP state dict (embedding shards as ShardedTensors, dense weights,
+  expert-parallel expert slices as DTensors of the full expert stack);
 - `optim/sparse`: the fused embedding optimizer (TorchRec `KeyedOptimizer`, sharded
   like the tables), `optim/dense`: the dense optimizer keyed by parameter name,
   `optim/tables`: the optimizer of tables sharded `data_parallel`, if any;
@@ -35,6 +36,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 
+from parallel.expert_parallel import ExpertMesh, checkpoint_view
+
 log = logging.getLogger("trainer.checkpoint")
 MARKER = "COMPLETE"
 
@@ -64,6 +67,7 @@ class TrainState:
     table_optim: KeyedOptimizer | None
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Any  # TrainLoader (state_dict / load_state_dict)
+    expert_mesh: ExpertMesh | None = None
     step: int = 0
     skipped_steps: int = 0
 
@@ -75,7 +79,8 @@ class TrainState:
         }
         if self.table_optim is not None:
             state["optim/tables"] = self.table_optim.state_dict()
-        return state
+        # sharded experts: global-shape DTensor views, so ep / world size can change
+        return checkpoint_view(state, self.expert_mesh)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -176,9 +181,7 @@ def resolve(resume: str | None, root: Path) -> Path | None:
         return done[-1] if done else None
     path = Path(resume)
     if not (path / MARKER).exists():
-        raise ValueError(
-            f"trainer.resume={resume!r} is not a complete checkpoint folder (no {MARKER} marker)"
-        )
+        raise ValueError(f"trainer.resume={resume!r} is not a complete checkpoint folder (no {MARKER} marker)")
     return path
 
 
@@ -191,9 +194,15 @@ def load(state: TrainState, path: Path) -> None:
         state.table_optim.init_state()
     tensors = state.tensor_state()
     dcp.load(tensors, checkpoint_id=str(path))
-    state.model.load_state_dict(tensors["model"])
+    # expert DTensor views were loaded in place; the plain state dict holds their slices
+    sharded_experts = state.expert_mesh is not None and state.expert_mesh.ep > 1
+    plain = {**tensors, "model": state.model.state_dict()} if sharded_experts else tensors
+    state.model.load_state_dict(plain["model"])
     state.sparse_optim.load_state_dict(tensors["optim/sparse"])
-    state.dense_optim.load_state_dict(tensors["optim/dense"])
+    dense = tensors["optim/dense"]
+    if sharded_experts:  # live tensors already hold the loaded values
+        dense = {**dense, "state": state.dense_optim.state_dict()["state"]}
+    state.dense_optim.load_state_dict(dense)
     if state.table_optim is not None:
         state.table_optim.load_state_dict(tensors["optim/tables"])
     meta = pickle.loads((path / "meta.pkl").read_bytes())

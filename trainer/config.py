@@ -9,6 +9,7 @@ the core's own fields in the `model` group, so users write `model.num_experts=16
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,7 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.build import SOURCES
 from model.build import CORES, TowerConfig
+from model.smes import SMESConfig, validate_smes_config
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
+from parallel.expert_parallel import check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
 
@@ -179,17 +182,22 @@ def validate(run: RunConfig) -> None:
             f"parallel.sparse_optimizer.name={run.parallel.sparse_optimizer.name!r}; "
             f"choose one of {sorted(SPARSE_OPTIMIZERS)}"
         )
-    if run.parallel.ep < 1:
-        raise ValueError(f"parallel.ep must be >= 1, got {run.parallel.ep}")
+    # expert parallelism: the world size is known from torchrun's environment
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_ep(run.parallel.ep, world, getattr(run.model.core, "num_experts", None))
+    if run.parallel.ep > 1 and run.model.name != "smes":
+        raise ValueError(f"parallel.ep={run.parallel.ep} needs model=smes (got model={run.model.name})")
+    if isinstance(run.model.core, SMESConfig):
+        # checks that need the task count run when the core is built
+        tasks = run.model.core.task_weights
+        validate_smes_config(run.model.core, num_tasks=len(tasks) if tasks is not None else 1)
     if run.logger.name not in ("wandb", "none"):
         raise ValueError(f"logger.name={run.logger.name!r}; choose wandb or none")
     if run.logger.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.mode={run.logger.mode!r}; choose offline, online or disabled")
 
 
-def validate_against_data(
-    run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...], world: int
-) -> None:
+def validate_against_data(run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...], world: int) -> None:
     """Checks that need the dataset schema and the world size."""
     t = run.trainer
     if t.batch_size % world:

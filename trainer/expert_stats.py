@@ -37,9 +37,7 @@ class ExpertLoadMeter:
     def empty(self) -> bool:
         return self.counts_TE is None
 
-    def compute(
-        self, tasks: tuple[str, ...], group: dist.ProcessGroup | None = None
-    ) -> dict[str, object] | None:
+    def compute(self, tasks: tuple[str, ...], group: dist.ProcessGroup | None = None) -> dict[str, object] | None:
         """Global figures (collective: every rank must call it). None when nothing was added."""
         if self.counts_TE is None:
             return None

@@ -54,8 +54,9 @@ class MetricLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean = {k: _clean(v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+        if self._wandb is not None:  # scalars only; vectors stay in the JSONL file
+            scalars = {k: v for k, v in clean.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            self._wandb.log(scalars, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:

@@ -75,10 +75,7 @@ def task_losses(out: ModelOutput, batch: Batch, tasks: tuple[str, ...]) -> dict[
     """Per-task BCE, averaged over the batch with the instance weights (padding = 0)."""
     denom = batch.weights.sum().clamp_min(1.0)
     return {
-        t: (
-            F.binary_cross_entropy_with_logits(out.logits[t], batch.labels[t], reduction="none")
-            * batch.weights
-        ).sum()
+        t: (F.binary_cross_entropy_with_logits(out.logits[t], batch.labels[t], reduction="none") * batch.weights).sum()
         / denom
         for t in tasks
     }
@@ -116,9 +113,7 @@ def evaluate(
     """Per-task metrics over the whole split (every rank returns the same values)."""
     pm.dmp.eval()
     preds = Predictions(spec.tasks)
-    for batch in eval_batches(
-        split, spec=spec, batch_size=batch_size, rank=info.rank, world_size=info.world_size
-    ):
+    for batch in eval_batches(split, spec=spec, batch_size=batch_size, rank=info.rank, world_size=info.world_size):
         batch = batch.to(info.device)
         out: ModelOutput = pm.dmp(batch.dense, batch.sparse)
         preds.add(out.logits, batch.labels, batch.weights, batch.user_id)
@@ -127,16 +122,19 @@ def evaluate(
 
 
 def _flat(prefix: str, metrics: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
-    return {
-        f"{prefix}/{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k in ("auc", "gauc", "ne")
-    }
+    return {f"{prefix}/{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k in ("auc", "gauc", "ne")}
 
 
 def _expert_log(figures: dict[str, Any], tasks: tuple[str, ...], max_keys: int = 64) -> dict[str, Any]:
-    out = {f"experts/{k}": v for k, v in figures.items() if not isinstance(v, list | dict)}
+    """Scalar load figures, per-expert keys (only up to `max_keys` experts, so large E
+    does not flood the dashboard), and the full vectors (pooled and per task) as lists,
+    which go to metrics.jsonl only (the expert-load heatmap is drawn from them)."""
+    out: dict[str, Any] = {f"experts/{k}": v for k, v in figures.items() if not isinstance(v, list | dict)}
     frac = figures["selection_fraction"]
-    if len(frac) <= max_keys:  # per-expert keys only while they stay readable
+    if len(frac) <= max_keys:
         out.update({f"experts/fraction/e{e:03d}": v for e, v in enumerate(frac)})
+    out["experts/selection_fraction"] = frac
+    out["experts/selection_fraction_per_task"] = figures["selection_fraction_per_task"]
     return out
 
 
@@ -152,9 +150,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
     spec = dataset.spec
     for name in ("train", "val", "test"):
         if len(dataset.split(name)) == 0:
-            raise ValueError(
-                f"data: the {name} split of {spec.name!r} is empty; check the data files / fractions"
-            )
+            raise ValueError(f"data: the {name} split of {spec.name!r} is empty; check the data files / fractions")
     validate_against_data(run, tasks=spec.tasks, features=spec.sparse_names, world=info.world_size)
     task_w = {task: float(t.task_weights.get(task, 1.0)) for task in spec.tasks}
 
@@ -166,6 +162,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         ebc_device="meta",
     )
     pm = parallelize(model, run.parallel, info)
+    core = model.core
     named_dense = dict(dense_parameters(pm.dmp))
     dense_params = list(named_dense.values())
     # keyed by parameter name, so checkpoints do not depend on parameter order
@@ -203,6 +200,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         table_optim=pm.replicated_table_optimizer,
         scheduler=scheduler,
         loader=loader,
+        expert_mesh=pm.mesh,
     )
     ckpt_root = run_dir / "checkpoints"
     resume_from = checkpoint.resolve(t.resume, ckpt_root)
@@ -247,11 +245,14 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         if torch.isfinite(parts).all():  # same decision on every rank: parts are all-reduced
             bad_in_a_row = 0
             loss.backward()
+            pm.after_backward()
             timer.lap("backward")
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
             for opt in step_optimizers:
                 opt.step()
+            if hasattr(core, "update_bias"):  # aux-loss-free balancing, outside backward
+                core.update_bias()
             timer.lap("optimizer")
             if out.load is not None:
                 window_meter.add(out.load)
@@ -280,9 +281,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
             if info.is_main and logger is not None:
                 mean = (window_loss / max(1, window_steps)).tolist()
                 metrics: dict[str, Any] = {f"loss/{task}": mean[i] for i, task in enumerate(spec.tasks)}
-                metrics.update(
-                    {"loss/aux": mean[-2], "loss/total": mean[-1], "lr": scheduler.get_last_lr()[0]}
-                )
+                metrics.update({"loss/aux": mean[-2], "loss/total": mean[-1], "lr": scheduler.get_last_lr()[0]})
                 metrics["train/samples_per_s"] = window_steps * t.batch_size / max(1e-9, now - window_start)
                 metrics["train/skipped_steps"] = state.skipped_steps
                 if figures is not None:

@@ -141,9 +141,7 @@ def _dense(d: Dataset, split: Split, name: str) -> np.ndarray:
 
 def test_sample_in_file_order() -> None:
     """No carve-out: train holds all 200 sample rows in file order."""
-    d = load_kuairand(
-        KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction", val_fraction=0.0, test_fraction=0.0)
-    )
+    d = load_kuairand(KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction", val_fraction=0.0, test_fraction=0.0))
     raw = _raw_logs([str(SAMPLE)])
     assert len(d.train) == 200 and len(d.val) == len(d.test) == 0
     assert d.spec.tasks == ("is_click", "long_view") and d.info["derived_tasks"] == ["long_view"]
@@ -166,9 +164,7 @@ def test_sample_in_file_order() -> None:
 
 
 def test_sample_default_split_and_registry() -> None:
-    node = OmegaConf.merge(
-        OmegaConf.structured(KuaiRandConfig), {"log_files": [str(SAMPLE)], "split": "fraction"}
-    )
+    node = OmegaConf.merge(OmegaConf.structured(KuaiRandConfig), {"log_files": [str(SAMPLE)], "split": "fraction"})
     d = build_dataset(OmegaConf.to_object(node))
     assert (len(d.train), len(d.val), len(d.test)) == (160, 20, 20)
     for split in (d.train, d.val, d.test):
@@ -182,9 +178,7 @@ def test_sample_default_split_and_registry() -> None:
 
 def test_sample_requested_task_missing() -> None:
     with pytest.raises(ValueError, match="task 'is_like' is not a column of every log file"):
-        load_kuairand(
-            KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction", tasks=["is_click", "is_like"])
-        )
+        load_kuairand(KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction", tasks=["is_click", "is_like"]))
 
 
 # --------------------------------------------------------------------- synthetic files
@@ -253,9 +247,7 @@ def test_join_and_missing_ids(files: dict[str, object]) -> None:
         user = split.user_id
         assert user is not None
         has_user = user != MISSING_USER
-        np.testing.assert_allclose(
-            _dense(d, split, "register_days")[has_user], user[has_user] * 10 + 5, rtol=1e-5
-        )
+        np.testing.assert_allclose(_dense(d, split, "register_days")[has_user], user[has_user] * 10 + 5, rtol=1e-5)
         col = d.spec.dense_names.index("register_days")
         np.testing.assert_allclose(split.dense[~has_user, col], 0.0, atol=1e-6)  # imputed: train mean
         assert (split.sparse["user_active_degree"].values[~has_user] == 0).all()
@@ -355,9 +347,7 @@ def test_bad_label_names_file_row_column(files: dict[str, object]) -> None:
     cells[LOG_COLUMNS.index("is_like")] = "2"
     lines[3] = ",".join(cells)
     second.write_text("\n".join(lines) + "\n")
-    with pytest.raises(
-        ValueError, match=r"log_standard_4_11_to_4_12.csv: row 3, column 'is_like': label 2.0"
-    ):
+    with pytest.raises(ValueError, match=r"log_standard_4_11_to_4_12.csv: row 3, column 'is_like': label 2.0"):
         _load(files)
 
 

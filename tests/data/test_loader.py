@@ -126,9 +126,7 @@ def test_epoch_wrap_and_reshuffle() -> None:
 
 def test_no_shuffle_is_sequential() -> None:
     split, spec = _split()
-    batches = _take(
-        TrainLoader(split, spec=spec, batch_size=4, rank=1, world_size=2, shuffle=False, prefetch=0), 2
-    )
+    batches = _take(TrainLoader(split, spec=spec, batch_size=4, rank=1, world_size=2, shuffle=False, prefetch=0), 2)
     assert [_rows(b) for b in batches] == [[4, 5, 6, 7], [12, 13, 14, 15]]
 
 
@@ -184,9 +182,7 @@ def test_split_smaller_than_global_batch_is_an_error() -> None:
         TrainLoader(split, spec=spec, batch_size=8, world_size=2)
 
 
-@pytest.mark.parametrize(
-    ("num_rows", "world_size", "batch_size"), [(23, 1, 4), (23, 2, 4), (23, 3, 5), (3, 4, 2)]
-)
+@pytest.mark.parametrize(("num_rows", "world_size", "batch_size"), [(23, 1, 4), (23, 2, 4), (23, 3, 5), (3, 4, 2)])
 def test_eval_covers_every_row_once(num_rows: int, world_size: int, batch_size: int) -> None:
     split, spec = _split(num_rows)
     per_rank = [
@@ -204,7 +200,5 @@ def test_eval_covers_every_row_once(num_rows: int, world_size: int, batch_size: 
             # padding sits at the end of a batch and is weight 0
             assert valid.tolist() == sorted(valid.tolist(), reverse=True)
             seen += batch.dense[valid, 0].long().tolist()
-            assert batch.sparse["item"].values()[valid].tolist() == [
-                r + 1 for r in batch.dense[valid, 0].long()
-            ]
+            assert batch.sparse["item"].values()[valid].tolist() == [r + 1 for r in batch.dense[valid, 0].long()]
     assert sorted(seen) == list(range(num_rows))

@@ -110,9 +110,7 @@ def test_invalid_config(bad: dict) -> None:
 
 
 def test_structured_config_and_registry() -> None:
-    node = OmegaConf.merge(
-        OmegaConf.structured(SyntheticConfig), {**SMALL, "positive_rates": [0.2, 0.1, 0.05, 0.01]}
-    )
+    node = OmegaConf.merge(OmegaConf.structured(SyntheticConfig), {**SMALL, "positive_rates": [0.2, 0.1, 0.05, 0.01]})
     cfg = OmegaConf.to_object(node)
     assert isinstance(cfg, SyntheticConfig)
     d = build_dataset(cfg)

@@ -159,9 +159,7 @@ def test_carve_out_is_seeded_and_disjoint(tmp_path: Path) -> None:
 def test_log1p_limit_rows_delimiter_headerless(tmp_path: Path) -> None:
     path = _csv(tmp_path / "a.tsv", _rows(0, 50), header=HEADER, sep="\t")
     d = load_tabular(
-        _cfg(
-            train=[path], delimiter="\t", log1p=["price"], limit_rows=40, val_fraction=0.25, test_fraction=0.0
-        )
+        _cfg(train=[path], delimiter="\t", log1p=["price"], limit_rows=40, val_fraction=0.25, test_fraction=0.0)
     )
     assert len(d.train) + len(d.val) == 40 and len(d.test) == 0
     stats = d.info["dense_stats"]
@@ -280,7 +278,5 @@ def test_config_errors(tmp_path: Path, kw: dict, match: str) -> None:
 def test_ragged_csv_row(tmp_path: Path) -> None:
     path = tmp_path / "ragged.csv"
     path.write_text(",".join(HEADER) + "\n" + ",".join(_rows(0, 1)[0]) + "\n1,u1,i1\n")
-    with pytest.raises(
-        ValueError, match=r"ragged.csv: cannot be read as csv: .*Expected 8 columns, got 3: 1,u1,i1"
-    ):
+    with pytest.raises(ValueError, match=r"ragged.csv: cannot be read as csv: .*Expected 8 columns, got 3: 1,u1,i1"):
         load_tabular(_cfg(train=[str(path)]))

@@ -77,3 +77,18 @@ def test_checks_against_data() -> None:
     run = compose_run("+parallel.embedding.tables.sexx=row_wise")
     with pytest.raises(ValueError, match="sexx"):
         validate_against_data(run, tasks=("income",), features=("sex",), world=1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (("model=smes", "model.num_shared=10", "model.num_experts=8"), "model.num_shared"),
+        (("model=smes", "model.routing=random"), "model.routing"),
+        (("model=mmoe", "parallel.ep=2"), "parallel.ep"),
+        (("model=smes", "model.num_experts=6", "parallel.ep=4"), "parallel.ep"),
+    ],
+)
+def test_moe_config_errors_before_any_work(overrides: tuple[str, ...], key: str, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        compose_run(*overrides)

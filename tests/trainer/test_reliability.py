@@ -63,9 +63,7 @@ def test_sigkill_restart_resumes_and_matches_straight_run(tmp_path: Path) -> Non
     checked(launch(straight, *common))
     # rank 1 is SIGKILLed at the start of step 6 (0-based); the checkpoint of step 4 is
     # the newest complete one, so steps 5 and 6 are lost and run again after the restart
-    proc = launch(
-        crashed, *common, env={"TRAINER_FAULTS": "sigkill@6:1", "TORCHRUN_ARGS": "--max-restarts=1"}
-    )
+    proc = launch(crashed, *common, env={"TRAINER_FAULTS": "sigkill@6:1", "TORCHRUN_ARGS": "--max-restarts=1"})
     checked(proc)
     s = summary(crashed)
     assert s["restarts"] == 1 and s["resumed_at_step"] == 4 and s["steps"] == 8
@@ -126,3 +124,23 @@ def test_consecutive_non_finite_losses_abort(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "consecutive non-finite losses" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_expert_parallel_checkpoint_reshards(tmp_path: Path) -> None:
+    """world 2 / ep 2 -> world 1 / ep 1 and world 4 / ep 2: same evaluation metrics."""
+    smes = (*TINY[:1], "trainer.batch_size=64", "model=smes", "model.num_experts=4", "model.expert_hidden=[16]",
+            "model.embedding_dim=4", "logger=none", "trainer.progress=false", "trainer.steps=5")  # fmt: skip
+    src = tmp_path / "w2ep2"
+    checked(launch(src, *smes, "parallel.ep=2", nproc=2))
+    ckpt = src / "checkpoints" / "step_00000005"
+    ref = summary(src)
+    assert ref["ep_size"] == 2
+    for world, ep in ((1, 1), (4, 2)):
+        dst = tmp_path / f"w{world}ep{ep}"
+        checked(launch(dst, *smes, f"parallel.ep={ep}", f"trainer.resume={ckpt}", nproc=world))
+        s = summary(dst)
+        assert s["world_size"] == world and s["ep_size"] == ep and s["resumed_at_step"] == 5
+        for task, metrics in ref["eval"].items():
+            assert s["eval"][task]["auc"] == pytest.approx(metrics["auc"], abs=1e-6), (world, ep, task)
+            assert s["eval"][task]["ne"] == pytest.approx(metrics["ne"], rel=1e-5), (world, ep, task)

@@ -1,0 +1,73 @@
+"""Dispatch: run the plan's deduplicated (instance, expert) pairs through the experts.
+
+The SMES layer only ever calls `layer.dispatcher(x_BD, plan) -> y_NH`, whose rows are
+aligned with the plan's pairs (`plan.pair_instance_N`, `plan.pair_expert_N`,
+expert-contiguous). Mixing per task happens in the layer, not here.
+
+`LocalDispatcher` is the single-process implementation: gather the rows, one grouped
+matmul, done. Expert parallelism (`parallel/`) replaces it by assigning another module
+with the same `forward` to `SMESLayer.dispatcher`; that module owns the local slice of
+the experts as its `experts` attribute, so expert parameters are always found under
+`<layer>.dispatcher.experts.` (and `SMESLayer.experts` reads through to it).
+
+Phases (Megatron-style, no communication in `dispatch` / `combine` of this class; an
+all-to-all subclass puts its collectives between them):
+
+1. `dispatch(x_BD, plan) -> (routed_x_ND, counts_e, metadata)`: rows for the local
+   experts, expert-contiguous, and how many rows each local expert owns.
+2. `experts(routed_x_ND, counts_e) -> y_NH`: grouped matmul.
+3. `combine(y_NH, metadata) -> y_NH` in plan pair order.
+
+Dense plans (`plan.dense`, all B*E pairs in `[E, B]` order) take a shortcut here:
+`experts.forward_dense(x_BD)` computes the same rows with a batched matmul and no
+gather. A dispatcher that does not special-case dense plans stays correct, just slower.
+
+Legend: B instances, D input width, E experts, e local experts, N pairs, H expert
+output width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from model.moe.experts import GroupedExperts
+from model.moe.router import RoutingPlan
+
+
+class Dispatcher(Protocol):
+    """What `SMESLayer` needs from its `dispatcher` attribute."""
+
+    experts: GroupedExperts
+
+    def __call__(self, x_BD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor: ...
+
+
+class LocalDispatcher(nn.Module):
+    """All E experts on this process.
+
+    Args:
+        experts: the experts (all of them, `experts.num_experts == plan.num_experts`).
+    """
+
+    def __init__(self, experts: GroupedExperts) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def dispatch(self, x_BD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Gather the pair rows: `(routed_x_ND, counts_E, metadata=None)`."""
+        return x_BD.index_select(0, plan.pair_instance_N), plan.counts_E, None
+
+    def combine(self, y_NH: torch.Tensor, metadata: Any) -> torch.Tensor:
+        """Identity: rows are already in plan pair order."""
+        return y_NH
+
+    def forward(self, x_BD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Expert outputs of the plan's pairs: `[N, H]`, aligned with `plan.pair_*_N`."""
+        if plan.dense:
+            y_EBH = self.experts.forward_dense(x_BD)
+            return y_EBH.reshape(-1, y_EBH.shape[-1])
+        routed_x_ND, counts_E, metadata = self.dispatch(x_BD, plan)
+        return self.combine(self.experts(routed_x_ND, counts_E), metadata)

@@ -1,0 +1,249 @@
+"""SMES core: progressive sparse expert routing with deduplicated grouped execution.
+
+Follows "Towards Scalable Multi-Task Recommendation via Expert Sparsity" (SMES,
+arXiv 2602.09386; DESIGN section 3). One `SMESLayer` does, per step:
+
+    router -> RoutingPlan -> dispatcher(x_BD, plan) -> y_NH -> per-task mix -> [B, T, H]
+
+- Routing: `progressive` (SMES), `independent` or `dense`, see `model.moe.router`.
+- Execution: each instance's union U of task sets is computed once; the pairs are
+  expert-contiguous and run as one grouped matmul (`model.moe.experts`). Expert cost
+  follows sum |U|, not E (the router and selection are O(B*T*E), which is small).
+- Balance: `beta * E * sum_e f_e P_e` pooled over tasks (`model.moe.losses`), with
+  f_e from no-grad selection counts; optional z-loss and selection bias.
+
+Hooks for `parallel/` and the trainer (model/ never imports torch.distributed):
+
+- `SMESLayer.dispatcher`: swappable module, `dispatcher(x_BD, plan) -> y_NH`; it owns
+  the experts (`dispatcher.experts`). See `model.moe.dispatch`.
+- `SMESLayer.count_reducer: Callable[[Tensor], Tensor] | None`: applied to a detached
+  copy of the pooled selection counts `[E]` before `f` is formed (balance loss) and
+  before the bias update; e.g. an all-reduce(SUM) over the data-parallel group. It is
+  called on every forward with a balance loss, so it must be called by all ranks
+  alike (it is, since every rank runs the same forward). None means local counts.
+- `SMESLayer.update_bias()` / `SMES.update_bias()`: the trainer calls it after the
+  optimizer step when `bias_balance` is on. Training forwards accumulate pooled
+  selection counts in the non-persistent buffer `bias_counts_E`; `update_bias`
+  reduces them through `count_reducer`, moves the persistent buffer `expert_bias_E`
+  by `bias_update_rate * sign(mean - count)` and clears the accumulator. The bias
+  shifts the selection scores only, never the mixing weights, and gets no gradient.
+
+`CoreOutput.load` is an `ExpertLoad` with *local* counts (the trainer all-reduces
+for its logs); `active_sum` / `active_max` count the pairs actually executed.
+
+Legend: B instances, D input width, E experts, T tasks, K experts per task,
+N executed (instance, expert) pairs, H expert output width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from model.core import CoreOutput, ExpertLoad
+from model.moe.dispatch import LocalDispatcher
+from model.moe.experts import GROUPED_BACKENDS, GroupedExperts
+from model.moe.losses import balance_loss, bias_update, router_z_loss
+from model.moe.router import ROUTING_MODES, Router, RoutingPlan, selection_counts
+
+
+@dataclass(kw_only=True)
+class SMESConfig:
+    """SMES core. Defaults where the paper is silent are recorded per field.
+
+    Attributes:
+        name: registry key.
+        num_experts: E, experts in the pool (default 16: the smallest pool in which
+            K_s + T*K_a is well below E for the 2-8 task setups here).
+        num_shared: K_s, Stage I task-shared experts per instance (default 2).
+        num_adaptive: K_a, Stage II task-adaptive experts per task (default 1).
+        routing: `progressive` (SMES), `independent` (per-task top-(K_s+K_a)) or
+            `dense` (every expert, MMoE-like), for comparison.
+        expert_hidden: expert MLP widths, ReLU after each (default [256, 128], the
+            same expert as the MMoE/PLE baselines).
+        task_weights: Stage I weights w_t, one per task in task order (default None =
+            uniform 1/T). Not renormalised.
+        balance_beta: beta of the global balance loss (default 0.01, the Switch value;
+            0 disables the term).
+        z_loss_coef: router z-loss coefficient (default 0 = off; 1e-3 in ST-MoE).
+        bias_balance: aux-loss-free balancing with a selection bias (default off).
+        bias_update_rate: bias step per `update_bias()` call (default 1e-3, DeepSeek-V3).
+        capacity_factor: None = dropless (default); else each expert keeps at most
+            `ceil(capacity_factor * N / E)` pairs per batch, where N is the number of
+            deduplicated pairs.
+        grouped_backend: `auto`, `grouped_mm` or `loop`, see `model.moe.experts`.
+    """
+
+    name: str = "smes"
+    num_experts: int = 16
+    num_shared: int = 2
+    num_adaptive: int = 1
+    routing: str = "progressive"
+    expert_hidden: list[int] = field(default_factory=lambda: [256, 128])
+    task_weights: list[float] | None = None
+    balance_beta: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_balance: bool = False
+    bias_update_rate: float = 1e-3
+    capacity_factor: float | None = None
+    grouped_backend: str = "auto"
+
+
+def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
+    """Raise `ValueError` naming the offending key."""
+    if cfg.routing not in ROUTING_MODES:
+        raise ValueError(f"model.routing must be one of {ROUTING_MODES}, got {cfg.routing!r}")
+    if cfg.num_experts < 1:
+        raise ValueError(f"model.num_experts must be >= 1, got {cfg.num_experts}")
+    if cfg.num_shared < 0 or cfg.num_adaptive < 0:
+        raise ValueError("model.num_shared and model.num_adaptive must be >= 0")
+    if cfg.routing != "dense" and cfg.num_shared + cfg.num_adaptive < 1:
+        raise ValueError("model.num_shared + model.num_adaptive must be >= 1")
+    if cfg.num_shared + cfg.num_adaptive > cfg.num_experts:
+        raise ValueError(
+            f"model.num_shared + model.num_adaptive > model.num_experts "
+            f"({cfg.num_shared} + {cfg.num_adaptive} > {cfg.num_experts})"
+        )
+    if not cfg.expert_hidden or min(cfg.expert_hidden) < 1:
+        raise ValueError(f"model.expert_hidden must be a non-empty list of widths, got {cfg.expert_hidden}")
+    if cfg.task_weights is not None and (len(cfg.task_weights) != num_tasks or min(cfg.task_weights) < 0):
+        raise ValueError(
+            f"model.task_weights must hold {num_tasks} non-negative weights, got {cfg.task_weights}"
+        )
+    if cfg.balance_beta < 0 or cfg.z_loss_coef < 0:
+        raise ValueError("model.balance_beta and model.z_loss_coef must be >= 0")
+    if cfg.bias_update_rate <= 0:
+        raise ValueError(f"model.bias_update_rate must be > 0, got {cfg.bias_update_rate}")
+    if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
+        raise ValueError(f"model.capacity_factor must be > 0 or null, got {cfg.capacity_factor}")
+    if cfg.grouped_backend not in GROUPED_BACKENDS:
+        raise ValueError(
+            f"model.grouped_backend must be one of {GROUPED_BACKENDS}, got {cfg.grouped_backend!r}"
+        )
+
+
+def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan, *, pad: bool) -> torch.Tensor:
+    """Per-task weighted sum of the pair outputs: `[N, H] -> [B, T, H]`.
+
+    Args:
+        pad: append a zero row (index N) for the slots of dropped pairs.
+    """
+    if plan.dense:
+        E, B = plan.num_experts, plan.weights_BTK.shape[0]
+        return torch.einsum("bte,ebh->bth", plan.weights_BTK, y_NH.view(E, B, -1))
+    if pad:
+        y_NH = torch.cat([y_NH, y_NH.new_zeros(1, y_NH.shape[1])])
+    return torch.einsum("btk,btkh->bth", plan.weights_BTK, y_NH[plan.pair_index_BTK])
+
+
+class SMESLayer(nn.Module):
+    """Router + swappable dispatcher (owning the experts) + per-task mixing.
+
+    Args:
+        cfg: validated `SMESConfig`.
+        in_dim: D.
+        num_tasks: T.
+    """
+
+    def __init__(self, cfg: SMESConfig, *, in_dim: int, num_tasks: int) -> None:
+        super().__init__()
+        E = cfg.num_experts
+        self.num_experts, self.num_tasks = E, num_tasks
+        self.balance_beta, self.z_loss_coef = cfg.balance_beta, cfg.z_loss_coef
+        self.bias_balance, self.bias_update_rate = cfg.bias_balance, cfg.bias_update_rate
+        self.capacity_factor = cfg.capacity_factor
+        task_weights = cfg.task_weights if cfg.task_weights is not None else [1.0 / num_tasks] * num_tasks
+        self.router = Router(
+            in_dim,
+            num_experts=E,
+            num_tasks=num_tasks,
+            num_shared=cfg.num_shared,
+            num_adaptive=cfg.num_adaptive,
+            routing=cfg.routing,
+            task_weights=list(task_weights),
+            capacity_factor=cfg.capacity_factor,
+        )
+        experts = GroupedExperts(E, in_dim, list(cfg.expert_hidden), backend=cfg.grouped_backend)
+        self.dispatcher: nn.Module = LocalDispatcher(experts)
+        self.out_dim = experts.out_dim
+        self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.register_buffer("expert_bias_E", torch.zeros(E))
+        self.register_buffer("bias_counts_E", torch.zeros(E), persistent=False)
+
+    @property
+    def experts(self) -> GroupedExperts:
+        return self.dispatcher.experts
+
+    def _reduced(self, counts_E: torch.Tensor) -> torch.Tensor:
+        counts_E = counts_E.detach().clone()
+        return counts_E if self.count_reducer is None else self.count_reducer(counts_E)
+
+    def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], ExpertLoad]:
+        """`x_BD -> (out_BTH, aux_losses (weighted), ExpertLoad)`."""
+        plan = self.router(x_BD, self.expert_bias_E if self.bias_balance else None)
+        y_NH = self.dispatcher(x_BD, plan)
+        out_BTH = mix_tasks(y_NH, plan, pad=self.capacity_factor is not None and not plan.dense)
+        with torch.no_grad():
+            counts_TE = selection_counts(plan.experts_BTK, self.num_experts)
+            if self.training and self.bias_balance:
+                self.bias_counts_E += counts_TE.sum(0)
+        aux: dict[str, torch.Tensor] = {}
+        if self.balance_beta > 0:
+            aux["balance"] = self.balance_beta * balance_loss(plan.probs_BTE, self._reduced(counts_TE.sum(0)))
+        if self.z_loss_coef > 0:
+            aux["z_loss"] = self.z_loss_coef * router_z_loss(plan.logits_BTE)
+        return out_BTH, aux, self._load(plan, counts_TE)
+
+    @torch.no_grad()
+    def _load(self, plan: RoutingPlan, counts_TE: torch.Tensor) -> ExpertLoad:
+        B = plan.probs_BTE.shape[0]
+        if plan.dense:
+            active_max = torch.tensor(float(self.num_experts))
+        else:
+            active_max = torch.bincount(plan.pair_instance_N, minlength=B).max().float()
+        return ExpertLoad(
+            counts_TE=counts_TE,
+            active_sum=torch.tensor(float(plan.num_pairs)),
+            active_max=active_max,
+            num_instances=torch.tensor(float(B)),
+            dropped_pairs=plan.num_dropped.float(),
+        )
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing step; call after the optimizer step (all ranks)."""
+        if not self.bias_balance:
+            return
+        counts_E = self._reduced(self.bias_counts_E)
+        if float(counts_E.sum()) > 0:
+            self.expert_bias_E += bias_update(counts_E, rate=self.bias_update_rate).to(self.expert_bias_E)
+        self.bias_counts_E.zero_()
+
+
+class SMES(nn.Module):
+    """SMES multi-task core: `x_BD -> CoreOutput` (same interface as MMoE).
+
+    Args:
+        cfg: `SMESConfig`.
+        in_dim: D.
+        tasks: task names (order = router / task_weights order).
+    """
+
+    def __init__(self, cfg: SMESConfig, *, in_dim: int, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        validate_smes_config(cfg, num_tasks=len(tasks))
+        self.tasks = tuple(tasks)
+        self.layer = SMESLayer(cfg, in_dim=in_dim, num_tasks=len(tasks))
+        self.out_dim = self.layer.out_dim
+
+    def forward(self, x_BD: torch.Tensor) -> CoreOutput:
+        out_BTH, aux, load = self.layer(x_BD)
+        reprs = {t: out_BTH[:, i] for i, t in enumerate(self.tasks)}
+        return CoreOutput(task_reprs=reprs, aux_losses=aux, load=load)
+
+    def update_bias(self) -> None:
+        """See `SMESLayer.update_bias`."""
+        self.layer.update_bias()

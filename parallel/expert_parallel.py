@@ -1,0 +1,280 @@
+"""Expert parallelism: experts sharded over ranks, tokens moved by all-to-all.
+
+Mesh (DESIGN section 5). World W, expert-parallel size `ep` (divides W and E):
+
+- data parallel: all W ranks (dense parameters by DDP, balance counts all-reduced);
+- expert-parallel groups: consecutive ranks `[g*ep, (g+1)*ep)`; inside one, rank with
+  local index j owns experts `[j*E/ep, (j+1)*E/ep)`;
+- expert-data-parallel groups: ranks holding the same experts, `{j, j+ep, j+2ep, ...}`
+  (size W/ep); expert gradients are all-reduced only there.
+
+Dispatch (`AllToAllDispatcher`, replacing `LocalDispatcher` on every SMES layer): the
+routing plan's deduplicated pairs are already expert-contiguous, hence sorted by owner.
+Per step: exchange per-expert pair counts (one small all-to-all), send the pair rows
+with an uneven `all_to_all_single`, reorder the received rows to expert-contiguous order,
+run the local experts as one grouped matmul, undo the reordering, send the outputs back
+with the reverse all-to-all. Both all-to-alls are the autograd versions
+(`torch.distributed.nn.functional.all_to_all_single`), so gradients flow back through
+them to the source ranks.
+
+Gradient scale: every rank's loss is the mean over its local batch and DDP averages
+dense gradients over W. An expert's gradient on its owner holds the sum of the
+contributions of its expert-parallel group's ranks; the expert-data-parallel
+all-reduce sums over the groups, and dividing by W gives the gradient of the global
+mean loss, the same as single-process training on the concatenated batch.
+
+Legend: B local batch, D input width, H expert output width, E experts, L = E/ep
+local experts, N pairs sent by this rank, M pairs received, P = ep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from model.moe.dispatch import LocalDispatcher
+from model.moe.experts import GroupedExperts
+from model.moe.router import RoutingPlan
+from model.smes import SMESLayer
+
+
+@dataclass
+class ExpertMesh:
+    """Process groups of this rank (every rank builds every group, as c10d requires)."""
+
+    world_size: int
+    ep: int
+    rank: int
+    ep_group: dist.ProcessGroup | None
+    edp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None = None  # None = WORLD
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def edp_size(self) -> int:
+        return self.world_size // self.ep
+
+
+def check_ep(ep: int, world_size: int, num_experts: int | None) -> None:
+    """Start-up check: `ep` must divide the world size and the expert count."""
+    if ep < 1:
+        raise ValueError(f"parallel.ep must be >= 1, got {ep}")
+    if world_size % ep:
+        raise ValueError(f"parallel.ep={ep} must divide the world size {world_size}")
+    if num_experts is not None and num_experts % ep:
+        raise ValueError(f"parallel.ep={ep} must divide model.num_experts={num_experts}")
+
+
+def build_mesh(ep: int) -> ExpertMesh:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    check_ep(ep, world, None)
+    ep_group = edp_group = None
+    for g in range(world // ep):
+        ranks = list(range(g * ep, (g + 1) * ep))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            ep_group = group
+    for j in range(ep):
+        ranks = list(range(j, world, ep))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            edp_group = group
+    return ExpertMesh(world_size=world, ep=ep, rank=rank, ep_group=ep_group, edp_group=edp_group)
+
+
+@dataclass
+class A2AStats:
+    """Bytes this rank put on the wire in the dispatcher's all-to-alls (rows kept on the
+    rank itself are not counted), forward and backward, since the last `reset`."""
+
+    bytes_sent: int = 0
+    rows_sent: int = 0
+    calls: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.bytes_sent = self.rows_sent = self.calls = 0
+
+
+class _CountBytes(torch.autograd.Function):
+    """Identity that adds the backward all-to-all's remote bytes to the stats."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stats: A2AStats, remote_rows: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.stats, ctx.remote_rows = stats, remote_rows
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ctx.stats.bytes_sent += ctx.remote_rows * grad.shape[-1] * grad.element_size()
+        return grad, None, None
+
+
+class AllToAllDispatcher(nn.Module):
+    """`dispatcher(x_BD, plan) -> y_NH` with this rank's L experts and all-to-all moves.
+
+    Args:
+        experts: the local experts (`L = E / ep` of them, global ids
+            `[ep_rank*L, (ep_rank+1)*L)`).
+        mesh: the process groups.
+        num_experts: E.
+    """
+
+    def __init__(self, experts: GroupedExperts, mesh: ExpertMesh, num_experts: int) -> None:
+        super().__init__()
+        self.experts = experts
+        self.mesh = mesh
+        self.num_experts = num_experts
+        self.num_local = num_experts // mesh.ep
+        self.stats = A2AStats()
+
+    def forward(self, x_BD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        P, L = self.mesh.ep, self.num_local
+        group = self.mesh.ep_group
+        me = self.mesh.ep_rank
+        # 1. how many pairs go to each (owner, local expert); owners learn what arrives
+        send_counts_PL = plan.counts_E.view(P, L).to(torch.int64)
+        recv_counts_PL = torch.empty_like(send_counts_PL)
+        dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=group)
+        send_splits = send_counts_PL.sum(1).tolist()
+        recv_splits = recv_counts_PL.sum(1).tolist()
+        # 2. pair rows to their owners (expert-contiguous = owner-contiguous)
+        x_ND = x_BD.index_select(0, plan.pair_instance_N)
+        x_MD = self._exchange(x_ND, recv_splits, send_splits, group, me)
+        # 3. received rows are [source][expert]-ordered; make them expert-contiguous
+        expert_of_row = torch.arange(L, device=x_BD.device).repeat(P).repeat_interleave(recv_counts_PL.flatten())
+        order_M = torch.argsort(expert_of_row, stable=True)
+        y_sorted = self.experts(x_MD.index_select(0, order_M), recv_counts_PL.sum(0))
+        y_MH = torch.empty_like(y_sorted).index_copy(0, order_M, y_sorted)
+        # 4. outputs back to the source ranks, in plan pair order
+        return self._exchange(y_MH, send_splits, recv_splits, group, me)
+
+    def _exchange(
+        self,
+        x: torch.Tensor,
+        out_splits: list[int],
+        in_splits: list[int],
+        group: dist.ProcessGroup | None,
+        me: int,
+    ) -> torch.Tensor:
+        remote_in = sum(in_splits) - in_splits[me]
+        remote_out = sum(out_splits) - out_splits[me]
+        row_bytes = x.shape[-1] * x.element_size()
+        self.stats.bytes_sent += remote_in * row_bytes
+        self.stats.rows_sent += remote_in
+        self.stats.calls += 1
+        out = torch.empty((sum(out_splits), x.shape[-1]), dtype=x.dtype, device=x.device)
+        # the backward of this all-to-all sends `remote_out` gradient rows
+        y = dist_fn.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        return _CountBytes.apply(y, self.stats, remote_out)
+
+
+def smes_layers(model: nn.Module) -> list[SMESLayer]:
+    return [m for m in model.modules() if isinstance(m, SMESLayer)]
+
+
+def apply_expert_parallel(model: nn.Module, mesh: ExpertMesh) -> list[str]:
+    """Shard every SMES layer's experts over the EP group and make its balance counts
+    global. Returns the names of the expert parameters (to keep them out of DDP)."""
+    layers = smes_layers(model)
+    if mesh.ep > 1 and not layers:
+        raise ValueError("parallel.ep > 1 needs a sparse MoE core (model=smes)")
+
+    def reduce_counts(counts: torch.Tensor) -> torch.Tensor:
+        if mesh.world_size > 1:
+            dist.all_reduce(counts, group=mesh.dp_group)  # in place, no grad
+        return counts
+
+    for layer in layers:
+        layer.count_reducer = reduce_counts
+        if mesh.ep == 1:
+            continue
+        full = layer.dispatcher.experts
+        assert isinstance(layer.dispatcher, LocalDispatcher)
+        check_ep(mesh.ep, mesh.world_size, full.num_experts)
+        L = full.num_experts // mesh.ep
+        lo = mesh.ep_rank * L
+        local = GroupedExperts.from_stacked(
+            [w.detach()[lo : lo + L] for w in full.weights],
+            [b.detach()[lo : lo + L] for b in full.biases],
+            backend=full.backend,
+        )
+        layer.dispatcher = AllToAllDispatcher(local, mesh, full.num_experts)
+    if mesh.ep == 1:  # replicated experts: plain DDP parameters
+        return []
+    return [n for n, _ in model.named_parameters() if ".dispatcher.experts." in n]
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".dispatcher.experts." in n]
+
+
+@torch.no_grad()
+def sync_expert_grads(params: list[nn.Parameter], mesh: ExpertMesh) -> None:
+    """After backward: expert gradients -> gradient of the global mean loss (see module doc)."""
+    if mesh.world_size == 1 or mesh.ep == 1:
+        return
+    for p in params:  # every rank must reduce the same buffer, even if no row reached it
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if mesh.edp_size > 1:
+        dist.all_reduce(flat, group=mesh.edp_group)
+    flat /= mesh.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def a2a_stats(model: nn.Module) -> list[A2AStats]:
+    return [layer.dispatcher.stats for layer in smes_layers(model) if isinstance(layer.dispatcher, AllToAllDispatcher)]
+
+
+def checkpoint_view(state: dict, mesh: ExpertMesh | None, _cache: dict = {}) -> dict:  # noqa: B006
+    """The state dict with local expert slices wrapped as DTensors (for DCP).
+
+    Each rank holds `[E/ep, ...]` slices of the expert tensors (and of their optimizer
+    state). Wrapped over a `(W/ep, ep)` device mesh with placements
+    `[Replicate(), Shard(0)]`, DCP sees their global `[E, ...]` shape, so a checkpoint
+    written under one (world, ep) loads under any other. The wrappers share storage
+    with the live tensors, so loading writes into them in place.
+    """
+    if mesh is None or mesh.ep == 1:
+        return state
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    key = (mesh.world_size, mesh.ep)
+    if key not in _cache:
+        _cache[key] = init_device_mesh("cpu", (mesh.world_size // mesh.ep, mesh.ep), mesh_dim_names=("edp", "ep"))
+    device_mesh = _cache[key]
+    placements = [Replicate(), Shard(0)]
+
+    def wrap(name: str, value: object) -> object:
+        if isinstance(value, dict):
+            return {k: wrap(f"{name}.{k}", v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and ".dispatcher.experts." in name and value.dim() > 0:
+            shape = (value.shape[0] * mesh.ep, *value.shape[1:])
+            return DTensor.from_local(
+                value, device_mesh, placements, run_check=False, shape=shape, stride=_strides(shape)
+            )
+        return value
+
+    return {k: wrap(k, v) for k, v in state.items()}
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))

@@ -1,0 +1,63 @@
+"""`check_dataset` stops what no source should let through, naming split, column and row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data.columns import Dataset, SparseColumn, Split, check_dataset
+from data.spec import DatasetSpec, SparseFeature
+
+SPEC = DatasetSpec(
+    name="tiny",
+    sparse=(
+        SparseFeature(name="a", num_embeddings=5),
+        SparseFeature(name="b", num_embeddings=3, multi_hot=True),
+    ),
+    dense_names=("d",),
+    tasks=("y",),
+    has_user_id=False,
+)
+
+
+def split() -> Split:
+    return Split(
+        dense=np.zeros((4, 1), dtype=np.float32),
+        sparse={
+            "a": SparseColumn.single_hot(np.array([0, 1, 2, 4])),
+            "b": SparseColumn.from_lists([[1, 2], [], [0], [2]]),
+        },
+        labels={"y": np.array([0, 1, 0, 1], dtype=np.float32)},
+    )
+
+
+def dataset(**changes) -> Dataset:
+    test = split()
+    for k, v in changes.items():
+        setattr(test, k, v)
+    return Dataset(spec=SPEC, train=split(), val=split(), test=test)
+
+
+def test_clean_dataset_passes() -> None:
+    check_dataset(dataset())
+
+
+def test_id_beyond_table_size() -> None:
+    bad = {
+        "a": SparseColumn.single_hot(np.array([0, 1, 2, 4])),
+        "b": SparseColumn.from_lists([[1, 2], [], [3], [2]]),
+    }
+    with pytest.raises(ValueError, match=r"tiny/test: row 2, feature 'b': id 3 outside the table \[0, 3\)"):
+        check_dataset(dataset(sparse=bad))
+
+
+def test_non_finite_dense() -> None:
+    dense = np.zeros((4, 1), dtype=np.float32)
+    dense[3, 0] = np.inf
+    with pytest.raises(ValueError, match="row 3, dense column 'd'"):
+        check_dataset(dataset(dense=dense))
+
+
+def test_label_outside_binary() -> None:
+    with pytest.raises(ValueError, match=r"row 1, task 'y': label 2.0"):
+        check_dataset(dataset(labels={"y": np.array([0, 2, 0, 1], dtype=np.float32)}))
