@@ -127,18 +127,17 @@ class ExpertBank(nn.Module):
             nn.init.uniform_(w_MDH, -bound, bound)
             nn.init.uniform_(b_MH, -bound, bound)
         self.norm = nn.BatchNorm1d(num_experts * hidden[-1]) if num_experts else None
-        self.gate_a_MDR = self.gate_b_MRD = None
+        self.gate_a_MDR: nn.Parameter | None = None
+        self.gate_b_MRD: nn.Parameter | None = None
         if feature_gate_rank > 0 and num_experts:
-            self.gate_a_MDR = nn.Parameter(
-                torch.randn(num_experts, in_dim, feature_gate_rank) / math.sqrt(in_dim)
-            )
+            self.gate_a_MDR = nn.Parameter(torch.randn(num_experts, in_dim, feature_gate_rank) / math.sqrt(in_dim))
             self.gate_b_MRD = nn.Parameter(torch.zeros(num_experts, feature_gate_rank, in_dim))
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         M, B = self.num_experts, x_BD.shape[0]
         if M == 0:
             return x_BD.new_zeros(0, B, self.out_dim)
-        if self.gate_a_MDR is not None:
+        if self.gate_a_MDR is not None and self.gate_b_MRD is not None:
             low_MBR = torch.matmul(x_BD, self.gate_a_MDR)
             h_MBD = x_BD * 2 * torch.sigmoid(torch.bmm(low_MBR, self.gate_b_MRD))
         else:
@@ -149,12 +148,13 @@ class ExpertBank(nn.Module):
             if i < last:
                 h_MBD = torch.relu(h_MBD)
         H = self.out_dim
+        assert self.norm is not None
         h_BX = self.norm(h_MBD.transpose(0, 1).reshape(B, M * H))
         return F.silu(h_BX).view(B, M, H).transpose(0, 1)
 
 
 def gate_mix(
-    gate: nn.Linear, gate_in_BD: torch.Tensor, experts_MBH: torch.Tensor, *, sigmoid_if_single: bool = False
+    gate: nn.Module, gate_in_BD: torch.Tensor, experts_MBH: torch.Tensor, *, sigmoid_if_single: bool = False
 ) -> torch.Tensor:
     """Gated mixture over the bank dimension: `[M, B, H] -> [B, H]`.
 

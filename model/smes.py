@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -110,9 +111,7 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
     if not cfg.expert_hidden or min(cfg.expert_hidden) < 1:
         raise ValueError(f"model.expert_hidden must be a non-empty list of widths, got {cfg.expert_hidden}")
     if cfg.task_weights is not None and (len(cfg.task_weights) != num_tasks or min(cfg.task_weights) < 0):
-        raise ValueError(
-            f"model.task_weights must hold {num_tasks} non-negative weights, got {cfg.task_weights}"
-        )
+        raise ValueError(f"model.task_weights must hold {num_tasks} non-negative weights, got {cfg.task_weights}")
     if cfg.balance_beta < 0 or cfg.z_loss_coef < 0:
         raise ValueError("model.balance_beta and model.z_loss_coef must be >= 0")
     if cfg.bias_update_rate <= 0:
@@ -120,27 +119,35 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
     if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
         raise ValueError(f"model.capacity_factor must be > 0 or null, got {cfg.capacity_factor}")
     if cfg.grouped_backend not in GROUPED_BACKENDS:
-        raise ValueError(
-            f"model.grouped_backend must be one of {GROUPED_BACKENDS}, got {cfg.grouped_backend!r}"
-        )
+        raise ValueError(f"model.grouped_backend must be one of {GROUPED_BACKENDS}, got {cfg.grouped_backend!r}")
 
 
-def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan, *, pad: bool) -> torch.Tensor:
+def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Per-task weighted sum of the pair outputs: `[N, H] -> [B, T, H]`.
 
-    Args:
-        pad: append a zero row (index N) for the slots of dropped pairs.
+    Sparse plans: the pair rows are copied once into a padded per-instance table
+    `[B, U, H]` (U = `plan.num_slots`, at most K_s + T*K_a for progressive routing) and
+    every task's weights are scattered into `[B, T, U]`; one batched matmul mixes. This
+    moves `N*H` values instead of gathering `B*T*K*H` and scatter-adding them back in
+    backward. Dense plans mix `y_NH` viewed as `[E, B, H]` with one einsum.
     """
+    B = plan.weights_BTK.shape[0]
     if plan.dense:
-        E, B = plan.num_experts, plan.weights_BTK.shape[0]
-        return torch.einsum("bte,ebh->bth", plan.weights_BTK, y_NH.view(E, B, -1))
-    if pad:
-        y_NH = torch.cat([y_NH, y_NH.new_zeros(1, y_NH.shape[1])])
-    return torch.einsum("btk,btkh->bth", plan.weights_BTK, y_NH[plan.pair_index_BTK])
+        return torch.einsum("bte,ebh->bth", plan.weights_BTK, y_NH.view(plan.num_experts, B, -1))
+    U, H = plan.num_slots, y_NH.shape[1]
+    rows_N = plan.pair_instance_N * U + plan.pair_slot_N
+    # in place on a fresh buffer: the out-of-place index_copy would clone it once more
+    table_BUH = y_NH.new_zeros(B * U, H).index_copy_(0, rows_N, y_NH).view(B, U, H)
+    w_BTU = plan.weights_BTK.new_zeros(B, plan.weights_BTK.shape[1], U)
+    w_BTU = w_BTU.scatter(-1, plan.slot_BTK, plan.weights_BTK)
+    return torch.bmm(w_BTU, table_BUH)
 
 
 class SMESLayer(nn.Module):
     """Router + swappable dispatcher (owning the experts) + per-task mixing.
+
+    Attributes (besides submodules): `count_reducer`, `expert_bias_E` (persistent
+    buffer), `bias_counts_E` (non-persistent accumulator); see the module docstring.
 
     Args:
         cfg: validated `SMESConfig`.
@@ -170,12 +177,15 @@ class SMESLayer(nn.Module):
         self.dispatcher: nn.Module = LocalDispatcher(experts)
         self.out_dim = experts.out_dim
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.expert_bias_E: torch.Tensor
+        self.bias_counts_E: torch.Tensor
         self.register_buffer("expert_bias_E", torch.zeros(E))
         self.register_buffer("bias_counts_E", torch.zeros(E), persistent=False)
 
     @property
     def experts(self) -> GroupedExperts:
-        return self.dispatcher.experts
+        """The experts this process holds, owned by the dispatcher (all E when local)."""
+        return cast(GroupedExperts, self.dispatcher.experts)
 
     def _reduced(self, counts_E: torch.Tensor) -> torch.Tensor:
         counts_E = counts_E.detach().clone()
@@ -185,7 +195,7 @@ class SMESLayer(nn.Module):
         """`x_BD -> (out_BTH, aux_losses (weighted), ExpertLoad)`."""
         plan = self.router(x_BD, self.expert_bias_E if self.bias_balance else None)
         y_NH = self.dispatcher(x_BD, plan)
-        out_BTH = mix_tasks(y_NH, plan, pad=self.capacity_factor is not None and not plan.dense)
+        out_BTH = mix_tasks(y_NH, plan)
         with torch.no_grad():
             counts_TE = selection_counts(plan.experts_BTK, self.num_experts)
             if self.training and self.bias_balance:
@@ -199,16 +209,16 @@ class SMESLayer(nn.Module):
 
     @torch.no_grad()
     def _load(self, plan: RoutingPlan, counts_TE: torch.Tensor) -> ExpertLoad:
-        B = plan.probs_BTE.shape[0]
-        if plan.dense:
-            active_max = torch.tensor(float(self.num_experts))
+        B, device = plan.probs_BTE.shape[0], counts_TE.device
+        if plan.dense or plan.num_pairs == 0:
+            active_max = torch.tensor(float(self.num_experts if plan.dense else 0), device=device)
         else:
             active_max = torch.bincount(plan.pair_instance_N, minlength=B).max().float()
         return ExpertLoad(
             counts_TE=counts_TE,
-            active_sum=torch.tensor(float(plan.num_pairs)),
+            active_sum=torch.tensor(float(plan.num_pairs), device=device),
             active_max=active_max,
-            num_instances=torch.tensor(float(B)),
+            num_instances=torch.tensor(float(B), device=device),
             dropped_pairs=plan.num_dropped.float(),
         )
 

@@ -8,17 +8,23 @@ so an expert has the same function as an MMoE expert with the same `hidden`.
 
 Grouped execution (`grouped_linear`): the rows of `x_ND` are sorted by expert and
 `counts_E` says how many rows each expert owns. Backends, measured on the 2-core CPU
-box (N = 20k rows, D = H = 256, forward + backward, E in {8, 32, 128}):
+box (torch 2.13, 2 threads, N ~ 24k rows, D = H = 256, forward + backward):
 
-- `grouped_mm`: `torch._grouped_mm(x_ND, w_EDH, offs=cumsum(counts))`, which in torch
-  2.13 runs on CPU for fp32/bf16/fp16 with autograd (zero-row groups allowed), plus the
-  bias gathered per row. Needs 16-byte aligned rows (D, H multiples of 4 in fp32);
-  other shapes fall back to `loop`. Within noise of the loop (both within ~1.1-1.4x of one
-  `[N, D] @ [D, H]` matmul of the same FLOPs); needs no host sync.
+- `grouped_mm` (default on CPU): `torch._grouped_mm(x_ND, w_EDH, offs=cumsum(counts))`,
+  which in torch 2.13 runs on CPU for fp32/bf16/fp16 with autograd (zero-row groups
+  allowed), plus the bias expanded per row. Needs 16-byte aligned rows (D, H
+  multiples of 4 in fp32); other shapes fall back to `loop`. No host sync. Reaches
+  0.95 of one `[N, D] @ [D, H]` matmul of the same rows at E = 8 and about 0.7-0.8 at
+  E = 128 (~190 rows per expert; the CPU kernel runs one GEMM per group, and small
+  GEMMs with a fresh weight each are less efficient): see
+  `benchmarks/sparse_scaling.py`, `grouped_fraction_of_ideal`.
 - `loop`: one `addmm` per *active* expert over its contiguous segment (a Python loop
-  over experts, never over instances). Needs `counts.tolist()` (a host sync). Used for
-  dtypes `_grouped_mm` rejects (fp64) and, under `auto`, on CUDA for fp32, where
+  over experts, never over instances). Needs `counts.tolist()` (a host sync). Within
+  noise of `grouped_mm` at E = 8, 5-15% slower at E = 128 in the training step. Used
+  for dtypes `_grouped_mm` rejects (fp64) and, under `auto`, on CUDA for fp32, where
   `_grouped_mm` wants bf16.
+- A padded `bmm` over `[E, max_count, D]` was tried and was no faster than either
+  at E = 8 or 128 (with balanced counts; it wastes FLOPs when counts are skewed).
 
 `auto` (default) picks `grouped_mm` where it is supported, else `loop`.
 

@@ -54,6 +54,11 @@ class RoutingPlan:
             any capacity drop; sums to N.
         pair_index_BTK: long, row of the pair output `y_NH` that slot (b, t, k) reads;
             equals N (a zero row appended by the layer) for a dropped pair.
+        pair_slot_N: long, position of each pair inside its instance's union U (the
+            layer scatters `y_NH` into a padded `[B, num_slots, H]` table with it).
+        slot_BTK: long, that position for every selection; `num_slots - 1` (a slot
+            no pair fills) for a dropped pair.
+        num_slots: max |U| over the batch (+1 when a capacity limit is on).
         num_dropped: long scalar, pairs dropped by the capacity limit (0 = dropless).
         dense: True when the plan holds all B*E pairs in `[E, B]` order, so that
             `y_NH.view(E, B, H)` is valid and the layer mixes with one einsum.
@@ -67,6 +72,9 @@ class RoutingPlan:
     pair_expert_N: torch.Tensor
     counts_E: torch.Tensor
     pair_index_BTK: torch.Tensor
+    pair_slot_N: torch.Tensor
+    slot_BTK: torch.Tensor
+    num_slots: int
     num_dropped: torch.Tensor
     dense: bool
 
@@ -134,6 +142,20 @@ def deduplicate(
     return key_N - pair_expert_N * B, pair_expert_N, counts_E, pair_index.view_as(experts_BTK)
 
 
+def instance_slots(pair_instance_N: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
+    """Rank of every pair among its instance's pairs, and the max pairs per instance."""
+    N = pair_instance_N.shape[0]
+    if N == 0:
+        return pair_instance_N.clone(), 0
+    order_N = torch.argsort(pair_instance_N, stable=True)
+    counts_B = torch.bincount(pair_instance_N, minlength=B)
+    start_B = torch.cumsum(counts_B, 0) - counts_B
+    slot_N = torch.empty_like(pair_instance_N)
+    inst_sorted_N = pair_instance_N[order_N]
+    slot_N[order_N] = torch.arange(N, device=pair_instance_N.device) - start_B[inst_sorted_N]
+    return slot_N, int(counts_B.max())  # host sync: the padded table's width
+
+
 def dense_pairs(
     B: int, T: int, num_experts: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,35 +174,31 @@ def dense_pairs(
 
 
 def apply_capacity(
-    pair_instance_N: torch.Tensor,
     pair_expert_N: torch.Tensor,
     counts_E: torch.Tensor,
     pair_index_BTK: torch.Tensor,
     *,
     capacity_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep at most `ceil(capacity_factor * N / E)` pairs per expert.
 
     Inside an expert the pairs with the lowest instance index are kept (the order the
     plan already has). Slots of dropped pairs point at row N_kept, which the layer
     fills with zeros, so a task simply loses that expert's contribution (its remaining
-    weights are not renormalised, as in Switch). Returns the filtered
-    `(pair_instance_N, pair_expert_N, counts_E, pair_index_BTK, num_dropped)`.
+    weights are not renormalised, as in Switch).
+
+    Returns:
+        `(keep_N, pair_index_BTK, num_dropped)`: the mask of kept pairs, the slot ->
+        kept-row index (N_kept for dropped pairs), and the number dropped.
     """
-    N, E = pair_instance_N.shape[0], counts_E.shape[0]
+    N, E = pair_expert_N.shape[0], counts_E.shape[0]
     capacity = math.ceil(capacity_factor * N / E)
     start_E = torch.cumsum(counts_E, 0) - counts_E
     rank_N = torch.arange(N, device=counts_E.device) - start_E[pair_expert_N]
     keep_N = rank_N < capacity
-    num_kept = int(keep_N.sum())
+    num_kept = keep_N.sum()
     new_index_N = torch.where(keep_N, torch.cumsum(keep_N, 0) - 1, num_kept)
-    return (
-        pair_instance_N[keep_N],
-        pair_expert_N[keep_N],
-        counts_E.clamp(max=capacity),
-        new_index_N[pair_index_BTK],
-        (N - keep_N.sum()),
-    )
+    return keep_N, new_index_N[pair_index_BTK], N - num_kept
 
 
 class Router(nn.Module):
@@ -215,6 +233,7 @@ class Router(nn.Module):
         self.routing, self.capacity_factor = routing, capacity_factor
         # All T routers as one matmul: weight rows are [task0 experts..., task1 ...].
         self.gate = nn.Linear(in_dim, num_tasks * num_experts, bias=False)
+        self.task_weights_T: torch.Tensor
         self.register_buffer("task_weights_T", torch.tensor(task_weights, dtype=torch.float32))
 
     def gating(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -228,9 +247,7 @@ class Router(nn.Module):
         k = self.num_shared + self.num_adaptive
         if self.routing == "progressive":
             w_T = self.task_weights_T.to(scores_BTE.dtype)
-            return select_progressive(
-                scores_BTE, w_T, num_shared=self.num_shared, num_adaptive=self.num_adaptive
-            )
+            return select_progressive(scores_BTE, w_T, num_shared=self.num_shared, num_adaptive=self.num_adaptive)
         if self.routing == "independent":
             return select_independent(scores_BTE, k=k)
         raise ValueError(f"model.routing={self.routing!r} has no sparse selection")
@@ -243,33 +260,45 @@ class Router(nn.Module):
         if self.routing == "dense":
             experts_BTK, inst_N, exp_N, counts_E, index_BTK = dense_pairs(B, T, E, x_BD.device)
             return RoutingPlan(
-                logits_BTE,
-                probs_BTE,
-                experts_BTK,
-                probs_BTE,
-                inst_N,
-                exp_N,
-                counts_E,
-                index_BTK,
+                logits_BTE=logits_BTE,
+                probs_BTE=probs_BTE,
+                experts_BTK=experts_BTK,
+                weights_BTK=probs_BTE,
+                pair_instance_N=inst_N,
+                pair_expert_N=exp_N,
+                counts_E=counts_E,
+                pair_index_BTK=index_BTK,
+                pair_slot_N=exp_N,
+                slot_BTK=experts_BTK,
+                num_slots=E,
                 num_dropped=zero,
                 dense=True,
             )
         experts_BTK = self.select(probs_BTE, bias_E)
         inst_N, exp_N, counts_E, index_BTK = deduplicate(experts_BTK, E)
+        slot_N, num_slots = instance_slots(inst_N, B)
+        slot_BTK = slot_N[index_BTK]
         num_dropped = zero
         if self.capacity_factor is not None:
-            inst_N, exp_N, counts_E, index_BTK, num_dropped = apply_capacity(
-                inst_N, exp_N, counts_E, index_BTK, capacity_factor=self.capacity_factor
+            keep_N, index_BTK, num_dropped = apply_capacity(
+                exp_N, counts_E, index_BTK, capacity_factor=self.capacity_factor
             )
+            slot_BTK = slot_BTK.masked_fill(index_BTK == int(keep_N.sum()), num_slots)
+            num_slots += 1
+            inst_N, exp_N, slot_N = inst_N[keep_N], exp_N[keep_N], slot_N[keep_N]
+            counts_E = torch.bincount(exp_N, minlength=E)
         return RoutingPlan(
-            logits_BTE,
-            probs_BTE,
-            experts_BTK,
-            renormalised_weights(probs_BTE, experts_BTK),
-            inst_N,
-            exp_N,
-            counts_E,
-            index_BTK,
+            logits_BTE=logits_BTE,
+            probs_BTE=probs_BTE,
+            experts_BTK=experts_BTK,
+            weights_BTK=renormalised_weights(probs_BTE, experts_BTK),
+            pair_instance_N=inst_N,
+            pair_expert_N=exp_N,
+            counts_E=counts_E,
+            pair_index_BTK=index_BTK,
+            pair_slot_N=slot_N,
+            slot_BTK=slot_BTK,
+            num_slots=num_slots,
             num_dropped=num_dropped,
             dense=False,
         )

@@ -99,9 +99,7 @@ def test_registered_and_structured_config() -> None:
 def test_home_trains_on_eight_skewed_tasks() -> None:
     tasks = tuple(f"task{i}" for i in range(8))
     groups = {"head": list(tasks[:4]), "tail": list(tasks[4:])}
-    core = HoME(
-        HoMEConfig(expert_hidden=[32], feature_gate_rank=4, task_groups=groups), in_dim=16, tasks=tasks
-    )
+    core = HoME(HoMEConfig(expert_hidden=[32], feature_gate_rank=4, task_groups=groups), in_dim=16, tasks=tasks)
     first, last, aucs = train_core(core, tasks)
     assert last < 0.8 * first, (first, last)
     assert min(aucs) > 0.85, aucs

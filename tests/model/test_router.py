@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from model.moe.router import (
     Router,
-    apply_capacity,
     deduplicate,
+    instance_slots,
     renormalised_weights,
     select_independent,
     select_progressive,
@@ -79,6 +79,11 @@ def test_dedup_plan_is_expert_contiguous_and_consistent(case) -> None:
     # every slot reads its own (instance, expert) pair
     assert torch.equal(exp_N[index_BTK], experts_BTK)
     assert torch.equal(inst_N[index_BTK], torch.arange(B).view(B, 1, 1).expand_as(experts_BTK))
+    # per-instance slots: distinct inside an instance, dense from 0
+    slot_N, num_slots = instance_slots(inst_N, B)
+    assert num_slots == max(len({e for e in experts_BTK[b].flatten().tolist()}) for b in range(B))
+    assert len(set(zip(inst_N.tolist(), slot_N.tolist(), strict=True))) == inst_N.shape[0]
+    assert int(slot_N.min()) == 0 and int(slot_N.max()) == num_slots - 1
     counts_TE = selection_counts(experts_BTK, E)
     assert counts_TE.sum().item() == B * T * (Ks + Ka)
     assert torch.equal(counts_TE.sum(1), torch.full((T,), float(B * (Ks + Ka))))
@@ -119,16 +124,19 @@ def test_selection_bias_changes_selection_not_weights() -> None:
 def test_capacity_drops_beyond_the_limit(factor: float) -> None:
     torch.manual_seed(1)
     B, T, E = 64, 4, 8
-    probs_BTE = torch.softmax(torch.randn(B, T, E) * 2, -1)
-    experts_BTK = select_progressive(probs_BTE, torch.full((T,), 0.25), num_shared=2, num_adaptive=1)
-    inst_N, exp_N, counts_E, index_BTK = deduplicate(experts_BTK, E)
-    N = inst_N.shape[0]
+    kw = dict(num_experts=E, num_tasks=T, num_shared=2, num_adaptive=1, routing="progressive")
+    router = Router(8, **kw, task_weights=[0.25] * T, capacity_factor=factor)
+    x_BD = torch.randn(B, 8) * 3
+    full = Router(8, **kw, task_weights=[0.25] * T)
+    full.load_state_dict(router.state_dict())
+    ref, plan = full(x_BD), router(x_BD)
+    N, N_kept = ref.num_pairs, plan.num_pairs
     capacity = math.ceil(factor * N / E)
-    k_inst, k_exp, k_counts, k_index, dropped = apply_capacity(
-        inst_N, exp_N, counts_E, index_BTK, capacity_factor=factor
-    )
-    assert int(k_counts.max()) <= capacity
-    assert int(dropped) == N - k_inst.shape[0] == int((counts_E - capacity).clamp(min=0).sum())
-    kept = index_BTK_kept = k_index < k_inst.shape[0]
-    assert torch.equal(k_exp[k_index[index_BTK_kept]], experts_BTK[kept])
-    assert int((k_index == k_inst.shape[0]).sum()) >= int(dropped)
+    assert int(plan.counts_E.max()) <= capacity and int(plan.counts_E.sum()) == N_kept
+    assert int(plan.num_dropped) == N - N_kept == int((ref.counts_E - capacity).clamp(min=0).sum())
+    assert plan.num_slots == ref.num_slots + 1
+    kept_BTK = plan.pair_index_BTK < N_kept
+    assert int((~kept_BTK).sum()) >= int(plan.num_dropped)
+    assert torch.equal(plan.pair_expert_N[plan.pair_index_BTK[kept_BTK]], plan.experts_BTK[kept_BTK])
+    assert torch.equal(plan.pair_slot_N[plan.pair_index_BTK[kept_BTK]], plan.slot_BTK[kept_BTK])
+    assert bool((plan.slot_BTK[~kept_BTK] == plan.num_slots - 1).all())

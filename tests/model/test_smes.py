@@ -142,6 +142,14 @@ def test_capacity_drops_and_large_factor_is_dropless() -> None:
     assert out_l.load.dropped_pairs.item() == 0
     for t in TASKS3:
         torch.testing.assert_close(out_l.task_reprs[t], ref.task_reprs[t])
+    # a dropped pair only removes that expert's term (weights not renormalised)
+    plan = tight.layer.router(x_BD)
+    kept_BTK = (plan.pair_index_BTK < plan.num_pairs).float()
+    y_EBH = tight.layer.experts.forward_dense(x_BD)
+    y_BTKH = y_EBH[plan.experts_BTK, torch.arange(64).view(64, 1, 1)]
+    expected_BTH = torch.einsum("btk,btkh->bth", plan.weights_BTK * kept_BTK, y_BTKH)
+    for i, t in enumerate(TASKS3):
+        torch.testing.assert_close(out_t.task_reprs[t], expected_BTH[:, i])
     sum(r.sum() for r in out_t.task_reprs.values()).backward()
 
 
@@ -290,9 +298,7 @@ def auc(score_N: torch.Tensor, label_N: torch.Tensor) -> float:
     return float((ranks[pos].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
 
 
-def train_core(
-    core: torch.nn.Module, tasks: tuple[str, ...], *, steps: int = 120
-) -> tuple[float, float, list]:
+def train_core(core: torch.nn.Module, tasks: tuple[str, ...], *, steps: int = 120) -> tuple[float, float, list]:
     """Train core + linear towers with Adam; returns (first loss, last loss, train AUCs)."""
     torch.manual_seed(0)
     x_ND, y_NT = skewed_tasks(len(tasks))
