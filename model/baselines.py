@@ -109,10 +109,7 @@ class CGCLevel(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         shared_out = [e(shared_BD) for e in self.shared]
         own_out = {t: [e(task_BD[t]) for e in self.task_experts[t]] for t in self.tasks}
-        task_out = {
-            t: _mix(torch.stack(shared_out + own_out[t], dim=1), self.gates[t], task_BD[t])
-            for t in self.tasks
-        }
+        task_out = {t: _mix(torch.stack(shared_out + own_out[t], dim=1), self.gates[t], task_BD[t]) for t in self.tasks}
         if self.shared_gate is None:
             return shared_BD, task_out
         everything = shared_out + [o for t in self.tasks for o in own_out[t]]

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
+from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
@@ -228,7 +229,11 @@ def shard_embeddings(
     constraints = build_constraints(cfg, feature_to_table=feature_to_table, embedding_dim=embedding_dim)
     silence_known_warnings()
     with quiet_torchrec():
-        topology = Topology(world_size=world_size, compute_device=device.type)
+        # local_world_size from LOCAL_WORLD_SIZE: with the default (= world size) the
+        # planner treats all ranks as one host, and table_row_wise breaks across nodes
+        topology = Topology(
+            world_size=world_size, compute_device=device.type, local_world_size=get_local_size(world_size)
+        )
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
         plan = planner.collective_plan(model, [sharder], pg)  # type: ignore[list-item]
         # static_graph=False: with TorchRec's default static_graph=True, the first

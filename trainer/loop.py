@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from data.spec import DatasetSpec
 from model.build import ModelOutput, MultiTaskModel
 from parallel.dist import DistInfo, init_distributed
 from parallel.parallelize import ParallelModel, dense_parameters, parallelize
-from trainer import checkpoint
+from trainer import checkpoint, monitor
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, to_plain, validate_against_data
 from trainer.expert_stats import ExpertLoadMeter
@@ -83,17 +85,52 @@ def task_losses(out: ModelOutput, batch: Batch, tasks: tuple[str, ...]) -> dict[
 
 @dataclass
 class StepTimer:
-    """Wall time per phase, summed over steps (CUDA-synchronised when on GPU)."""
+    """Wall time per phase, summed over steps (CUDA-synchronised when on GPU).
+
+    `totals` holds the laps (data, forward, backward, optimizer: they add up to the
+    step); `parts` holds sub-phases timed inside a lap (comm: the blocking collectives
+    the loop issues itself, i.e. the loss all-reduce and the expert-gradient sync; DDP's
+    gradient all-reduce overlaps backward and the expert all-to-alls run inside
+    forward/backward, so they are not in it).
+    """
 
     device: torch.device
     totals: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)
+    num_steps: int = 0
 
     def __post_init__(self) -> None:
         self._t = time.perf_counter()
+        self._mark: tuple[int, dict[str, float]] = (0, {})
 
     def start(self) -> None:
         self._sync()
+        self.num_steps += 1
         self._t = time.perf_counter()
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t0
+
+    def window_ms(self) -> dict[str, float]:
+        """Mean ms per step of each phase since the previous call, averaged over ranks.
+
+        Collective when a process group of more than one rank is up: every rank calls it.
+        """
+        phases = ("data", "forward", "backward", "optimizer", "comm")
+        now = {**self.totals, **self.parts}
+        steps, before = self._mark
+        delta = torch.tensor([now.get(k, 0.0) - before.get(k, 0.0) for k in phases], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(delta)
+            delta /= dist.get_world_size()
+        self._mark = (self.num_steps, now)
+        per_step = 1e3 / max(1, self.num_steps - steps)
+        return {k: float(v) * per_step for k, v in zip(phases, delta, strict=True)}
 
     def lap(self, phase: str) -> None:
         self._sync()
@@ -237,7 +274,8 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         parts = torch.stack([*(v.detach() for v in losses.values()), aux.detach(), loss.detach()])
         parts = parts.double().cpu()
         if info.world_size > 1:
-            dist.all_reduce(parts)
+            with timer.part("comm"):
+                dist.all_reduce(parts)
         parts /= info.world_size
         timer.lap("forward")
         for opt in step_optimizers:
@@ -245,7 +283,8 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         if torch.isfinite(parts).all():  # same decision on every rank: parts are all-reduced
             bad_in_a_row = 0
             loss.backward()
-            pm.after_backward()
+            with timer.part("comm"):
+                pm.after_backward()
             timer.lap("backward")
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
@@ -278,12 +317,14 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
             now = time.perf_counter()
             figures = window_meter.compute(spec.tasks)
             window_meter.reset()
+            times_ms = timer.window_ms()
             if info.is_main and logger is not None:
                 mean = (window_loss / max(1, window_steps)).tolist()
                 metrics: dict[str, Any] = {f"loss/{task}": mean[i] for i, task in enumerate(spec.tasks)}
                 metrics.update({"loss/aux": mean[-2], "loss/total": mean[-1], "lr": scheduler.get_last_lr()[0]})
                 metrics["train/samples_per_s"] = window_steps * t.batch_size / max(1e-9, now - window_start)
                 metrics["train/skipped_steps"] = state.skipped_steps
+                metrics.update({f"time/{k}_ms": v for k, v in times_ms.items()})
                 if figures is not None:
                     metrics.update(_expert_log(figures, spec.tasks))
                 logger.log(step + 1, metrics)
@@ -339,7 +380,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         "resumed_from": None if resume_from is None else str(resume_from),
         "resumed_at_step": start_step,
         "batch_size": t.batch_size,
-        "step_time_ms": {k: 1e3 * v / max(1, run_steps) for k, v in timer.totals.items()},
+        "step_time_ms": {k: 1e3 * v / max(1, run_steps) for k, v in {**timer.totals, **timer.parts}.items()},
         "checkpoint_s": ckpt_s,
         "setup_s": setup_s,
         "train_s": train_s,
@@ -354,6 +395,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         logger.summary({k: v for k, v in _flat("test", test).items()})
         summary["wandb_dir"] = logger.wandb_dir
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        monitor.write_plots(run_dir, logger=logger, step=t.steps)  # warns, never raises
         log.info("test %s", _fmt(test))
         logger.close()
     return summary

@@ -5,6 +5,9 @@ passes one explicit `hydra.run.dir` so that all ranks share a run directory. Onl
 keeps Hydra's logging and `.hydra/` output; other ranks log warnings to stderr.
 
 The last line rank 0 prints is `run_dir: <path>`.
+
+In a Hydra multirun (`-m`) outside torchrun, each job launches its point as its own
+torchrun job instead of training in this process (`trainer/sweep.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.dist import init_distributed, shutdown
+from trainer import sweep
 from trainer.config import build_run_config
 from trainer.loop import train
 
@@ -28,6 +32,9 @@ RANK = int(os.environ.get("RANK", "0"))
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if sweep.is_sweep_parent():
+        sweep.run_point(cfg)  # one distributed job per multirun point
+        return
     run = build_run_config(cfg)  # config errors surface before any process group or data work
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     info = init_distributed(device=run.trainer.device)
