@@ -22,9 +22,9 @@ WORKDIR /app
 COPY requirements/ requirements/
 # torch from the CUDA 12.8 index; torchrec last and without deps (its metadata would
 # otherwise pull a different fbgemm-gpu). DS_BUILD_OPS=0: DeepSpeed ops JIT-build on use.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 -r requirements/cuda.txt \
+RUN DS_BUILD_OPS=0 pip install --extra-index-url https://download.pytorch.org/whl/cu128 -r requirements/cuda.txt \
     && pip install --no-deps -r requirements/torchrec.txt \
-    && python -c "import torch, torchrec, hydra, wandb; print(torch.__version__)"
+    && python -c "import torch, torchrec, hydra, wandb, deepspeed; print(torch.__version__)"
 
 COPY . .
 RUN useradd --create-home --uid 1000 trainer && chown -R trainer /app

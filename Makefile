@@ -17,9 +17,9 @@ help:  ## list targets
 $(STAMP): requirements/cpu.txt requirements/common.txt requirements/torchrec.txt requirements/constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt -c requirements/constraints.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt -c requirements/constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/torchrec.txt
-	$(PY) -c "import torch, torchrec, hydra, wandb; print('venv ready: torch', torch.__version__)"
+	$(PY) -c "import torch, torchrec, hydra, wandb, deepspeed; print('venv ready: torch', torch.__version__)"
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv from the pinned requirements
