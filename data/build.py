@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from data.census import CensusIncomeConfig, load_census_income
+from data.census import CensusIncomeConfig, census_names, load_census_income
 from data.columns import Dataset, check_dataset
-from data.kuairand import KuaiRandConfig, load_kuairand
-from data.synthetic import SyntheticConfig, load_synthetic
-from data.tabular import TabularConfig, load_tabular
+from data.kuairand import KuaiRandConfig, kuairand_names, load_kuairand
+from data.synthetic import SyntheticConfig, load_synthetic, synthetic_names
+from data.tabular import TabularConfig, load_tabular, tabular_names
 
 # name -> (config dataclass, loader)
 SOURCES: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
@@ -24,6 +24,23 @@ SOURCES: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
 }
 
 
+# name -> cfg -> (tasks, sparse feature names) the source can produce, without reading data
+NAMES: dict[str, Callable[[Any], tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "census_income": census_names,
+    "kuairand": kuairand_names,
+    "synthetic": synthetic_names,
+    "tabular": tabular_names,
+}
+
+
+def declared_names(cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Task and sparse feature names that `cfg` can produce, known from the config alone,
+    so names used elsewhere in the config are checked before any data work. KuaiRand
+    returns a superset (its defaults depend on the files' columns); the exact names are
+    checked again once the data is loaded."""
+    return NAMES[cfg.name](cfg)
+
+
 def build_dataset(cfg: Any) -> Dataset:
     name = getattr(cfg, "name", None)
     if name not in SOURCES:
@@ -32,5 +49,5 @@ def build_dataset(cfg: Any) -> Dataset:
     if not isinstance(cfg, config_cls):
         raise ValueError(f"data config for {name!r} must be a {config_cls.__name__}, got {type(cfg).__name__}")
     dataset = load(cfg)
-    check_dataset(dataset)
+    check_dataset(dataset, getattr(cfg, "on_bad_row", "error"))
     return dataset

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from data.bad_rows import BadRows, SkipLog
 from data.columns import Dataset, SparseColumn, Split, standardize_dense, validation_rows
 from data.spec import DatasetSpec, SparseFeature
 
@@ -86,6 +87,9 @@ class CensusIncomeConfig:
         val_fraction: share of the official train file held out for validation.
         seed: seed of the validation carve-out.
         limit_rows: read only the first N rows of each file (tests, smoke runs); 0 = all.
+        on_bad_row: error (raise naming file, row, column) or skip (drop and count; see
+            `data/bad_rows.py`). With `limit_rows`, lines with a wrong field count are
+            counted over the whole file.
     """
 
     name: str = "census_income"
@@ -93,10 +97,12 @@ class CensusIncomeConfig:
     val_fraction: float = 0.1
     seed: int = 2026
     limit_rows: int = 0
+    on_bad_row: str = "error"
 
 
-def read_raw(path: Path, *, limit_rows: int = 0) -> pa.Table:
-    """Read one file as 42 string columns; raise naming the file on a bad layout."""
+def read_raw(path: Path, *, limit_rows: int = 0, skips: SkipLog | None = None) -> pa.Table:
+    """Read one file as 42 string columns; raise naming the file on a bad layout
+    (a line with another field count is skipped and counted under the skip policy)."""
     if not path.exists():
         raise FileNotFoundError(f"Census-Income file not found: {path}")
     names = [f"c{i}" for i in range(NUM_COLUMNS)]
@@ -104,7 +110,10 @@ def read_raw(path: Path, *, limit_rows: int = 0) -> pa.Table:
         table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 22),
-            parse_options=pacsv.ParseOptions(delimiter=","),
+            parse_options=pacsv.ParseOptions(
+                delimiter=",",
+                invalid_row_handler=skips.ragged_line_handler(path) if skips is not None and skips.skip else None,
+            ),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
         )
     except pa.ArrowInvalid as e:
@@ -116,18 +125,19 @@ def _strings(table: pa.Table, col: int) -> np.ndarray:
     return np.asarray(pc.utf8_trim_whitespace(table.column(col)).to_numpy(zero_copy_only=False))
 
 
-def _numeric(table: pa.Table, col: int, path: Path) -> np.ndarray:
+def _numeric(table: pa.Table, col: int, bad: BadRows) -> np.ndarray:
     raw = _strings(table, col)
     try:
         values = raw.astype(np.float64)
     except ValueError:
-        bad = next(i for i, v in enumerate(raw) if not _is_float(v))
-        raise ValueError(
-            f"{path}: row {bad + 1}, column {col} ({CONTINUOUS[col]}): non-numeric value {raw[bad]!r}"
-        ) from None
-    if not np.isfinite(values).all():
-        bad = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise ValueError(f"{path}: row {bad + 1}, column {col} ({CONTINUOUS[col]}): non-finite value")
+        ok = np.array([_is_float(v) for v in raw], dtype=bool)
+        bad.flag(~ok, column=CONTINUOUS[col], label=f"{col} ({CONTINUOUS[col]})", reason="non-numeric value",
+                 detail=lambda r: f"non-numeric value {raw[r]!r}")  # fmt: skip
+        values = np.where(ok, raw, "nan").astype(np.float64)
+    finite = np.isfinite(values)
+    bad.flag(~finite & ~bad.bad_N, column=CONTINUOUS[col], label=f"{col} ({CONTINUOUS[col]})",
+             reason="non-finite dense value", detail=lambda r: "non-finite value")  # fmt: skip
+    values = np.where(finite, values, 0.0)  # flagged rows are dropped; keep the arithmetic clean
     return np.log1p(np.maximum(values, 0.0)) if col in LOG1P else values
 
 
@@ -139,15 +149,16 @@ def _is_float(v: str) -> bool:
     return True
 
 
-def _labels(table: pa.Table, path: Path) -> dict[str, np.ndarray]:
+def _labels(table: pa.Table, bad: BadRows) -> dict[str, np.ndarray]:
     income = _strings(table, LABEL_COL)
     known = (income == POSITIVE_INCOME) | (income == NEGATIVE_INCOME)
-    if not known.all():
-        bad = int(np.flatnonzero(~known)[0])
-        raise ValueError(
-            f"{path}: row {bad + 1}, column {LABEL_COL} (income): label {income[bad]!r} is neither "
-            f"{POSITIVE_INCOME!r} nor {NEGATIVE_INCOME!r}"
-        )
+    bad.flag(
+        ~known,
+        column="income",
+        label=f"{LABEL_COL} (income)",
+        reason="label not 0 or 1",
+        detail=lambda r: f"label {income[r]!r} is neither {POSITIVE_INCOME!r} nor {NEGATIVE_INCOME!r}",
+    )
     marital = _strings(table, MARITAL_COL)
     return {
         "income": (income == POSITIVE_INCOME).astype(np.float32),
@@ -155,11 +166,16 @@ def _labels(table: pa.Table, path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _parse(path: Path, limit_rows: int) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, np.ndarray]]:
-    table = read_raw(path, limit_rows=limit_rows)
-    dense = np.stack([_numeric(table, c, path) for c in CONTINUOUS], axis=1).astype(np.float32)
-    cats = {c: _strings(table, c) for c in CATEGORICAL}
-    return dense, cats, _labels(table, path)
+def _parse(
+    path: Path, limit_rows: int, skips: SkipLog
+) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, np.ndarray]]:
+    table = read_raw(path, limit_rows=limit_rows, skips=skips)
+    bad = skips.file(path, table.num_rows)
+    dense = np.stack([_numeric(table, c, bad) for c in CONTINUOUS], axis=1).astype(np.float32)
+    labels = _labels(table, bad)
+    keep_N = bad.keep()
+    cats = {c: _strings(table, c)[keep_N] for c in CATEGORICAL}
+    return dense[keep_N], cats, {k: v[keep_N] for k, v in labels.items()}
 
 
 def _encode(vocab: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -170,11 +186,17 @@ def _encode(vocab: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(found, pos + 1, 0).astype(np.int64)
 
 
+def census_names(cfg: CensusIncomeConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(tasks, sparse features) from the config alone (see `data.build.declared_names`)."""
+    return ("income", "never_married"), tuple(CATEGORICAL.values())
+
+
 def load_census_income(cfg: CensusIncomeConfig) -> Dataset:
     """Parse, encode and split Census-Income into train / val / test."""
     root = Path(cfg.root) if cfg.root else DEFAULT_DIR
-    train_dense, train_cats, train_labels = _parse(root / "census-income.data.gz", cfg.limit_rows)
-    test_dense, test_cats, test_labels = _parse(root / "census-income.test.gz", cfg.limit_rows)
+    skips = SkipLog(cfg.on_bad_row)
+    train_dense, train_cats, train_labels = _parse(root / "census-income.data.gz", cfg.limit_rows, skips)
+    test_dense, test_cats, test_labels = _parse(root / "census-income.test.gz", cfg.limit_rows, skips)
 
     # carve validation on row indices first so vocabularies see only the train rows
     tr_rows, va_rows = validation_rows(len(train_dense), fraction=cfg.val_fraction, seed=cfg.seed)
@@ -201,4 +223,5 @@ def load_census_income(cfg: CensusIncomeConfig) -> Dataset:
         tasks=("income", "never_married"),
         has_user_id=False,
     )
-    return Dataset(spec=spec, train=train, val=val, test=test, info={"dense_stats": stats})
+    info = {"dense_stats": stats, "skipped": skips.as_dict()}
+    return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info)

@@ -9,11 +9,15 @@ Legend: N rows, Dn dense columns, nnz total ids of a sparse feature.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from data.bad_rows import check_policy
 from data.spec import DatasetSpec
+
+log = logging.getLogger("data")
 
 
 @dataclass(slots=True)
@@ -132,43 +136,74 @@ def carve_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split
     return split.take(train_rows), split.take(val_rows)
 
 
-def check_dataset(ds: Dataset) -> None:
+def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
     """Invariants every source must meet before training; ValueError naming split, column, row.
 
     Sources already report bad file contents with file / row / column; this is the last
     line of defence for what reaches the model: ids inside their table (an out-of-range
     id would read another table's memory in the fused kernels), finite dense values,
-    labels in {0, 1}, aligned lengths.
+    labels in {0, 1}, aligned lengths. With `on_bad_row="skip"` rows breaking the first
+    three are dropped from their split instead (in place), added to `ds.skipped_rows` and
+    counted in `ds.info["skipped"]`; misaligned columns are a source bug and always raise.
     """
+    check_policy(on_bad_row)
     for split_name in ("train", "val", "test"):
-        split = ds.split(split_name)
-        n = len(split)
-        if not np.isfinite(split.dense).all():
-            row, col = np.argwhere(~np.isfinite(split.dense))[0]
-            raise ValueError(
-                f"{ds.spec.name}/{split_name}: row {row}, dense column {ds.spec.dense_names[col]!r}: non-finite value"
+        bad_N, reasons = _check_split(ds, split_name, on_bad_row)
+        if bad_N.any():
+            setattr(ds, split_name, ds.split(split_name).take(np.flatnonzero(~bad_N)))
+            ds.skipped_rows += int(bad_N.sum())
+            default: dict = {"policy": on_bad_row, "rows": 0, "by_reason": {}}
+            skipped: dict = ds.info.setdefault("skipped", default)  # type: ignore[assignment]
+            skipped["rows"] += int(bad_N.sum())
+            for reason, count in reasons.items():
+                skipped["by_reason"][reason] = skipped["by_reason"].get(reason, 0) + count
+
+
+def _check_split(ds: Dataset, split_name: str, on_bad_row: str) -> tuple[np.ndarray, dict[str, int]]:
+    """`[N]` rows of one split that break an invariant (raises under the error policy)."""
+    split = ds.split(split_name)
+    n = len(split)
+    where = f"{ds.spec.name}/{split_name}"
+    bad_N = np.zeros(n, dtype=bool)
+    reasons: dict[str, int] = {}
+
+    def found(rows_N: np.ndarray, reason: str, message: str) -> None:
+        if on_bad_row == "error":
+            raise ValueError(message)
+        new = rows_N & ~bad_N
+        reasons[reason] = reasons.get(reason, 0) + int(new.sum())
+        bad_N[:] |= rows_N
+        log.warning("data.on_bad_row=skip: skipping %d row(s), e.g. %s", int(new.sum()), message)
+
+    non_finite = ~np.isfinite(split.dense)
+    if non_finite.any():
+        row, col = np.argwhere(non_finite)[0]
+        message = f"{where}: row {row}, dense column {ds.spec.dense_names[col]!r}: non-finite value"
+        found(non_finite.any(axis=1), "non-finite dense value", message)
+    for feature in ds.spec.sparse:
+        col_ = split.sparse.get(feature.name)
+        if col_ is None or len(col_) != n:
+            raise ValueError(f"{where}: sparse feature {feature.name!r} missing or misaligned")
+        bad = (col_.values < 0) | (col_.values >= feature.num_embeddings)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            row = int(np.searchsorted(col_.offsets, pos, side="right") - 1)
+            message = (
+                f"{where}: row {row}, feature {feature.name!r}: id {int(col_.values[pos])} "
+                f"outside the table [0, {feature.num_embeddings})"
             )
-        for feature in ds.spec.sparse:
-            col_ = split.sparse.get(feature.name)
-            if col_ is None or len(col_) != n:
-                raise ValueError(f"{ds.spec.name}/{split_name}: sparse feature {feature.name!r} missing or misaligned")
-            bad = (col_.values < 0) | (col_.values >= feature.num_embeddings)
-            if bad.any():
-                pos = int(np.flatnonzero(bad)[0])
-                row = int(np.searchsorted(col_.offsets, pos, side="right") - 1)
-                raise ValueError(
-                    f"{ds.spec.name}/{split_name}: row {row}, feature {feature.name!r}: id {int(col_.values[pos])} "
-                    f"outside the table [0, {feature.num_embeddings})"
-                )
-        for task in ds.spec.tasks:
-            labels = split.labels.get(task)
-            if labels is None or len(labels) != n:
-                raise ValueError(f"{ds.spec.name}/{split_name}: labels of task {task!r} missing or misaligned")
-            bad = (labels != 0) & (labels != 1)
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise ValueError(
-                    f"{ds.spec.name}/{split_name}: row {row}, task {task!r}: label {labels[row]} not in {{0, 1}}"
-                )
-        if split.user_id is not None and len(split.user_id) != n:
-            raise ValueError(f"{ds.spec.name}/{split_name}: user ids misaligned")
+            rows = np.searchsorted(col_.offsets, np.flatnonzero(bad), side="right") - 1
+            rows_N = np.zeros(n, dtype=bool)
+            rows_N[rows] = True
+            found(rows_N, "id outside its table", message)
+    for task in ds.spec.tasks:
+        labels = split.labels.get(task)
+        if labels is None or len(labels) != n:
+            raise ValueError(f"{where}: labels of task {task!r} missing or misaligned")
+        bad = (labels != 0) & (labels != 1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            found(bad, "label not 0 or 1", f"{where}: row {row}, task {task!r}: label {labels[row]} not in {{0, 1}}")
+    if split.user_id is not None and len(split.user_id) != n:
+        raise ValueError(f"{where}: user ids misaligned")
+    return bad_N, reasons

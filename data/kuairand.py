@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data.bad_rows import SkipLog
 from data.columns import Dataset, SparseColumn, Split, standardize_dense
 from data.spec import DatasetSpec, SparseFeature
 from data.tabular import (
@@ -137,6 +138,9 @@ class KuaiRandConfig:
         test_days, val_days: date split sizes (val_days 0: val is a val_fraction carve).
         val_fraction, test_fraction, seed: the seeded carve-outs.
         limit_rows: read only the first N rows of each log file; 0 = all.
+        on_bad_row: error (raise naming file, row, column) or skip: a bad log row is
+            dropped, a bad feature-table row too (its ids then count as unknown and are
+            imputed like any other missing row); see `data/bad_rows.py`.
     """
 
     name: str = "kuairand"
@@ -160,6 +164,7 @@ class KuaiRandConfig:
     test_fraction: float = 0.1
     seed: int = 2026
     limit_rows: int = 0
+    on_bad_row: str = "error"
 
 
 @dataclass(slots=True)
@@ -291,17 +296,36 @@ class _Read:
     file_rows: list[int]
 
 
-def _read(source: _Source, text_cols: list[str], number_cols: list[str], limit_rows: int = 0) -> _Read:
+def _read(
+    source: _Source,
+    text_cols: list[str],
+    number_cols: list[str],
+    limit_rows: int = 0,
+    *,
+    skips: SkipLog | None = None,
+    label_cols: tuple[str, ...] = (),
+) -> _Read:
+    """Columns of every file of `source`; bad rows (ragged lines, non-numeric cells, labels
+    in `label_cols` other than 0 / 1) raise or, under the skip policy, are dropped."""
+    skips = skips or SkipLog()
     text: dict[str, list[pa.ChunkedArray]] = {c: [] for c in text_cols}
     numbers: dict[str, list[np.ndarray]] = {c: [] for c in number_cols}
     file_rows = []
     for path in source.paths:
-        table = read_columns(path, columns=[*text_cols, *number_cols], limit_rows=limit_rows)
+        table = read_columns(path, columns=[*text_cols, *number_cols], limit_rows=limit_rows, skips=skips)
+        bad = skips.file(path, table.num_rows)
+        parsed = {c: floats(table.column(c), path=path, column=c, bad=bad) for c in number_cols}
+        for c in label_cols:
+            binary_labels(parsed[c], path=path, column=c, bad=bad)
+        keep_N = bad.keep()
+        if not keep_N.all():
+            table = table.filter(pa.array(keep_N))
+            parsed = {c: v[keep_N] for c, v in parsed.items()}
         file_rows.append(table.num_rows)
         for c in text_cols:
             text[c].append(strings(table.column(c)))
         for c in number_cols:
-            numbers[c].append(floats(table.column(c), path=path, column=c))
+            numbers[c].append(parsed[c])
     return _Read(
         text={c: pa.chunked_array([ch for a in v for ch in a.chunks], pa.string()) for c, v in text.items()},
         numbers={c: np.concatenate(v) for c, v in numbers.items()},
@@ -328,6 +352,7 @@ def _join(
     log_keys: pa.ChunkedArray,
     text: dict[str, pa.ChunkedArray],
     dense: dict[str, np.ndarray],
+    skips: SkipLog,
 ) -> int:
     """Add the table's feature columns, aligned to log rows, to `text` / `dense`.
 
@@ -339,6 +364,7 @@ def _join(
         source,
         [key, *(f.column for f in own if f.kind != "dense")],
         [f.column for f in own if f.kind == "dense"],
+        skips=skips,
     )
     index = _join_index(log_keys, source, table.text[key])
     missing = index < 0
@@ -392,6 +418,21 @@ def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: i
     return split, info
 
 
+def kuairand_names(cfg: KuaiRandConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The tasks and sparse features this config can yield, from the config alone (see
+    `data.build.declared_names`). A superset: defaults are kept only when the files have
+    those columns, which is known after reading the headers."""
+    tasks = tuple(cfg.tasks) if cfg.tasks is not None else DEFAULT_TASKS
+    groups = [
+        (cfg.log_categorical, DEFAULT_LOG_CATEGORICAL),
+        (cfg.user_categorical, DEFAULT_USER_CATEGORICAL),
+        (cfg.video_categorical, DEFAULT_VIDEO_CATEGORICAL),
+        (cfg.video_multi_hot, DEFAULT_VIDEO_MULTI_HOT),
+    ]
+    features = [c for given, default in groups for c in (default if given is None else given)]
+    return tasks, tuple(dict.fromkeys(features))
+
+
 def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
     """Read the logs, join the feature tables, derive labels, encode and split."""
     sources = _sources(cfg)
@@ -404,7 +445,8 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
     for f in features:
         by_source.setdefault(f.source, []).append(f)
 
-    read = _read_log(cfg, sources, tasks, by_source.get("log", []))
+    skips = SkipLog(cfg.on_bad_row)
+    read = _read_log(cfg, sources, tasks, by_source.get("log", []), skips)
     num_rows = len(read.text["user_id"])
     labels = _labels(cfg, log, tasks, read)
     split_N, info = _split_codes(cfg, read.text.get("date"), num_rows)
@@ -415,7 +457,7 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
     info["rows_without_user_features"], info["rows_without_video_features"] = 0, {}
     for name, source in sources.items():
         if name != "log" and name in by_source:
-            missing = _join(source, by_source[name], read.text[str(source.key)], text, dense)
+            missing = _join(source, by_source[name], read.text[str(source.key)], text, dense, skips)
             if name == "user":
                 info["rows_without_user_features"] = missing
             else:
@@ -437,11 +479,16 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
     info["derived_tasks"] = [t for t, d in tasks if d]
     info["feature_sources"] = {f.column: f.source for f in features}
     info["positive_rates"] = {t: float(train.labels[t].mean()) for t in spec.tasks}
-    return Dataset(spec=spec, train=train, val=val, test=test, info=info)
+    info["skipped"] = skips.as_dict()
+    return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info)
 
 
 def _read_log(
-    cfg: KuaiRandConfig, sources: dict[str, _Source], tasks: list[tuple[str, bool]], own: list[_Feature]
+    cfg: KuaiRandConfig,
+    sources: dict[str, _Source],
+    tasks: list[tuple[str, bool]],
+    own: list[_Feature],
+    skips: SkipLog,
 ) -> _Read:
     """The log columns needed: join keys, user_id, date, label inputs, its own features."""
     keys = [s.key for s in sources.values() if s.key]
@@ -450,7 +497,14 @@ def _read_log(
     numbers = [t for t, derived in tasks if not derived]
     numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in tasks) else []
     numbers += [f.column for f in own if f.kind == "dense"]
-    return _read(sources["log"], list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), limit_rows=cfg.limit_rows)
+    return _read(
+        sources["log"],
+        list(dict.fromkeys(text)),
+        list(dict.fromkeys(numbers)),
+        limit_rows=cfg.limit_rows,
+        skips=skips,
+        label_cols=tuple(t for t, derived in tasks if not derived),
+    )
 
 
 def _sparse_columns(

@@ -185,6 +185,14 @@ def _generate(cfg: SyntheticConfig, rates: list[float]) -> tuple[Split, list[Spa
     return full, features, thresholds_T
 
 
+def synthetic_names(cfg: SyntheticConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(tasks, sparse features) from the config alone (see `data.build.declared_names`)."""
+    names, _ = _task_setup(cfg)
+    features = ["user_id", *(f"cat_{i}" for i in range(cfg.num_sparse))]
+    features += [f"tags_{i}" for i in range(cfg.num_multi_hot)]
+    return tuple(names), tuple(features)
+
+
 def load_synthetic(cfg: SyntheticConfig) -> Dataset:
     """Generate the dataset (deterministic for a given config)."""
     _check(cfg)

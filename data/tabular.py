@@ -13,8 +13,9 @@ tasks. Choices:
   seeded fractions of the train rows are carved out instead (disjoint, reproducible).
 - Vocabularies come from the train split only (after the carve-out); id 0 = empty cell
   or a value never seen in train. Ids follow the order of first appearance.
-- Dense values must be finite numbers (an empty cell, NaN or Inf is an error: impute
-  upstream); `log1p` columns get `sign(x) * log1p(|x|)`; all dense columns are then
+- Dense values must be finite numbers (an empty cell, NaN or Inf is a bad row: impute
+  upstream); bad rows raise, or are skipped and counted with `data.on_bad_row=skip`
+  (`data/bad_rows.py`); `log1p` columns get `sign(x) * log1p(|x|)`; all dense columns are then
   standardised with train statistics.
 - A task is `{name, column, rule}`. Without a rule the column must hold 0 / 1. A rule
   is a tiny comparison parsed here (never `eval`-ed): `>= 4`, `> 0.5`, `== 1`,
@@ -41,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from data.bad_rows import BadRows, SkipLog
 from data.columns import Dataset, SparseColumn, Split, standardize_dense
 from data.spec import DatasetSpec, SparseFeature
 
@@ -72,6 +74,7 @@ class TabularConfig:
         tasks: `{"name": ..., "column": ..., "rule": ...}` per task; `name` defaults to
             the column, `rule` to None (column must hold 0 / 1).
         limit_rows: read only the first N rows of each file; 0 = all.
+        on_bad_row: error (raise naming file, row, column) or skip (drop and count).
     """
 
     name: str = "tabular"
@@ -91,6 +94,7 @@ class TabularConfig:
     user_id: str | None = None
     tasks: list[dict[str, Any]] = field(default_factory=list)
     limit_rows: int = 0
+    on_bad_row: str = "error"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -112,8 +116,13 @@ def read_columns(
     delimiter: str = ",",
     column_names: list[str] | None = None,
     limit_rows: int = 0,
+    skips: SkipLog | None = None,
 ) -> pa.Table:
-    """Read `columns` of one file (CSV: all as strings); missing file / column -> error."""
+    """Read `columns` of one file (CSV: all as strings); missing file / column -> error.
+
+    A CSV line with the wrong number of fields is an error, or is skipped and counted
+    when `skips` has the skip policy.
+    """
     path = Path(path)
     present = file_columns(path, fmt=fmt, delimiter=delimiter, column_names=column_names)
     missing = [c for c in columns if c not in present]
@@ -125,7 +134,8 @@ def read_columns(
             table = pq.read_table(path, columns=columns)
             return table.slice(0, limit_rows) if limit_rows else table
         read = pacsv.ReadOptions(column_names=column_names, block_size=1 << 24)
-        parse = pacsv.ParseOptions(delimiter=delimiter)
+        handler = skips.ragged_line_handler(path) if skips is not None and skips.skip else None
+        parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=handler)
         convert = pacsv.ConvertOptions(
             include_columns=columns,
             column_types={c: pa.string() for c in columns},
@@ -161,7 +171,9 @@ def file_columns(
         if file_format(path, fmt) == "parquet":
             return list(pq.read_schema(path).names)
         read = pacsv.ReadOptions(block_size=1 << 20)
-        with pacsv.open_csv(path, read_options=read, parse_options=pacsv.ParseOptions(delimiter=delimiter)) as r:
+        # only the header matters here: rows are checked (and counted) by read_columns
+        parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda row: "skip")
+        with pacsv.open_csv(path, read_options=read, parse_options=parse) as r:
             return list(r.schema.names)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: cannot be read as {file_format(path, fmt)}: {e}") from e
@@ -180,17 +192,51 @@ def strings(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
     return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
 
 
-def floats(arr: pa.ChunkedArray | pa.Array, *, path: str | Path, column: str) -> np.ndarray:
-    """`[N]` float64; null -> NaN; a non-numeric cell -> ValueError naming its row."""
+def _bad_rows(bad: BadRows | None, path: str | Path, num_rows: int) -> BadRows:
+    """`bad`, or a raise-on-first one for callers outside a source's file parse."""
+    return bad if bad is not None else SkipLog().file(path, num_rows)
+
+
+def floats(arr: pa.ChunkedArray | pa.Array, *, path: str | Path, column: str, bad: BadRows | None = None) -> np.ndarray:
+    """`[N]` float64; null -> NaN; a non-numeric cell is a bad row (NaN when skipped)."""
     if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type):
         return np.asarray(pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
     text = strings(arr)
     try:
         values = pc.cast(text, pa.float64())
     except pa.ArrowInvalid:
-        bad = first_failing_cast(text, pa.float64())
-        raise ValueError(f"{path}: row {bad + 1}, column {column!r}: non-numeric value {text[bad].as_py()!r}") from None
+        bad = _bad_rows(bad, path, len(text))
+        if not bad.skips.skip:  # O(log N) search for the first bad cell, then raise
+            first = first_failing_cast(text, pa.float64())
+            bad_N = np.zeros(len(text), dtype=bool)
+            bad_N[first] = True
+            bad.flag(
+                bad_N,
+                column=column,
+                reason="non-numeric value",
+                detail=lambda r: f"non-numeric value {text[r].as_py()!r}",
+            )
+        cells = text.to_pylist()
+        parsed = [_parse_float(v) for v in cells]
+        out = np.array([np.nan if v is None else v for v in parsed], dtype=np.float64)
+        non_numeric = np.array([c is not None and v is None for c, v in zip(cells, parsed, strict=True)], dtype=bool)
+        bad.flag(
+            non_numeric, column=column, reason="non-numeric value", detail=lambda r: f"non-numeric value {cells[r]!r}"
+        )
+        return out
     return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _parse_float(text: str | None) -> float | None:
+    """A cell as a float (NaN for an empty cell), None when it is not a number."""
+    if text is None:
+        return float("nan")
+    if "_" in text:  # Python accepts 1_000; Arrow's cast, used for whole columns, does not
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def first_failing_cast(arr: pa.ChunkedArray, to: pa.DataType) -> int:
@@ -207,13 +253,15 @@ def first_failing_cast(arr: pa.ChunkedArray, to: pa.DataType) -> int:
     return lo
 
 
-def finite_dense(values_N: np.ndarray, *, path: str | Path, column: str) -> np.ndarray:
-    """Reject empty / NaN / Inf dense cells, naming the first one."""
-    bad = ~np.isfinite(values_N)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        what = "empty or NaN" if np.isnan(values_N[row]) else "non-finite"
-        raise ValueError(f"{path}: row {row + 1}, column {column!r}: {what} dense value")
+def finite_dense(values_N: np.ndarray, *, path: str | Path, column: str, bad: BadRows | None = None) -> np.ndarray:
+    """Empty / NaN / Inf dense cells are bad rows."""
+    bad = _bad_rows(bad, path, len(values_N))
+    bad.flag(
+        ~np.isfinite(values_N),
+        column=column,
+        reason="non-finite dense value",
+        detail=lambda r: f"{'empty or NaN' if np.isnan(values_N[r]) else 'non-finite'} dense value",
+    )
     return values_N
 
 
@@ -221,17 +269,16 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-def binary_labels(values_N: np.ndarray, *, path: str | Path, column: str) -> np.ndarray:
-    """`[N]` float32 labels; anything but 0 / 1 (empty included) -> ValueError naming its row."""
-    bad = ~((values_N == 0.0) | (values_N == 1.0))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+def binary_labels(values_N: np.ndarray, *, path: str | Path, column: str, bad: BadRows | None = None) -> np.ndarray:
+    """`[N]` float32 labels; anything but 0 / 1 (empty included) is a bad row."""
+
+    def detail(row: int) -> str:
         if np.isnan(values_N[row]):
-            raise ValueError(f"{path}: row {row + 1}, column {column!r}: empty label value")
-        raise ValueError(
-            f"{path}: row {row + 1}, column {column!r}: label {values_N[row]} is not 0 or 1 "
-            f"(give the task a rule, e.g. '>= 4', to derive a binary label)"
-        )
+            return "empty label value"
+        return f"label {values_N[row]} is not 0 or 1 (give the task a rule, e.g. '>= 4', to derive a binary label)"
+
+    bad = _bad_rows(bad, path, len(values_N))
+    bad.flag(~((values_N == 0.0) | (values_N == 1.0)), column=column, reason="label not 0 or 1", detail=detail)
     return values_N.astype(np.float32)
 
 
@@ -339,18 +386,19 @@ def parse_rule(rule: str) -> Rule:
     )
 
 
-def apply_rule(rule: Rule, arr: pa.ChunkedArray, *, path: str | Path, column: str) -> np.ndarray:
-    """`[N]` float32 labels from `rule` applied to a column; empty cells -> ValueError."""
+def apply_rule(
+    rule: Rule, arr: pa.ChunkedArray, *, path: str | Path, column: str, bad: BadRows | None = None
+) -> np.ndarray:
+    """`[N]` float32 labels from `rule` applied to a column; empty cells are bad rows."""
+    bad = _bad_rows(bad, path, len(arr))
     if rule.numeric:
-        x: np.ndarray = floats(arr, path=path, column=column)
+        x: np.ndarray = floats(arr, path=path, column=column, bad=bad)
         missing = np.isnan(x)
     else:
         text = strings(arr)
         missing = np.asarray(text.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         x = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
-    if missing.any():
-        row = int(np.flatnonzero(missing)[0])
-        raise ValueError(f"{path}: row {row + 1}, column {column!r}: empty label value")
+    bad.flag(missing, column=column, reason="label not 0 or 1", detail=lambda r: "empty label value")
     values = rule.values if rule.numeric else tuple(str(v) for v in rule.values)
     if rule.op in ("in", "not in"):
         hit = np.isin(x, np.asarray(values, dtype=x.dtype))
@@ -432,7 +480,7 @@ class _Parsed:
     user: pa.ChunkedArray | None
 
 
-def _parse_file(path: str, cfg: TabularConfig, tasks: list[tuple[str, str, Rule | None]]) -> _Parsed:
+def _parse_file(path: str, cfg: TabularConfig, tasks: list[tuple[str, str, Rule | None]], skips: SkipLog) -> _Parsed:
     columns = [*cfg.categorical, *cfg.multi_hot, *cfg.dense, *(c for _, c, _ in tasks)]
     columns += [cfg.user_id] if cfg.user_id else []
     table = read_columns(
@@ -442,19 +490,28 @@ def _parse_file(path: str, cfg: TabularConfig, tasks: list[tuple[str, str, Rule 
         delimiter=cfg.delimiter,
         column_names=cfg.column_names,
         limit_rows=cfg.limit_rows,
+        skips=skips,
     )
+    bad = skips.file(path, table.num_rows)
     dense_cols = []
     for c in cfg.dense:
-        x = finite_dense(floats(table.column(c), path=path, column=c), path=path, column=c)
+        x = finite_dense(floats(table.column(c), path=path, column=c, bad=bad), path=path, column=c, bad=bad)
         dense_cols.append(signed_log1p(x) if c in cfg.log1p else x)
     labels = {}
     for name, col, rule in tasks:
         if rule is None:
-            labels[name] = binary_labels(floats(table.column(col), path=path, column=col), path=path, column=col)
+            values = floats(table.column(col), path=path, column=col, bad=bad)
+            labels[name] = binary_labels(values, path=path, column=col, bad=bad)
         else:
-            labels[name] = apply_rule(rule, table.column(col), path=path, column=col)
+            labels[name] = apply_rule(rule, table.column(col), path=path, column=col, bad=bad)
+    keep_N = bad.keep()
+    dense_ND = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((table.num_rows, 0))
+    if not keep_N.all():  # skip policy: drop the flagged rows from every column
+        table = table.filter(pa.array(keep_N))
+        dense_ND = dense_ND[keep_N]
+        labels = {k: v[keep_N] for k, v in labels.items()}
     return _Parsed(
-        dense=np.stack(dense_cols, axis=1) if dense_cols else np.zeros((table.num_rows, 0)),
+        dense=dense_ND,
         labels=labels,
         cats={c: strings(table.column(c)) for c in cfg.categorical},
         multi={c: split_lists(table.column(c), sep) for c, sep in cfg.multi_hot.items()},
@@ -478,15 +535,23 @@ def _check_config(cfg: TabularConfig) -> None:
         raise ValueError(f"data.dense lists a column twice: {cfg.dense}")
 
 
+def tabular_names(cfg: TabularConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(tasks, sparse features) from the config alone (see `data.build.declared_names`)."""
+    _check_config(cfg)
+    features = [feature_name(c) for c in (*cfg.categorical, *cfg.multi_hot)]
+    return tuple(name for name, _, _ in _tasks(cfg)), tuple(features)
+
+
 def load_tabular(cfg: TabularConfig) -> Dataset:
     """Read the configured files, carve missing splits, encode, standardise."""
     _check_config(cfg)
     tasks = _tasks(cfg)
+    skips = SkipLog(cfg.on_bad_row)
     files = {"train": _paths(cfg.train), "val": _paths(cfg.val), "test": _paths(cfg.test)}
     parsed, split_parts = [], []
     for code, key in ((TRAIN, "train"), (VAL, "val"), (TEST, "test")):
         for path in files[key]:
-            p = _parse_file(path, cfg, tasks)
+            p = _parse_file(path, cfg, tasks, skips)
             parsed.append(p)
             split_parts.append(np.full(len(p.dense), code, dtype=np.int8))
     split_N = np.concatenate(split_parts)
@@ -538,5 +603,6 @@ def load_tabular(cfg: TabularConfig) -> Dataset:
         "dense_stats": stats,
         "files": files,
         "positive_rates": {t: float(train.labels[t].mean()) for t in spec.tasks},
+        "skipped": skips.as_dict(),
     }
-    return Dataset(spec=spec, train=train, val=val, test=test, info=info)
+    return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info)

@@ -16,7 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.build import SOURCES
+from data.bad_rows import check_policy
+from data.build import SOURCES, declared_names
 from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, validate_smes_config
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
@@ -182,26 +183,33 @@ def validate(run: RunConfig) -> None:
             f"parallel.sparse_optimizer.name={run.parallel.sparse_optimizer.name!r}; "
             f"choose one of {sorted(SPARSE_OPTIMIZERS)}"
         )
-    # expert parallelism: the world size is known from torchrun's environment
+    # the world size is known from torchrun's environment
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.batch_size % world:
+        raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {world}")
     check_ep(run.parallel.ep, world, getattr(run.model.core, "num_experts", None))
     if run.parallel.ep > 1 and run.model.name != "smes":
         raise ValueError(f"parallel.ep={run.parallel.ep} needs model=smes (got model={run.model.name})")
+    # names the data config declares (a superset for KuaiRand, whose defaults depend on
+    # the files' columns; exact names are checked again after loading)
+    if hasattr(run.data, "on_bad_row"):
+        check_policy(run.data.on_bad_row)
+    tasks, features = declared_names(run.data)
+    check_names(run, tasks=tasks, features=features)
     if isinstance(run.model.core, SMESConfig):
-        # checks that need the task count run when the core is built
-        tasks = run.model.core.task_weights
-        validate_smes_config(run.model.core, num_tasks=len(tasks) if tasks is not None else 1)
+        exact = run.data.name != "kuairand" or run.data.tasks is not None
+        weights = run.model.core.task_weights
+        num_tasks = len(tasks) if exact else len(weights) if weights is not None else 1
+        validate_smes_config(run.model.core, num_tasks=num_tasks)
     if run.logger.name not in ("wandb", "none"):
         raise ValueError(f"logger.name={run.logger.name!r}; choose wandb or none")
     if run.logger.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.mode={run.logger.mode!r}; choose offline, online or disabled")
 
 
-def validate_against_data(run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...], world: int) -> None:
-    """Checks that need the dataset schema and the world size."""
+def check_names(run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...]) -> None:
+    """Task and feature names used in the config must exist in the data."""
     t = run.trainer
-    if t.batch_size % world:
-        raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {world}")
     unknown = set(t.task_weights) - set(tasks)
     if unknown:
         raise ValueError(f"trainer.task_weights names unknown tasks {sorted(unknown)}; tasks: {list(tasks)}")
@@ -210,6 +218,15 @@ def validate_against_data(run: RunConfig, *, tasks: tuple[str, ...], features: t
         raise ValueError(
             f"parallel.embedding.tables names unknown features {sorted(unknown)}; features: {list(features)}"
         )
+
+
+def validate_against_data(run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, ...], world: int) -> None:
+    """Checks that need the loaded dataset's exact schema and the world size."""
+    if run.trainer.batch_size % world:
+        raise ValueError(f"trainer.batch_size={run.trainer.batch_size} must be divisible by the world size {world}")
+    check_names(run, tasks=tasks, features=features)
+    if isinstance(run.model.core, SMESConfig):
+        validate_smes_config(run.model.core, num_tasks=len(tasks))
 
 
 def to_plain(obj: Any) -> Any:

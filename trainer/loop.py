@@ -376,6 +376,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         else {k: v for k, v in experts.items() if k != "selection_fraction_per_task"},
         "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "skipped_rows": dataset.skipped_rows,
+        "skipped_rows_by_reason": dict((dataset.info.get("skipped") or {}).get("by_reason", {})),
         "skipped_steps": state.skipped_steps,
         "resumed_from": None if resume_from is None else str(resume_from),
         "resumed_at_step": start_step,

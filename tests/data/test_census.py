@@ -113,3 +113,28 @@ def test_corrupt_file_errors_name_file_row_column(tmp_path: Path, train: str, ma
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="census-income.data.gz"):
         load_census_income(CensusIncomeConfig(root=str(tmp_path)))
+
+
+def test_on_bad_row_skip(tmp_path: Path) -> None:
+    good = [_row(str(20 + i), "50000+." if i % 4 == 0 else "- 50000.") for i in range(40)]
+    dirty = list(good)
+    dirty.insert(5, _row(age="old"))
+    dirty.insert(9, _row(age="inf"))
+    dirty.insert(13, _row(label="maybe"))
+    dirty.insert(17, ", ".join(["0"] * 41) + "\n")  # 41 fields
+    _write(tmp_path, "".join(dirty), test="".join(good[:8]))
+    with pytest.raises(ValueError, match=r"census-income.data.gz: not a 42-column"):
+        load_census_income(CensusIncomeConfig(root=str(tmp_path)))
+    d = load_census_income(CensusIncomeConfig(root=str(tmp_path), on_bad_row="skip"))
+    assert d.skipped_rows == 4
+    assert d.info["skipped"]["by_reason"] == {
+        "wrong number of fields": 1,
+        "non-numeric value": 1,
+        "non-finite dense value": 1,
+        "label not 0 or 1": 1,
+    }
+    _write(tmp_path, "".join(good), test="".join(good[:8]))
+    clean = load_census_income(CensusIncomeConfig(root=str(tmp_path)))
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(d.split(name).dense, clean.split(name).dense)
+        np.testing.assert_array_equal(d.split(name).labels["income"], clean.split(name).labels["income"])

@@ -61,3 +61,25 @@ def test_non_finite_dense() -> None:
 def test_label_outside_binary() -> None:
     with pytest.raises(ValueError, match=r"row 1, task 'y': label 2.0"):
         check_dataset(dataset(labels={"y": np.array([0, 2, 0, 1], dtype=np.float32)}))
+
+
+def test_skip_policy_drops_and_counts_rows() -> None:
+    dense = np.zeros((4, 1), dtype=np.float32)
+    dense[3, 0] = np.nan
+    bad_ids = {
+        "a": SparseColumn.single_hot(np.array([0, 5, 2, 4])),  # row 1: id 5 outside [0, 5)
+        "b": SparseColumn.from_lists([[1, 2], [], [0], [2]]),
+    }
+    labels = {"y": np.array([0.5, 1, 0, 1], dtype=np.float32)}  # row 0
+    ds = dataset(dense=dense, sparse=bad_ids, labels=labels)
+    check_dataset(ds, "skip")
+    assert len(ds.test) == 1 and ds.skipped_rows == 3
+    assert ds.test.sparse["a"].values.tolist() == [2] and ds.test.sparse["b"].values.tolist() == [0]
+    assert ds.info["skipped"]["by_reason"] == {
+        "non-finite dense value": 1,
+        "id outside its table": 1,
+        "label not 0 or 1": 1,
+    }
+    assert len(ds.train) == 4  # clean splits untouched
+    with pytest.raises(ValueError, match="data.on_bad_row='ignore'"):
+        check_dataset(dataset(), "ignore")

@@ -280,3 +280,60 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     path.write_text(",".join(HEADER) + "\n" + ",".join(_rows(0, 1)[0]) + "\n1,u1,i1\n")
     with pytest.raises(ValueError, match=r"ragged.csv: cannot be read as csv: .*Expected 8 columns, got 3: 1,u1,i1"):
         load_tabular(_cfg(train=[str(path)]))
+
+
+def _with_bad_rows(tmp_path: Path) -> tuple[str, list[int]]:
+    """20 good rows with 6 bad ones spliced in (one of each kind); returns the file and
+    the `row` values of the good rows, in order."""
+    rows = _rows(0, 20)
+    bad = {
+        3: ("price", "12,5"),  # non-numeric dense
+        5: ("price", "inf"),  # non-finite dense
+        7: ("price", ""),  # empty dense
+        9: ("clicked", "2"),  # label outside {0, 1}
+        11: ("rating", "x"),  # non-numeric rule input
+        13: ("action", ""),  # empty rule input
+    }
+    for r, (column, value) in bad.items():
+        rows[r][HEADER.index(column)] = value
+    lines = [",".join(HEADER)] + [",".join(f'"{c}"' if "," in c else c for c in r) for r in rows]
+    lines.insert(16, "99,u1,i1")  # a ragged line (3 fields)
+    (tmp_path / "dirty.csv").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "dirty.csv"), [r for r in range(20) if r not in bad]
+
+
+def test_on_bad_row_skip_drops_and_counts_each_kind(tmp_path: Path) -> None:
+    path, good = _with_bad_rows(tmp_path)
+    with pytest.raises(ValueError, match=r"dirty.csv: cannot be read as csv: .*Expected 8 columns, got 3: 99,u1,i1"):
+        load_tabular(_cfg(train=[path], val_fraction=0.0, test_fraction=0.0))  # default policy: error
+    ds = build_dataset(_cfg(train=[path], val_fraction=0.0, test_fraction=0.0, on_bad_row="skip"))
+    assert ds.skipped_rows == 7
+    assert ds.info["skipped"]["by_reason"] == {
+        "wrong number of fields": 1,
+        "non-numeric value": 2,
+        "non-finite dense value": 2,
+        "label not 0 or 1": 2,
+    }
+    rows = _raw_rows(ds.train, ds.info["dense_stats"])
+    assert rows.tolist() == good  # exactly the good rows, in file order, nothing else touched
+    _check_rows(ds.train, rows)
+
+
+def test_on_bad_row_skip_equals_clean_file(tmp_path: Path) -> None:
+    path, good = _with_bad_rows(tmp_path)
+    clean = _csv(tmp_path / "clean.csv", [r for r in _rows(0, 20) if int(r[0]) in good])
+    a = build_dataset(_cfg(train=[path], on_bad_row="skip"))
+    b = build_dataset(_cfg(train=[clean]))
+    assert b.skipped_rows == 0
+    for name in ("train", "val", "test"):
+        sa, sb = a.split(name), b.split(name)
+        np.testing.assert_array_equal(sa.dense, sb.dense)
+        assert {k: v.tolist() for k, v in sa.labels.items()} == {k: v.tolist() for k, v in sb.labels.items()}
+        for f in sa.sparse:
+            np.testing.assert_array_equal(sa.sparse[f].values, sb.sparse[f].values)
+
+
+def test_on_bad_row_policy_is_validated(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "a.csv", _rows(0, 20))
+    with pytest.raises(ValueError, match="data.on_bad_row='drop'"):
+        build_dataset(_cfg(train=[path], on_bad_row="drop"))

@@ -68,15 +68,38 @@ def test_bad_config_names_the_key(override: str, key: str) -> None:
 
 
 def test_checks_against_data() -> None:
-    run = compose_run("trainer.batch_size=1001")
+    run = compose_run("trainer.batch_size=1000")
     with pytest.raises(ValueError, match="trainer.batch_size"):
-        validate_against_data(run, tasks=("income",), features=("sex",), world=2)
-    run = compose_run("+trainer.task_weights.incme=2.0")
-    with pytest.raises(ValueError, match="incme"):
-        validate_against_data(run, tasks=("income",), features=("sex",), world=1)
-    run = compose_run("+parallel.embedding.tables.sexx=row_wise")
-    with pytest.raises(ValueError, match="sexx"):
-        validate_against_data(run, tasks=("income",), features=("sex",), world=1)
+        validate_against_data(run, tasks=("income",), features=("sex",), world=3)
+    run = compose_run()
+    with pytest.raises(ValueError, match="income"):  # loaded data lacks a task the config uses
+        run.trainer.task_weights = {"income": 2.0}
+        validate_against_data(run, tasks=("never_married",), features=("sex",), world=1)
+    run = compose_run("+parallel.embedding.tables.sex=row_wise")
+    with pytest.raises(ValueError, match="sex"):
+        validate_against_data(run, tasks=("income",), features=("age",), world=1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (("+trainer.task_weights.incme=2.0",), "incme"),
+        (("+parallel.embedding.tables.sexx=row_wise",), "sexx"),
+        (("data=synthetic", "+trainer.task_weights.task9=1.0"), "task9"),
+        (("data=synthetic", "data.num_sparse=2", "+parallel.embedding.tables.cat_2=row_wise"), "cat_2"),
+        (("data=tabular", "+trainer.task_weights.click2=1.0"), "click2"),
+        (("data=kuairand", "+trainer.task_weights.is_clik=1.0"), "is_clik"),
+        (("model=smes", "model.task_weights=[1.0,1.0,1.0]"), "model.task_weights"),
+        (("trainer.batch_size=1001",), "trainer.batch_size"),
+        (("data.on_bad_row=drop",), "data.on_bad_row"),
+    ],
+)
+def test_names_and_sizes_checked_before_any_data_work(overrides: tuple[str, ...], key: str, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # data files that do not exist: the error must come from the config, not from reading
+    root = ("data.root=/nonexistent",) if not any(o.startswith("data=") for o in overrides) else ()
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        compose_run(*root, *overrides)
 
 
 @pytest.mark.parametrize(

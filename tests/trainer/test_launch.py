@@ -71,3 +71,31 @@ def test_bad_override_fails_fast_naming_the_key(tmp_path: Path) -> None:
     proc = launch(tmp_path / "run", "trainer.optimizer=lamb", nproc=1, timeout=120)
     assert proc.returncode != 0
     assert "trainer.optimizer" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_bad_rows_error_by_default_and_skip_policy_counts_them(tmp_path: Path) -> None:
+    """A CSV with 3 bad rows: the default run fails naming file, row and column; with
+    data.on_bad_row=skip it trains and summary.json counts the skipped rows."""
+    lines = (ROOT / "tests/fixtures/kuairand/kuairand1k_sample.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    click, duration = header.index("is_click"), header.index("duration_ms")
+    for row, col, value in ((10, click, "3"), (20, duration, "abc"), (30, duration, "inf")):
+        cells = lines[row].split(",")
+        cells[col] = value
+        lines[row] = ",".join(cells)
+    dirty = tmp_path / "dirty.csv"
+    dirty.write_text("\n".join(lines) + "\n")
+    common = ("data=tabular", f"data.train=[{dirty}]", "trainer.steps=3", "trainer.batch_size=32", "logger=none")
+    proc = launch(tmp_path / "strict", *common, nproc=1)
+    assert proc.returncode != 0
+    assert f"{dirty}: row 20, column 'duration_ms': non-numeric value 'abc'" in proc.stdout + proc.stderr
+    proc = launch(tmp_path / "skip", *common, "data.on_bad_row=skip", nproc=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["skipped_rows"] == 3
+    assert summary["skipped_rows_by_reason"] == {
+        "non-numeric value": 1,
+        "non-finite dense value": 1,
+        "label not 0 or 1": 1,
+    }
