@@ -70,14 +70,13 @@ class SkipLog:
     def file(self, path: str | Path, num_rows: int) -> BadRows:
         return BadRows(self, str(path), num_rows)
 
-    def ragged_line_handler(self, path: str | Path) -> Callable[[Any], str]:
+    def ragged_line_handler(self, path: str | Path, *, header: bool = True) -> Callable[[Any], str]:
         """pyarrow CSV `invalid_row_handler`: skip and count lines with a wrong field count."""
 
         def handle(row: Any) -> str:
             if not self.skip:
                 return "error"
-            line = f"line {row.number}" if row.number is not None else "a line"
-            example = f"{path}: {line}: {row.actual_columns} fields, expected {row.expected_columns}: {row.text!r}"
+            example = describe_ragged(path, row, header=header)
             self.add(str(path), "*", "wrong number of fields", 1, example)
             return "skip"
 
@@ -130,3 +129,26 @@ class BadRows:
                 self.skips.add(self.path, column, reason, int(new_N.sum()), message)
         self._pending.clear()
         return ~self.bad_N
+
+
+def describe_ragged(path: str | Path, row: Any, *, header: bool) -> str:
+    """Message for a pyarrow `InvalidRow` (its `number` is the file line, from 1)."""
+    # multithreaded reads do not know the line; the skip policy reads single-threaded
+    where = "a line" if row.number is None else f"row {row.number - 1 if header else row.number}"
+    return f"{path}: {where}: {row.actual_columns} fields, expected {row.expected_columns}: {row.text!r}"
+
+
+def first_ragged_line(read: Callable[[Callable[[Any], str]], Any], path: str | Path, *, header: bool) -> str | None:
+    """Re-read a file that failed to parse with `read(handler)` (single-threaded, so line
+    numbers are known) and describe its first line with a wrong field count."""
+    found: list[Any] = []
+
+    def handle(row: Any) -> str:
+        found.append(row)
+        return "skip"
+
+    try:
+        read(handle)
+    except Exception:  # another problem: the caller reports the original error
+        return None
+    return describe_ragged(path, found[0], header=header) if found else None

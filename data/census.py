@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from data.bad_rows import BadRows, SkipLog
+from data.bad_rows import BadRows, SkipLog, first_ragged_line
 from data.columns import Dataset, SparseColumn, Split, standardize_dense, validation_rows
 from data.spec import DatasetSpec, SparseFeature
 
@@ -109,15 +110,28 @@ def read_raw(path: Path, *, limit_rows: int = 0, skips: SkipLog | None = None) -
     try:
         table = pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 22),
+            read_options=pacsv.ReadOptions(
+                column_names=names, block_size=1 << 22, use_threads=not (skips is not None and skips.skip)
+            ),
             parse_options=pacsv.ParseOptions(
                 delimiter=",",
-                invalid_row_handler=skips.ragged_line_handler(path) if skips is not None and skips.skip else None,
+                invalid_row_handler=skips.ragged_line_handler(path, header=False)
+                if skips is not None and skips.skip
+                else None,
             ),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
         )
     except pa.ArrowInvalid as e:
-        raise ValueError(f"{path}: not a {NUM_COLUMNS}-column Census-Income file: {e}") from e
+
+        def reread(handler: Any) -> Any:
+            options = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 22)
+            return pacsv.read_csv(
+                path, read_options=options, parse_options=pacsv.ParseOptions(invalid_row_handler=handler)
+            )
+
+        ragged = first_ragged_line(reread, path, header=False)
+        detail = ragged if ragged is not None else str(e)
+        raise ValueError(f"{path}: not a {NUM_COLUMNS}-column Census-Income file: {detail}") from e
     return table.slice(0, limit_rows) if limit_rows else table
 
 

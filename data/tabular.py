@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data.bad_rows import BadRows, SkipLog
+from data.bad_rows import BadRows, SkipLog, first_ragged_line
 from data.columns import Dataset, SparseColumn, Split, standardize_dense
 from data.spec import DatasetSpec, SparseFeature
 
@@ -133,8 +133,11 @@ def read_columns(
         if file_format(path, fmt) == "parquet":
             table = pq.read_table(path, columns=columns)
             return table.slice(0, limit_rows) if limit_rows else table
-        read = pacsv.ReadOptions(column_names=column_names, block_size=1 << 24)
-        handler = skips.ragged_line_handler(path) if skips is not None and skips.skip else None
+        skipping = skips is not None and skips.skip  # single-threaded: skipped lines get numbers
+        read = pacsv.ReadOptions(column_names=column_names, block_size=1 << 24, use_threads=not skipping)
+        handler = (
+            skips.ragged_line_handler(path, header=column_names is None) if skips is not None and skips.skip else None
+        )
         parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=handler)
         convert = pacsv.ConvertOptions(
             include_columns=columns,
@@ -155,6 +158,16 @@ def read_columns(
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
+        if file_format(path, fmt) == "csv" and "columns" in str(e):
+
+            def reread(handler: Any) -> Any:
+                options = pacsv.ReadOptions(column_names=column_names, use_threads=False, block_size=1 << 24)
+                parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=handler)
+                return pacsv.read_csv(path, read_options=options, parse_options=parse, convert_options=convert)
+
+            ragged = first_ragged_line(reread, path, header=column_names is None)
+            if ragged is not None:
+                raise ValueError(f"{ragged} (data.on_bad_row=skip drops such rows)") from e
         raise ValueError(f"{path}: cannot be read as {file_format(path, fmt)}: {e}") from e
 
 
