@@ -46,6 +46,7 @@ class SkipLog:
     policy: str = "error"
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    ragged_rows: dict[str, list[int]] = field(default_factory=dict)  # path -> file rows dropped at read
     _seen: set[tuple[str, str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -77,13 +78,15 @@ class SkipLog:
             if not self.skip:
                 return "error"
             example = describe_ragged(path, row, header=header)
+            if row.number is not None:
+                self.ragged_rows.setdefault(str(Path(path)), []).append(row.number - 1 if header else row.number)
             self.add(str(path), "*", "wrong number of fields", 1, example)
             return "skip"
 
         return handle
 
     def as_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "rows": self.total, "by_reason": dict(self.counts)}
+        return {"policy": self.policy, "rows": self.total, "by_reason": dict(self.counts), "examples": self.examples}
 
 
 class BadRows:
@@ -92,6 +95,7 @@ class BadRows:
     def __init__(self, skips: SkipLog, path: str, num_rows: int) -> None:
         self.skips, self.path = skips, path
         self.bad_N = np.zeros(num_rows, dtype=bool)
+        self._dropped = sorted(skips.ragged_rows.get(str(Path(path)), []))
         self._pending: list[tuple[str, str, np.ndarray, str]] = []
 
     def flag(
@@ -116,11 +120,20 @@ class BadRows:
         if not bad_N.any():
             return
         row = int(np.flatnonzero(bad_N)[0])
-        message = f"{self.path}: row {row + 1}, column {label or repr(column)}: {detail(row)}"
+        message = f"{self.path}: row {self.file_row(row)}, column {label or repr(column)}: {detail(row)}"
         if not self.skips.skip:
             raise ValueError(message)
         self._pending.append((column, reason, bad_N & ~self.bad_N, message))
         self.bad_N |= bad_N
+
+    def file_row(self, index: int) -> int:
+        """Row number in the file (from 1, header excluded) of table row `index`, counting
+        the lines the reader already dropped."""
+        row = index + 1
+        for dropped in self._dropped:
+            if dropped <= row:
+                row += 1
+        return row
 
     def keep(self) -> np.ndarray:
         """`[N]` rows to keep; records the skipped ones (each row once, under its first reason)."""

@@ -297,14 +297,14 @@ def _with_bad_rows(tmp_path: Path) -> tuple[str, list[int]]:
     for r, (column, value) in bad.items():
         rows[r][HEADER.index(column)] = value
     lines = [",".join(HEADER)] + [",".join(f'"{c}"' if "," in c else c for c in r) for r in rows]
-    lines.insert(16, "99,u1,i1")  # a ragged line (3 fields)
+    lines.insert(4, "99,u1,i1")  # a ragged line (3 fields) at data row 4, before most bad rows
     (tmp_path / "dirty.csv").write_text("\n".join(lines) + "\n")
     return str(tmp_path / "dirty.csv"), [r for r in range(20) if r not in bad]
 
 
 def test_on_bad_row_skip_drops_and_counts_each_kind(tmp_path: Path) -> None:
     path, good = _with_bad_rows(tmp_path)
-    with pytest.raises(ValueError, match=r"dirty.csv: row 16: 3 fields, expected 8: '99,u1,i1'"):
+    with pytest.raises(ValueError, match=r"dirty.csv: row 4: 3 fields, expected 8: '99,u1,i1'"):
         load_tabular(_cfg(train=[path], val_fraction=0.0, test_fraction=0.0))  # default policy: error
     ds = build_dataset(_cfg(train=[path], val_fraction=0.0, test_fraction=0.0, on_bad_row="skip"))
     assert ds.skipped_rows == 7
@@ -316,6 +316,12 @@ def test_on_bad_row_skip_drops_and_counts_each_kind(tmp_path: Path) -> None:
     }
     rows = _raw_rows(ds.train, ds.info["dense_stats"])
     assert rows.tolist() == good  # exactly the good rows, in file order, nothing else touched
+    # warnings name file rows, also after the ragged line (data row 4) the reader dropped
+    assert any("dirty.csv: row 4: 3 fields" in e for e in ds.info["skipped"]["examples"])
+    assert any(
+        "dirty.csv: row 5, column 'price': non-numeric value '12,5'" in e for e in ds.info["skipped"]["examples"]
+    )
+    assert any("dirty.csv: row 15, column 'action': empty label value" in e for e in ds.info["skipped"]["examples"])
     _check_rows(ds.train, rows)
 
 
