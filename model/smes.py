@@ -27,6 +27,10 @@ Hooks for `parallel/` and the trainer (model/ never imports torch.distributed):
   reduces them through `count_reducer`, moves the persistent buffer `expert_bias_E`
   by `bias_update_rate * sign(mean - count)` and clears the accumulator. The bias
   shifts the selection scores only, never the mixing weights, and gets no gradient.
+- `SMESLayer.capacity_factor: float | None` (None = dropless, the default): per-expert
+  capacity of the batch this process routes, see `model.moe.router.apply_capacity`.
+  Not a model config key: `parallel/` sets it from `parallel.capacity_factor`, since
+  under expert parallelism it bounds what every source rank may send to an expert.
 
 `CoreOutput.load` is an `ExpertLoad` with *local* counts (the trainer all-reduces
 for its logs); `active_sum` / `active_max` count the pairs actually executed.
@@ -72,9 +76,6 @@ class SMESConfig:
         z_loss_coef: router z-loss coefficient (default 0 = off; 1e-3 in ST-MoE).
         bias_balance: aux-loss-free balancing with a selection bias (default off).
         bias_update_rate: bias step per `update_bias()` call (default 1e-3, DeepSeek-V3).
-        capacity_factor: None = dropless (default); else each expert keeps at most
-            `ceil(capacity_factor * N / E)` pairs per batch, where N is the number of
-            deduplicated pairs.
         grouped_backend: `auto`, `grouped_mm` or `loop`, see `model.moe.experts`.
     """
 
@@ -89,7 +90,6 @@ class SMESConfig:
     z_loss_coef: float = 0.0
     bias_balance: bool = False
     bias_update_rate: float = 1e-3
-    capacity_factor: float | None = None
     grouped_backend: str = "auto"
 
 
@@ -116,8 +116,6 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
         raise ValueError("model.balance_beta and model.z_loss_coef must be >= 0")
     if cfg.bias_update_rate <= 0:
         raise ValueError(f"model.bias_update_rate must be > 0, got {cfg.bias_update_rate}")
-    if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
-        raise ValueError(f"model.capacity_factor must be > 0 or null, got {cfg.capacity_factor}")
     if cfg.grouped_backend not in GROUPED_BACKENDS:
         raise ValueError(f"model.grouped_backend must be one of {GROUPED_BACKENDS}, got {cfg.grouped_backend!r}")
 
@@ -161,7 +159,6 @@ class SMESLayer(nn.Module):
         self.num_experts, self.num_tasks = E, num_tasks
         self.balance_beta, self.z_loss_coef = cfg.balance_beta, cfg.z_loss_coef
         self.bias_balance, self.bias_update_rate = cfg.bias_balance, cfg.bias_update_rate
-        self.capacity_factor = cfg.capacity_factor
         task_weights = cfg.task_weights if cfg.task_weights is not None else [1.0 / num_tasks] * num_tasks
         self.router = Router(
             in_dim,
@@ -171,7 +168,6 @@ class SMESLayer(nn.Module):
             num_adaptive=cfg.num_adaptive,
             routing=cfg.routing,
             task_weights=list(task_weights),
-            capacity_factor=cfg.capacity_factor,
         )
         experts = GroupedExperts(E, in_dim, list(cfg.expert_hidden), backend=cfg.grouped_backend)
         self.dispatcher: nn.Module = LocalDispatcher(experts)
@@ -181,6 +177,15 @@ class SMESLayer(nn.Module):
         self.bias_counts_E: torch.Tensor
         self.register_buffer("expert_bias_E", torch.zeros(E))
         self.register_buffer("bias_counts_E", torch.zeros(E), persistent=False)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """Per-expert capacity factor of this process's batch (None = dropless), see the module doc."""
+        return self.router.capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float | None) -> None:
+        self.router.capacity_factor = value
 
     @property
     def experts(self) -> GroupedExperts:

@@ -17,6 +17,27 @@ with the reverse all-to-all. Both all-to-alls are the autograd versions
 (`torch.distributed.nn.functional.all_to_all_single`), so gradients flow back through
 them to the source ranks.
 
+Capacity (`parallel.capacity_factor`, None = dropless): a per-expert limit on each
+source rank's *local* batch, decided by that rank's router before dispatch. With N_r
+the deduplicated pairs of rank r's batch, rank r sends expert e at most
+`ceil(capacity_factor * N_r / E)` pairs (the lowest instance indices win, see
+`model.moe.router.apply_capacity`); the owner of e therefore runs at most
+`sum_r ceil(capacity_factor * N_r / E)` rows, about `capacity_factor` times an even
+share of its EP group's pairs. No collective is involved, so every rank drops exactly
+what one process would drop on that rank's batch, for any ep (and ep = 1). Dropped
+pairs are counted per rank in `ExpertLoad.dropped_pairs`; the trainer sums them over
+all ranks for `experts/dropped_pairs`.
+
+Traffic accounting (`A2AStats`): `bytes_sent` counts the pair rows this rank puts on
+the wire (rows kept on the rank itself are not counted), forward and backward. Summed
+over the ranks of an EP group, one step moves exactly `R * (D + H + H + D) * bytes`
+per layer, R being the pairs whose expert lives on another rank: x rows out (D),
+outputs back (H), output gradients out (H), input gradients back (D; only when
+`x_BD` requires grad). The per-step count exchange (`(P-1) * L` int64 leave each
+rank) is metadata, counted apart in `meta_bytes_sent`. With `time_phases` on, `extra` accumulates seconds per phase:
+`{dispatch,experts,combine}_{fwd,bwd}_s` (dispatch = count exchange, row gather,
+all-to-all and sort into expert order; combine = unsort and the return all-to-all).
+
 Gradient scale: every rank's loss is the mean over its local batch and DDP averages
 dense gradients over W. An expert's gradient on its owner holds the sum of the
 contributions of its expert-parallel group's ranks; the expert-data-parallel
@@ -29,6 +50,7 @@ local experts, N pairs sent by this rank, M pairs received, P = ep.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +94,31 @@ def check_ep(ep: int, world_size: int, num_experts: int | None) -> None:
         raise ValueError(f"parallel.ep={ep} must divide model.num_experts={num_experts}")
 
 
+def check_capacity_factor(
+    capacity_factor: float | None, *, model: str | None = None, routing: str | None = None
+) -> None:
+    """Start-up check of `parallel.capacity_factor` against the model name and routing mode."""
+    if capacity_factor is None:
+        return
+    if not capacity_factor > 0:
+        raise ValueError(f"parallel.capacity_factor must be > 0 or null (dropless), got {capacity_factor}")
+    if model is not None and model != "smes":
+        raise ValueError(f"parallel.capacity_factor needs a sparse MoE core (model=smes), got model={model}")
+    if routing == "dense":
+        raise ValueError("parallel.capacity_factor has no effect with model.routing=dense; set it to null")
+
+
+def apply_capacity_factor(model: nn.Module, capacity_factor: float | None) -> None:
+    """Set the per-expert capacity (see module doc) on every SMES layer of `model`."""
+    check_capacity_factor(capacity_factor)
+    layers = smes_layers(model)
+    if capacity_factor is not None and not layers:
+        raise ValueError("parallel.capacity_factor needs a sparse MoE core (model=smes); the model has no SMES layer")
+    for layer in layers:
+        check_capacity_factor(capacity_factor, routing=layer.router.routing)
+        layer.capacity_factor = capacity_factor
+
+
 def build_mesh(ep: int) -> ExpertMesh:
     world, rank = dist.get_world_size(), dist.get_rank()
     check_ep(ep, world, None)
@@ -92,15 +139,44 @@ def build_mesh(ep: int) -> ExpertMesh:
 @dataclass
 class A2AStats:
     """Bytes this rank put on the wire in the dispatcher's all-to-alls (rows kept on the
-    rank itself are not counted), forward and backward, since the last `reset`."""
+    rank itself are not counted), forward and backward, since the last `reset`; pair
+    rows in `bytes_sent`, the count exchange in `meta_bytes_sent`. `extra` holds phase
+    seconds when `time_phases` is on (see the module doc)."""
 
     bytes_sent: int = 0
     rows_sent: int = 0
     calls: int = 0
+    meta_bytes_sent: int = 0
+    time_phases: bool = False
     extra: dict[str, float] = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.bytes_sent = self.rows_sent = self.calls = 0
+        self.bytes_sent = self.rows_sent = self.calls = self.meta_bytes_sent = 0
+        self.extra.clear()
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.extra[key] = self.extra.get(key, 0.0) + seconds
+
+
+class _Stamp(torch.autograd.Function):
+    """Identity whose backward adds `sign * now` to each named phase timer.
+
+    Placed at phase boundaries: in backward, the phase between two stamps gets
+    `+t_end - t_start`. The CPU autograd engine runs ready nodes by descending sequence
+    number, so the nodes created between two stamps run back to back in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stats: A2AStats, marks: tuple[tuple[str, int], ...]) -> torch.Tensor:  # type: ignore[override]
+        ctx.stats, ctx.marks = stats, marks
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        now = time.perf_counter()
+        for key, sign in ctx.marks:
+            ctx.stats.add_time(key, sign * now)
+        return grad, None, None
 
 
 class _CountBytes(torch.autograd.Function):
@@ -135,14 +211,22 @@ class AllToAllDispatcher(nn.Module):
         self.num_local = num_experts // mesh.ep
         self.stats = A2AStats()
 
+    def _stamp(self, x: torch.Tensor, on: bool, *marks: tuple[str, int]) -> torch.Tensor:
+        return _Stamp.apply(x, self.stats, marks) if on else x
+
     def forward(self, x_BD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         P, L = self.mesh.ep, self.num_local
         group = self.mesh.ep_group
         me = self.mesh.ep_rank
+        t0 = time.perf_counter()
+        # phase stamps for backward, only when the whole path is differentiated
+        on = self.stats.time_phases and torch.is_grad_enabled() and x_BD.requires_grad
+        x_BD = self._stamp(x_BD, on, ("dispatch_bwd_s", 1))
         # 1. how many pairs go to each (owner, local expert); owners learn what arrives
         send_counts_PL = plan.counts_E.view(P, L).to(torch.int64)
         recv_counts_PL = torch.empty_like(send_counts_PL)
         dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=group)
+        self.stats.meta_bytes_sent += (P - 1) * L * send_counts_PL.element_size()
         send_splits = send_counts_PL.sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
         # 2. pair rows to their owners (expert-contiguous = owner-contiguous)
@@ -151,10 +235,19 @@ class AllToAllDispatcher(nn.Module):
         # 3. received rows are [source][expert]-ordered; make them expert-contiguous
         expert_of_row = torch.arange(L, device=x_BD.device).repeat(P).repeat_interleave(recv_counts_PL.flatten())
         order_M = torch.argsort(expert_of_row, stable=True)
-        y_sorted = self.experts(x_MD.index_select(0, order_M), recv_counts_PL.sum(0))
+        x_sorted = self._stamp(x_MD.index_select(0, order_M), on, ("experts_bwd_s", 1), ("dispatch_bwd_s", -1))
+        t1 = time.perf_counter()
+        y_sorted = self.experts(x_sorted, recv_counts_PL.sum(0))
+        t2 = time.perf_counter()
+        y_sorted = self._stamp(y_sorted, on, ("combine_bwd_s", 1), ("experts_bwd_s", -1))
         y_MH = torch.empty_like(y_sorted).index_copy(0, order_M, y_sorted)
         # 4. outputs back to the source ranks, in plan pair order
-        return self._exchange(y_MH, send_splits, recv_splits, group, me)
+        y_NH = self._stamp(self._exchange(y_MH, send_splits, recv_splits, group, me), on, ("combine_bwd_s", -1))
+        if self.stats.time_phases:
+            t3 = time.perf_counter()
+            for key, seconds in (("dispatch_fwd_s", t1 - t0), ("experts_fwd_s", t2 - t1), ("combine_fwd_s", t3 - t2)):
+                self.stats.add_time(key, seconds)
+        return y_NH
 
     def _exchange(
         self,

@@ -7,8 +7,10 @@
 2. TorchRec embedding sharding (planner + `DistributedModelParallel`), which also wraps
    every non-embedding parameter in DDP.
 
-Between 1 and 2, expert parallelism (`parallel/expert_parallel.py`): every SMES layer
-keeps only its E/ep experts behind an all-to-all dispatcher, and its balance counts are
+Between 1 and 2, the capacity factor and expert parallelism
+(`parallel/expert_parallel.py`): every SMES layer gets `capacity_factor` (per expert,
+per source rank's local batch, applied by the router before dispatch), then keeps
+only its E/ep experts behind an all-to-all dispatcher, and its balance counts are
 all-reduced over all ranks; sharded expert parameters are kept out of DDP and reduced
 inside their expert-data-parallel group by `ParallelModel.after_backward()`.
 
@@ -41,6 +43,7 @@ from parallel.embedding_sharding import (
 )
 from parallel.expert_parallel import (
     ExpertMesh,
+    apply_capacity_factor,
     apply_expert_parallel,
     build_mesh,
     expert_parameters,
@@ -58,11 +61,16 @@ class ParallelConfig:
         embedding: how embedding tables are sharded.
         sparse_optimizer: fused optimizer of the embedding tables.
         ep: expert-parallel group size (1 = experts replicated on every rank).
+        capacity_factor: None = dropless (default); else every rank sends each expert
+            at most `ceil(capacity_factor * N_local / E)` of its N_local deduplicated
+            (instance, expert) pairs per step and drops the rest (see
+            `parallel.expert_parallel`). SMES cores with sparse routing only.
     """
 
     embedding: EmbeddingShardingConfig = field(default_factory=EmbeddingShardingConfig)
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
     ep: int = 1
+    capacity_factor: float | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +109,7 @@ def replicated_table_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parame
 def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> ParallelModel:
     """Shard `model` (embedding tables built on `meta`) over the default process group."""
     apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
+    apply_capacity_factor(model, cfg.capacity_factor)
     mesh = build_mesh(cfg.ep)
     expert_names = apply_expert_parallel(model, mesh)
     feature_to_table = {f: f"t_{f}" for f in model.spec.sparse_names}

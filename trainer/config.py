@@ -21,7 +21,7 @@ from data.build import SOURCES, declared_names
 from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, validate_smes_config
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
-from parallel.expert_parallel import check_ep
+from parallel.expert_parallel import check_capacity_factor, check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
 
@@ -190,6 +190,9 @@ def validate(run: RunConfig) -> None:
     check_ep(run.parallel.ep, world, getattr(run.model.core, "num_experts", None))
     if run.parallel.ep > 1 and run.model.name != "smes":
         raise ValueError(f"parallel.ep={run.parallel.ep} needs model=smes (got model={run.model.name})")
+    check_capacity_factor(
+        run.parallel.capacity_factor, model=run.model.name, routing=getattr(run.model.core, "routing", None)
+    )
     # names the data config declares (a superset for KuaiRand, whose defaults depend on
     # the files' columns; exact names are checked again after loading)
     if hasattr(run.data, "on_bad_row"):

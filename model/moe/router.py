@@ -182,6 +182,10 @@ def apply_capacity(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep at most `ceil(capacity_factor * N / E)` pairs per expert.
 
+    N is the number of deduplicated pairs of the batch this router sees, so the limit
+    is per batch and per expert: under expert parallelism it is every source rank's
+    own local decision, taken before dispatch (`parallel.capacity_factor`).
+
     Inside an expert the pairs with the lowest instance index are kept (the order the
     plan already has). Slots of dropped pairs point at row N_kept, which the layer
     fills with zeros, so a task simply loses that expert's contribution (its remaining

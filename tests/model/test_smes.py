@@ -132,8 +132,10 @@ def test_capacity_drops_and_large_factor_is_dropless() -> None:
     torch.manual_seed(3)
     x_BD = torch.randn(64, 8)
     base = make_core(num_experts=8)
-    tight = make_core(num_experts=8, capacity_factor=0.5)
-    loose = make_core(num_experts=8, capacity_factor=100.0)
+    tight, loose = make_core(num_experts=8), make_core(num_experts=8)
+    # set by parallel.apply_capacity_factor from parallel.capacity_factor
+    tight.layer.capacity_factor, loose.layer.capacity_factor = 0.5, 100.0
+    assert tight.layer.router.capacity_factor == 0.5
     tight.load_state_dict(base.state_dict())
     loose.load_state_dict(base.state_dict())
     ref, out_t, out_l = base(x_BD), tight(x_BD), loose(x_BD)
@@ -244,7 +246,6 @@ def test_expert_slice_computes_the_same_rows() -> None:
         ({"num_experts": 0}, "model.num_experts"),
         ({"num_shared": 0, "num_adaptive": 0}, "model.num_shared + model.num_adaptive"),
         ({"task_weights": [1.0]}, "model.task_weights"),
-        ({"capacity_factor": 0.0}, "model.capacity_factor"),
         ({"expert_hidden": []}, "model.expert_hidden"),
         ({"grouped_backend": "cuda"}, "model.grouped_backend"),
         ({"balance_beta": -1.0}, "model.balance_beta"),
