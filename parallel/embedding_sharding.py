@@ -25,7 +25,11 @@ from torch import nn
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.model_parallel import (
+    DataParallelWrapper,
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -203,6 +207,14 @@ def silence_known_warnings() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
+class NoDataParallel(DataParallelWrapper):
+    """DMP data-parallel wrapper that leaves the unsharded part unwrapped (on `device`),
+    for a dense engine that reduces gradients itself (DeepSpeed)."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        dmp._dmp_wrapped_module.to(device)
+
+
 def shard_embeddings(
     model: nn.Module,
     *,
@@ -213,11 +225,13 @@ def shard_embeddings(
     device: torch.device,
     pg: dist.ProcessGroup | None = None,
     ddp_ignore: list[str] | None = None,
+    ddp: bool = True,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan and apply TorchRec sharding to `model` (which contains `ebc`).
 
     The rest of the model is wrapped in DDP by DMP's data-parallel wrapper; names in
     `ddp_ignore` (e.g. expert parameters synchronised elsewhere) are left out of it.
+    With `ddp=False` it is not wrapped at all (the caller synchronises its gradients).
 
     Returns:
         The DMP-wrapped model and the plan (identical on every rank).
@@ -245,7 +259,9 @@ def shard_embeddings(
             env=ShardingEnv.from_process_group(pg),
             plan=plan,
             sharders=[sharder],  # type: ignore[list-item]
-            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, params_to_ignore=ddp_ignore or []),
+            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, params_to_ignore=ddp_ignore or [])
+            if ddp
+            else NoDataParallel(),
         )
     return dmp, plan
 

@@ -328,6 +328,40 @@ def sync_expert_grads(params: list[nn.Parameter], mesh: ExpertMesh) -> None:
         offset += g.numel()
 
 
+@torch.no_grad()
+def clip_grad_norm_(
+    params: list[nn.Parameter], max_norm: float, *, sharded_experts: list[nn.Parameter], mesh: ExpertMesh | None
+) -> torch.Tensor:
+    """Clip `params`' gradients by the norm of the whole model's dense gradient.
+
+    After `sync_expert_grads`, the non-expert gradients are the same on every rank (DDP)
+    and each rank holds the gradient of its E/ep expert slice (the same slice as its
+    expert-data-parallel peers). The squared norm is then the local non-expert part plus
+    the expert part summed over the expert-parallel group, so every rank clips by the
+    same coefficient. A per-rank norm (over only the local experts) would clip the
+    replicated weights differently on each rank and let them drift apart.
+
+    Returns:
+        The total norm (before clipping).
+    """
+    experts = {id(p) for p in sharded_experts}
+    own = [p.grad for p in params if p.grad is not None and id(p) not in experts]
+    sliced = [p.grad for p in sharded_experts if p.grad is not None]
+    device = params[0].device if params else torch.device("cpu")
+
+    def squared(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=device, dtype=torch.float64)
+        return torch.stack([g.detach().double().square().sum() for g in grads]).sum()
+
+    expert_sq = squared(sliced)
+    if mesh is not None and mesh.ep > 1 and mesh.world_size > 1:
+        dist.all_reduce(expert_sq, group=mesh.ep_group)
+    total = (squared(own) + expert_sq).sqrt().float()
+    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return total
+
+
 def a2a_stats(model: nn.Module) -> list[A2AStats]:
     return [layer.dispatcher.stats for layer in smes_layers(model) if isinstance(layer.dispatcher, AllToAllDispatcher)]
 

@@ -14,6 +14,10 @@ only its E/ep experts behind an all-to-all dispatcher, and its balance counts ar
 all-reduced over all ranks; sharded expert parameters are kept out of DDP and reduced
 inside their expert-data-parallel group by `ParallelModel.after_backward()`.
 
+With `dense_engine="deepspeed"` (`trainer.engine`), step 2 leaves the non-embedding part
+unwrapped and `after_backward()` does nothing: a DeepSpeed engine
+(`parallel/deepspeed_engine.py`) reduces dense and expert gradients itself.
+
 The dense optimizer is built by the trainer over `dense_parameters(...)`; the fused
 sparse optimizer lives inside the DMP (`dmp.fused_optimizer`). Tables the plan makes
 `data_parallel` are replicated plain tensors that TorchRec does not fuse: they get the
@@ -106,8 +110,15 @@ def replicated_table_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parame
             yield name, p
 
 
-def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> ParallelModel:
-    """Shard `model` (embedding tables built on `meta`) over the default process group."""
+def parallelize(
+    model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo, *, dense_engine: str = "native"
+) -> ParallelModel:
+    """Shard `model` (embedding tables built on `meta`) over the default process group.
+
+    `dense_engine`: "native" (DDP + `after_backward`) or "deepspeed" (no DDP, no expert
+    gradient sync here: the DeepSpeed engine does both).
+    """
+    native = dense_engine == "native"
     apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
     apply_capacity_factor(model, cfg.capacity_factor)
     mesh = build_mesh(cfg.ep)
@@ -121,9 +132,15 @@ def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> P
         embedding_dim=model.embedding_dim,
         device=info.device,
         ddp_ignore=expert_names,
+        ddp=native,
     )
     replicated = dict(replicated_table_parameters(dmp))
     table_opt = None
+    if replicated and not native:  # their gradients would need DDP's all-reduce
+        raise ValueError(
+            f"trainer.engine={dense_engine} does not support data_parallel embedding tables "
+            f"({sorted(replicated)}); choose another parallel.embedding sharding type"
+        )
     if replicated:
         cls, kwargs = sparse_optimizer_class(cfg.sparse_optimizer)
         table_opt = KeyedOptimizerWrapper(replicated, lambda ps: cls(ps, **kwargs))
@@ -132,7 +149,7 @@ def parallelize(model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo) -> P
         plan=describe_plan(plan),
         replicated_table_optimizer=table_opt,
         mesh=mesh,
-        sharded_expert_params=expert_parameters(dmp) if expert_names else [],
+        sharded_expert_params=expert_parameters(dmp) if expert_names and native else [],
     )
 
 

@@ -5,7 +5,9 @@ A checkpoint is a folder `<run_dir>/checkpoints/step_<N>/` holding DCP shards of
 - `model`: the DMP state dict (embedding shards as ShardedTensors, dense weights,
   expert-parallel expert slices as DTensors of the full expert stack);
 - `optim/sparse`: the fused embedding optimizer (TorchRec `KeyedOptimizer`, sharded
-  like the tables), `optim/dense`: the dense optimizer keyed by parameter name,
+  like the tables), `optim/dense`: the dense optimizer keyed by parameter name (with
+  `trainer.engine=deepspeed`, the ZeRO-partitioned state gathered per parameter into
+  the same layout, see `parallel.deepspeed_engine.ZeroDenseOptimizer`),
   `optim/tables`: the optimizer of tables sharded `data_parallel`, if any;
 - `meta`: step, scheduler, loader position (global: epoch and batch index), counters,
   and every rank's RNG states (pickled, written once).
@@ -34,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchrec.optim.keyed import KeyedOptimizer
 
 from parallel.expert_parallel import ExpertMesh, checkpoint_view
@@ -63,7 +66,7 @@ class TrainState:
 
     model: nn.Module
     sparse_optim: KeyedOptimizer
-    dense_optim: KeyedOptimizer
+    dense_optim: Any  # KeyedOptimizer, or ZeroDenseOptimizer (same state_dict layout)
     table_optim: KeyedOptimizer | None
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Any  # TrainLoader (state_dict / load_state_dict)
@@ -185,6 +188,27 @@ def resolve(resume: str | None, root: Path) -> Path | None:
     return path
 
 
+def _local_tensors(tree: Any) -> Any:
+    """`tree` with every DTensor replaced by its local tensor (which shares its storage)."""
+    if isinstance(tree, dict):
+        return {k: _local_tensors(v) for k, v in tree.items()}
+    return tree.to_local() if isinstance(tree, DTensor) else tree
+
+
+def _fit_groups(scheduler_state: dict[str, Any], num_groups: int) -> dict[str, Any]:
+    """The scheduler state for `num_groups` parameter groups. The dense parameter groups
+    share one lr; their number depends on the engine and `ep` (DeepSpeed keeps experts
+    in a group of their own), so a checkpoint may come from a run with another count."""
+    out = dict(scheduler_state)
+    for key in ("base_lrs", "_last_lr"):
+        values = out.get(key)
+        if values is not None and len(values) != num_groups:
+            if len(set(values)) != 1:
+                raise ValueError(f"cannot map the scheduler's per-group {key} {values} onto {num_groups} groups")
+            out[key] = [values[0]] * num_groups
+    return out
+
+
 def load(state: TrainState, path: Path) -> None:
     """Restore `state` in place from the checkpoint at `path` (collective)."""
     rank, world = _world()
@@ -199,16 +223,20 @@ def load(state: TrainState, path: Path) -> None:
     plain = {**tensors, "model": state.model.state_dict()} if sharded_experts else tensors
     state.model.load_state_dict(plain["model"])
     state.sparse_optim.load_state_dict(tensors["optim/sparse"])
-    dense = tensors["optim/dense"]
-    if sharded_experts:  # live tensors already hold the loaded values
-        dense = {**dense, "state": state.dense_optim.state_dict()["state"]}
-    state.dense_optim.load_state_dict(dense)
+    # the views' local tensors already hold the loaded values (re-reading the optimizer's
+    # state instead would re-gather a DeepSpeed optimizer's old state over them)
+    dense = _local_tensors(tensors["optim/dense"]) if sharded_experts else tensors["optim/dense"]
+    state.dense_optim.load_state_dict(dense)  # after the model: DeepSpeed refreshes its fp32 weights from it
     if state.table_optim is not None:
         state.table_optim.load_state_dict(tensors["optim/tables"])
     meta = pickle.loads((path / "meta.pkl").read_bytes())
     state.step = int(meta["step"])
     state.skipped_steps = int(meta["skipped_steps"])
-    state.scheduler.load_state_dict(meta["scheduler"])
+    state.scheduler.load_state_dict(_fit_groups(meta["scheduler"], len(state.scheduler.optimizer.param_groups)))
+    # LambdaLR.load_state_dict restores its counters but not the optimizer's current lr:
+    # without this the first resumed step would run at the lr of step 0 (warmup, cosine)
+    for group, lr in zip(state.scheduler.optimizer.param_groups, state.scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     state.loader.load_state_dict(meta["loader"])
     if meta["world_size"] == world:
         _set_rng_state(meta["rng"][rank])

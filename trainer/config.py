@@ -20,6 +20,7 @@ from data.bad_rows import check_policy
 from data.build import SOURCES, declared_names
 from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, validate_smes_config
+from parallel.deepspeed_engine import DeepSpeedConfig, check_engine
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from parallel.expert_parallel import check_capacity_factor, check_ep
 from parallel.parallelize import ParallelConfig
@@ -53,6 +54,10 @@ class TrainerConfig:
             directory if there is one (so a restarted job picks up where it died), a
             checkpoint folder, or null to always start fresh.
         checkpoint: when checkpoints are written and how many are kept.
+        engine: native (DDP + the torch dense optimizer) | deepspeed (a DeepSpeed
+            engine with ZeRO trains the dense and expert parameters; the embedding
+            tables stay TorchRec's). See `parallel/deepspeed_engine.py`.
+        deepspeed: DeepSpeed settings (`zero_stage`, `bf16`), used with engine=deepspeed.
     """
 
     steps: int = 1500
@@ -74,6 +79,8 @@ class TrainerConfig:
     progress: bool = True
     resume: str | None = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: str = "native"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass(kw_only=True)
@@ -171,12 +178,18 @@ def validate(run: RunConfig) -> None:
         raise ValueError("trainer.checkpoint.every must be >= 0 and trainer.checkpoint.keep_last >= 1")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {t.device!r}")
+    check_engine(t.engine, t.deepspeed, device=t.device, optimizer=t.optimizer)
     if run.model.embedding_dim < 1:
         raise ValueError(f"model.embedding_dim must be >= 1, got {run.model.embedding_dim}")
     emb = run.parallel.embedding
     if emb.sharding_type is not None and emb.sharding_type not in SHARDING_TYPES:
         raise ValueError(
             f"parallel.embedding.sharding_type={emb.sharding_type!r}; choose one of {sorted(SHARDING_TYPES)}"
+        )
+    if t.engine == "deepspeed" and "data_parallel" in (emb.sharding_type, *emb.tables.values()):
+        raise ValueError(
+            "parallel.embedding: data_parallel tables are not supported with trainer.engine=deepspeed "
+            "(their gradients would need DDP); choose another sharding type"
         )
     if run.parallel.sparse_optimizer.name not in SPARSE_OPTIMIZERS:
         raise ValueError(

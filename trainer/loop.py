@@ -8,7 +8,9 @@ Per step: batch -> forward -> loss = sum_t w_t * BCE_t + sum(aux losses) -> one
 all-reduce of the loss parts (for logging; a non-finite sum on any rank makes every rank
 skip the step *before* backward, because the fused sparse optimizer updates embeddings
 during backward) -> backward (DDP all-reduces dense gradients, TorchRec updates its
-shards) -> dense optimizer step.
+shards) -> dense optimizer step. With `trainer.engine=deepspeed` the forward, backward
+and step go through a DeepSpeed engine instead (`parallel/deepspeed_engine.py`), which
+reduces the dense and expert gradients and steps the dense optimizer (ZeRO).
 
 Legend: B local batch, T tasks.
 """
@@ -39,7 +41,9 @@ from data.columns import Split
 from data.loader import TrainLoader, eval_batches
 from data.spec import DatasetSpec
 from model.build import ModelOutput, MultiTaskModel
+from parallel.deepspeed_engine import DeepSpeedDense
 from parallel.dist import DistInfo, init_distributed
+from parallel.expert_parallel import clip_grad_norm_
 from parallel.parallelize import ParallelModel, dense_parameters, parallelize
 from trainer import checkpoint, monitor
 from trainer.checkpoint import TrainState
@@ -52,7 +56,8 @@ from trainer.metrics import Predictions, task_metrics
 log = logging.getLogger("trainer")
 
 
-def build_dense_optimizer(run: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_dense_optimizer(run: RunConfig, params: list[Any]) -> torch.optim.Optimizer:
+    """The dense optimizer over `params` (parameters or parameter groups)."""
     t = run.trainer
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -61,6 +66,35 @@ def build_dense_optimizer(run: RunConfig, params: list[torch.nn.Parameter]) -> t
     if t.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+@dataclass
+class NativeDense:
+    """`trainer.engine=native`: forward through the DMP (DDP inside), plain backward,
+    grad clipping and the torch optimizers. Same interface as `DeepSpeedDense`."""
+
+    pm: ParallelModel
+    optimizers: list[Any]
+    params: list[torch.nn.Parameter]
+    grad_clip: float
+
+    def __call__(self, dense_BDn: torch.Tensor, sparse: Any) -> ModelOutput:
+        return self.pm.dmp(dense_BDn, sparse)
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip > 0:  # by the global norm: experts sharded over ranks count once
+            clip_grad_norm_(
+                self.params, self.grad_clip, sharded_experts=self.pm.sharded_expert_params, mesh=self.pm.mesh
+            )
+        for opt in self.optimizers:
+            opt.step()
 
 
 def lr_factor(step: int, *, steps: int, warmup: int, schedule: str) -> float:
@@ -198,16 +232,28 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         tower=run.model.tower,
         ebc_device="meta",
     )
-    pm = parallelize(model, run.parallel, info)
+    pm = parallelize(model, run.parallel, info, dense_engine=t.engine)
     core = model.core
     named_dense = dict(dense_parameters(pm.dmp))
     dense_params = list(named_dense.values())
-    # keyed by parameter name, so checkpoints do not depend on parameter order
-    optimizer = KeyedOptimizerWrapper(named_dense, lambda ps: build_dense_optimizer(run, list(ps)))
-    # data_parallel tables: replicated, stepped with the dense optimizer (see parallelize)
-    step_optimizers = [optimizer] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
+    dense: NativeDense | DeepSpeedDense
+    if t.engine == "deepspeed":
+        dense = DeepSpeedDense(
+            pm,
+            cfg=t.deepspeed,
+            build_optimizer=lambda groups: build_dense_optimizer(run, groups),
+            global_batch=t.batch_size,
+            grad_clip=t.grad_clip,
+        )
+        optimizer, scheduled = dense.keyed_optimizer, dense.base_optimizer
+    else:
+        # keyed by parameter name, so checkpoints do not depend on parameter order
+        optimizer = scheduled = KeyedOptimizerWrapper(named_dense, lambda ps: build_dense_optimizer(run, list(ps)))
+        # data_parallel tables: replicated, stepped with the dense optimizer (see parallelize)
+        step_optimizers = [optimizer] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
+        dense = NativeDense(pm, step_optimizers, dense_params, t.grad_clip)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps=t.steps, warmup=t.warmup_steps, schedule=t.lr_schedule)
+        scheduled, lambda s: lr_factor(s, steps=t.steps, warmup=t.warmup_steps, schedule=t.lr_schedule)
     )
     loader = TrainLoader(
         dataset.train,
@@ -266,7 +312,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         timer.start()
         batch = next(batches).to(info.device, non_blocking=True)
         timer.lap("data")
-        out: ModelOutput = pm.dmp(batch.dense, batch.sparse)
+        out: ModelOutput = dense(batch.dense, batch.sparse)
         losses = task_losses(out, batch, spec.tasks)
         aux = sum(out.aux_losses.values(), torch.zeros((), device=info.device))
         loss = sum((task_w[k] * v for k, v in losses.items()), torch.zeros((), device=info.device)) + aux
@@ -278,18 +324,14 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
                 dist.all_reduce(parts)
         parts /= info.world_size
         timer.lap("forward")
-        for opt in step_optimizers:
-            opt.zero_grad(set_to_none=True)
+        dense.zero_grad()
         if torch.isfinite(parts).all():  # same decision on every rank: parts are all-reduced
             bad_in_a_row = 0
-            loss.backward()
+            dense.backward(loss)
             with timer.part("comm"):
                 pm.after_backward()
             timer.lap("backward")
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
-            for opt in step_optimizers:
-                opt.step()
+            dense.step()  # grad clipping, dense (+ replicated table) optimizer step
             if hasattr(core, "update_bias"):  # aux-loss-free balancing, outside backward
                 core.update_bias()
             timer.lap("optimizer")
@@ -365,6 +407,8 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         "dataset": spec.name,
         "world_size": info.world_size,
         "ep_size": run.parallel.ep,
+        "engine": t.engine,
+        "zero_stage": t.deepspeed.zero_stage if t.engine == "deepspeed" else None,
         "steps": done_steps,
         "samples": samples,
         "train_samples_per_s": run_steps * t.batch_size / max(1e-9, train_s) if run_steps else None,

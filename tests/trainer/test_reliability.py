@@ -59,7 +59,9 @@ def checked(proc) -> None:
 @pytest.mark.slow
 def test_sigkill_restart_resumes_and_matches_straight_run(tmp_path: Path) -> None:
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    common = (*TINY, "trainer.steps=8", "trainer.log_every=1", "trainer.checkpoint.every=4")
+    # warmup + cosine: the resumed steps must also continue the lr schedule
+    schedule = ("trainer.warmup_steps=6", "trainer.lr_schedule=cosine")
+    common = (*TINY, *schedule, "trainer.steps=8", "trainer.log_every=1", "trainer.checkpoint.every=4")
     checked(launch(straight, *common))
     # rank 1 is SIGKILLed at the start of step 6 (0-based); the checkpoint of step 4 is
     # the newest complete one, so steps 5 and 6 are lost and run again after the restart
