@@ -64,7 +64,6 @@ import math
 import os
 import pathlib
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -81,6 +80,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.smes import SMES, SMESConfig
+from parallel.dist import free_port, local_rank_env
 from parallel.expert_parallel import (
     a2a_stats,
     apply_capacity_factor,
@@ -276,21 +276,8 @@ def deepspeed_worker(rank: int, args: argparse.Namespace) -> dict:
 # ---- process management --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _entry(rank: int, port: int, out_dir: str, mode: str, args: argparse.Namespace) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
+    os.environ.update(local_rank_env(rank, WORLD, port))
     code = 0
     # known per-step deprecation notices (DDP's broadcast_buffers, autograd all_to_all_single)
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*(broadcast_buffers|all_to_all_single).*")
@@ -313,7 +300,7 @@ def spawn(mode: str, args: argparse.Namespace) -> list[dict]:
     """One 2-process gloo run of `mode`; the per-rank results, by rank."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_entry, args=(r, port, tmp, mode, args)) for r in range(WORLD)]
         for p in procs:
             p.start()

@@ -19,6 +19,8 @@ from data.spec import DatasetSpec
 
 log = logging.getLogger("data")
 
+TRAIN, VAL, TEST = 0, 1, 2  # split codes of rows before they are partitioned (`split_rows`)
+
 
 @dataclass(slots=True)
 class SparseColumn:
@@ -134,6 +136,29 @@ def carve_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split
     """Split off a random `fraction` of rows as validation (seeded, reproducible)."""
     train_rows, val_rows = validation_rows(len(split), fraction=fraction, seed=seed)
     return split.take(train_rows), split.take(val_rows)
+
+
+def carve_splits(num_rows: int, *, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """`[N]` int8 split of each row (TRAIN / VAL / TEST): seeded, disjoint fractions."""
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) "
+            "and sum to less than 1"
+        )
+    perm = np.random.default_rng(seed).permutation(num_rows)
+    num_test, num_val = round(num_rows * test_fraction), round(num_rows * val_fraction)
+    split = np.full(num_rows, TRAIN, dtype=np.int8)
+    split[perm[:num_test]] = TEST
+    split[perm[num_test : num_test + num_val]] = VAL
+    return split
+
+
+def split_rows(full: Split, split_N: np.ndarray) -> tuple[Split, Split, Split]:
+    """Partition a whole-data `Split` into (train, val, test) by the `[N]` split codes."""
+    train, val, test = (full.take(np.flatnonzero(split_N == k)) for k in (TRAIN, VAL, TEST))
+    if len(train) == 0:
+        raise ValueError("the train split is empty")
+    return train, val, test
 
 
 def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:

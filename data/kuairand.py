@@ -51,14 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.bad_rows import SkipLog
-from data.columns import Dataset, SparseColumn, Split, standardize_dense
-from data.spec import DatasetSpec, SparseFeature
-from data.tabular import (
-    TEST,
-    TRAIN,
-    VAL,
+from data.columns import TEST, TRAIN, VAL, Dataset, SparseColumn, Split, carve_splits, split_rows, standardize_dense
+from data.parse import (
     binary_labels,
-    carve_splits,
     category_codes,
     file_columns,
     floats,
@@ -66,10 +61,10 @@ from data.tabular import (
     read_columns,
     signed_log1p,
     split_lists,
-    split_rows,
     strings,
     train_vocab_ids,
 )
+from data.spec import DatasetSpec, SparseFeature
 
 DEFAULT_TASKS = (
     "is_click",

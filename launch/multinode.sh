@@ -45,16 +45,10 @@ for var in NNODES RDZV_ENDPOINT RDZV_ID; do
     exit 2
   fi
 done
-RUN_DIR=${RUN_DIR:-}
-for arg in "$@"; do
-  case "$arg" in
-    hydra.run.dir=*) RUN_DIR=${arg#hydra.run.dir=} ;;
-    -m|--multirun) echo "error: use launch/sweep.sh for multirun" >&2; exit 2 ;;
-  esac
-done
+source launch/common.sh
+run_dir_from_args "$@"
 RUN_DIR=${RUN_DIR:-outputs/multinode/$RDZV_ID}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-export TRAINER_QUIET_RUN_DIR=1
+worker_env "$NPROC"
 cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC"
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID")
 if [[ -n "${RDZV_CONF:-}" ]]; then

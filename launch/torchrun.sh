@@ -10,18 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
 PYTHON=${PYTHON:-.venv/bin/python}
-RUN_DIR=${RUN_DIR:-}
-for arg in "$@"; do
-  case "$arg" in
-    hydra.run.dir=*) RUN_DIR=${arg#hydra.run.dir=} ;;
-    -m|--multirun) echo "error: use launch/sweep.sh for multirun" >&2; exit 2 ;;
-  esac
-done
+source launch/common.sh
+run_dir_from_args "$@"
 if [[ -z "$RUN_DIR" ]]; then
   RUN_DIR="outputs/$(date +%Y-%m-%d)/$(date +%H-%M-%S)"
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-export TRAINER_QUIET_RUN_DIR=1
+worker_env "$NPROC"
 # shellcheck disable=SC2086
 "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
   ${TORCHRUN_ARGS:-} -m trainer.train "$@" "hydra.run.dir=$RUN_DIR"

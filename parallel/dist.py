@@ -30,10 +30,24 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a local rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The torchrun-style environment of `rank` in a world of `world_size` processes on
+    this host, meeting at 127.0.0.1:`port` (for processes spawned without torchrun)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
 
 
 def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
@@ -72,7 +86,7 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistI
         else:
             dist.init_process_group(
                 backend,
-                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                init_method=f"tcp://127.0.0.1:{free_port()}",
                 rank=0,
                 world_size=1,
                 timeout=timedelta(seconds=timeout_s),

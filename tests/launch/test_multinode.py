@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from parallel.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ("data.limit_rows=3000", "trainer.steps=4", "trainer.batch_size=64", "model.num_experts=2", "logger=none")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -40,7 +35,7 @@ def test_two_nodes_on_loopback_train(tmp_path: Path) -> None:
     env = _env(
         NNODES="2",
         NPROC="1",
-        RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}",
+        RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
         RDZV_ID=f"loopback-{os.getpid()}",
         RUN_DIR=str(run_dir),
     )
