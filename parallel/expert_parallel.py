@@ -55,13 +55,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from model.moe.dispatch import LocalDispatcher
 from model.moe.experts import GroupedExperts
 from model.moe.router import RoutingPlan
 from model.smes import SMESLayer
+from parallel import dist as pdist
 
 
 @dataclass
@@ -74,6 +74,7 @@ class ExpertMesh:
     ep_group: dist.ProcessGroup | None
     edp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None = None  # None = WORLD
+    device_type: str = "cpu"  # of the run's tensors (the DTensor mesh of checkpoints)
 
     @property
     def ep_rank(self) -> int:
@@ -119,21 +120,23 @@ def apply_capacity_factor(model: nn.Module, capacity_factor: float | None) -> No
         layer.capacity_factor = capacity_factor
 
 
-def build_mesh(ep: int) -> ExpertMesh:
+def build_mesh(ep: int, *, device_type: str = "cpu") -> ExpertMesh:
     world, rank = dist.get_world_size(), dist.get_rank()
     check_ep(ep, world, None)
     ep_group = edp_group = None
     for g in range(world // ep):
         ranks = list(range(g * ep, (g + 1) * ep))
-        group = dist.new_group(ranks)
+        group = pdist.new_group(ranks)
         if rank in ranks:
             ep_group = group
     for j in range(ep):
         ranks = list(range(j, world, ep))
-        group = dist.new_group(ranks)
+        group = pdist.new_group(ranks)
         if rank in ranks:
             edp_group = group
-    return ExpertMesh(world_size=world, ep=ep, rank=rank, ep_group=ep_group, edp_group=edp_group)
+    return ExpertMesh(
+        world_size=world, ep=ep, rank=rank, ep_group=ep_group, edp_group=edp_group, device_type=device_type
+    )
 
 
 @dataclass
@@ -225,7 +228,7 @@ class AllToAllDispatcher(nn.Module):
         # 1. how many pairs go to each (owner, local expert); owners learn what arrives
         send_counts_PL = plan.counts_E.view(P, L).to(torch.int64)
         recv_counts_PL = torch.empty_like(send_counts_PL)
-        dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=group)
+        pdist.all_to_all_single(recv_counts_PL, send_counts_PL, group=group)
         self.stats.meta_bytes_sent += (P - 1) * L * send_counts_PL.element_size()
         send_splits = send_counts_PL.sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
@@ -265,7 +268,7 @@ class AllToAllDispatcher(nn.Module):
         self.stats.calls += 1
         out = torch.empty((sum(out_splits), x.shape[-1]), dtype=x.dtype, device=x.device)
         # the backward of this all-to-all sends `remote_out` gradient rows
-        y = dist_fn.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        y = pdist.all_to_all_single(out, x, out_splits, in_splits, group=group, autograd=True)
         return _CountBytes.apply(y, self.stats, remote_out)
 
 
@@ -281,9 +284,7 @@ def apply_expert_parallel(model: nn.Module, mesh: ExpertMesh) -> list[str]:
         raise ValueError("parallel.ep > 1 needs a sparse MoE core (model=smes)")
 
     def reduce_counts(counts: torch.Tensor) -> torch.Tensor:
-        if mesh.world_size > 1:
-            dist.all_reduce(counts, group=mesh.dp_group)  # in place, no grad
-        return counts
+        return pdist.all_reduce(counts, group=mesh.dp_group)  # in place, no grad
 
     for layer in layers:
         layer.count_reducer = reduce_counts
@@ -320,7 +321,7 @@ def sync_expert_grads(params: list[nn.Parameter], mesh: ExpertMesh) -> None:
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     if mesh.edp_size > 1:
-        dist.all_reduce(flat, group=mesh.edp_group)
+        pdist.all_reduce(flat, group=mesh.edp_group)
     flat /= mesh.world_size
     offset = 0
     for g in grads:
@@ -356,7 +357,7 @@ def clip_grad_norm_(
 
     expert_sq = squared(sliced)
     if mesh is not None and mesh.ep > 1 and mesh.world_size > 1:
-        dist.all_reduce(expert_sq, group=mesh.ep_group)
+        pdist.all_reduce(expert_sq, group=mesh.ep_group)
     total = (squared(own) + expert_sq).sqrt().float()
     torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return total
@@ -380,9 +381,11 @@ def checkpoint_view(state: dict, mesh: ExpertMesh | None, _cache: dict = {}) -> 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    key = (mesh.world_size, mesh.ep)
+    key = (mesh.world_size, mesh.ep, mesh.device_type)
     if key not in _cache:
-        _cache[key] = init_device_mesh("cpu", (mesh.world_size // mesh.ep, mesh.ep), mesh_dim_names=("edp", "ep"))
+        _cache[key] = init_device_mesh(
+            mesh.device_type, (mesh.world_size // mesh.ep, mesh.ep), mesh_dim_names=("edp", "ep")
+        )
     device_mesh = _cache[key]
     placements = [Replicate(), Shard(0)]
 

@@ -121,7 +121,7 @@ def parallelize(
     native = dense_engine == "native"
     apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
     apply_capacity_factor(model, cfg.capacity_factor)
-    mesh = build_mesh(cfg.ep)
+    mesh = build_mesh(cfg.ep, device_type=info.device.type)
     expert_names = apply_expert_parallel(model, mesh)
     feature_to_table = {f: f"t_{f}" for f in model.spec.sparse_names}
     dmp, plan = shard_embeddings(

@@ -14,6 +14,8 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
+from parallel import dist as pdist
+
 
 def _shards(value: object) -> list[tuple[list[int], torch.Tensor]] | None:
     """(offsets, local tensor) pairs of a sharded value, or None for a plain tensor."""
@@ -56,9 +58,10 @@ def gather_full_state(model: nn.Module, pg: dist.ProcessGroup | None = None) -> 
             out[key] = value.detach().clone()
             continue
         assert isinstance(value, ShardedTensor)
-        full = torch.zeros(value.size(), dtype=value.dtype)
+        device = shards[0][1].device if shards else torch.device("cpu")
+        full = torch.zeros(value.size(), dtype=value.dtype, device=device)
         for offsets, local in shards:
             _slice(full, offsets, local.shape).copy_(local)
-        dist.all_reduce(full, group=pg)  # shards are disjoint: the sum reassembles
+        pdist.all_reduce(full, group=pg)  # shards are disjoint: the sum reassembles
         out[key] = full
     return out

@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torchrec.optim.keyed import KeyedOptimizer
 
+from parallel.dist import all_gather_object, all_reduce, barrier, host_group
 from parallel.expert_parallel import ExpertMesh, checkpoint_view
 
 log = logging.getLogger("trainer.checkpoint")
@@ -116,9 +117,13 @@ def _all_finite(module: nn.Module) -> bool:
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 ok.zero_()
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    all_reduce(ok, "min")
     return bool(ok.item() == 1.0)
+
+
+def _dcp_group() -> dist.ProcessGroup | None:
+    """DCP exchanges only plans and metadata (objects): the host group carries them."""
+    return host_group() if dist.is_initialized() else None
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -146,13 +151,8 @@ def save(state: TrainState, root: Path, *, keep_last: int) -> Path | None:
     path = step_dir(root, state.step)
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a stale partial write of the same step
-    if dist.is_initialized():
-        dist.barrier()
-    rngs: list[Any] = [None] * world
-    if dist.is_initialized() and world > 1:
-        dist.all_gather_object(rngs, _rng_state())
-    else:
-        rngs = [_rng_state()]
+    barrier()
+    rngs = all_gather_object(_rng_state())
     meta = {
         "step": state.step,
         "skipped_steps": state.skipped_steps,
@@ -161,16 +161,14 @@ def save(state: TrainState, root: Path, *, keep_last: int) -> Path | None:
         "world_size": world,
         "rng": rngs,
     }
-    dcp.save(state.tensor_state(), checkpoint_id=str(path))
-    if dist.is_initialized():
-        dist.barrier()  # every rank's shards are on disk
+    dcp.save(state.tensor_state(), checkpoint_id=str(path), process_group=_dcp_group())
+    barrier()  # every rank's shards are on disk
     if rank == 0:
         (path / "meta.pkl").write_bytes(pickle.dumps(meta))
         (path / MARKER).write_text(f"step {state.step}\n")
         for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return path
 
 
@@ -217,7 +215,7 @@ def load(state: TrainState, path: Path) -> None:
     if state.table_optim is not None:
         state.table_optim.init_state()
     tensors = state.tensor_state()
-    dcp.load(tensors, checkpoint_id=str(path))
+    dcp.load(tensors, checkpoint_id=str(path), process_group=_dcp_group())
     # expert DTensor views were loaded in place; the plain state dict holds their slices
     sharded_experts = state.expert_mesh is not None and state.expert_mesh.ep > 1
     plain = {**tensors, "model": state.model.state_dict()} if sharded_experts else tensors

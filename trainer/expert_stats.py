@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from model.core import ExpertLoad
+from parallel.dist import all_reduce
 
 
 class ExpertLoadMeter:
@@ -44,10 +45,9 @@ class ExpertLoadMeter:
         counts_TE = self.counts_TE.clone()
         sums = torch.tensor([self.active_sum, self.num_instances, self.dropped_pairs], dtype=torch.float64)
         peak = torch.tensor([self.active_max], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(counts_TE, group=group)
-            dist.all_reduce(sums, group=group)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(counts_TE, group=group)
+        all_reduce(sums, group=group)
+        all_reduce(peak, "max", group=group)
         return load_figures(counts_TE, tasks, float(sums[0]), float(sums[1]), float(peak[0]), float(sums[2]))
 
     def reset(self) -> None:

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from tqdm import tqdm
@@ -42,7 +41,7 @@ from data.loader import TrainLoader, eval_batches
 from data.spec import DatasetSpec
 from model.build import ModelOutput, MultiTaskModel
 from parallel.deepspeed_engine import DeepSpeedDense
-from parallel.dist import DistInfo, init_distributed
+from parallel.dist import DistInfo, all_reduce, all_reduce_mean, init_distributed
 from parallel.expert_parallel import clip_grad_norm_
 from parallel.parallelize import ParallelModel, dense_parameters, parallelize
 from trainer import checkpoint, monitor
@@ -159,9 +158,7 @@ class StepTimer:
         now = {**self.totals, **self.parts}
         steps, before = self._mark
         delta = torch.tensor([now.get(k, 0.0) - before.get(k, 0.0) for k in phases], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(delta)
-            delta /= dist.get_world_size()
+        all_reduce_mean(delta)
         self._mark = (self.num_steps, now)
         per_step = 1e3 / max(1, self.num_steps - steps)
         return {k: float(v) * per_step for k, v in zip(phases, delta, strict=True)}
@@ -319,10 +316,8 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
         loss = faults.loss(step, loss)
         parts = torch.stack([*(v.detach() for v in losses.values()), aux.detach(), loss.detach()])
         parts = parts.double().cpu()
-        if info.world_size > 1:
-            with timer.part("comm"):
-                dist.all_reduce(parts)
-        parts /= info.world_size
+        with timer.part("comm"):
+            all_reduce_mean(parts)
         timer.lap("forward")
         dense.zero_grad()
         if torch.isfinite(parts).all():  # same decision on every rank: parts are all-reduced
@@ -395,8 +390,7 @@ def train(run: RunConfig, run_dir: Path, *, info: DistInfo | None = None) -> dic
     eval_s += time.perf_counter() - e0
     experts = run_meter.compute(spec.tasks)
     loader_rate = torch.tensor([loader.built_rows / max(1e-9, loader.build_s)], dtype=torch.float64)
-    if info.world_size > 1:
-        dist.all_reduce(loader_rate)  # sum of per-rank rates = global loader throughput
+    all_reduce(loader_rate)  # sum of per-rank rates = global loader throughput
     if last_val is None:  # resumed at the final step: nothing trained in this process
         last_val = evaluate(pm, dataset.val, spec, batch_size=t.eval_batch_size, info=info)
     run_steps = t.steps - start_step

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from parallel.dist import all_gather_cat
+
 
 def _average_ranks(x_N: np.ndarray) -> np.ndarray:
     """1-based ranks of `x_N`, ties sharing their average rank."""
@@ -128,21 +130,11 @@ class Predictions:
         weights = torch.cat(self._weights)
         if self._users:
             local["user_id"] = torch.cat(self._users)
-        world = dist.get_world_size(group) if dist.is_initialized() else 1
         out: dict[str, np.ndarray] = {}
-        all_weights = _all_gather(weights, world, group)
-        keep = all_weights.numpy() > 0
+        keep = all_gather_cat(weights, group).numpy() > 0
         for key, value in local.items():
-            out[key] = _all_gather(value, world, group).numpy()[keep]
+            out[key] = all_gather_cat(value, group).numpy()[keep]
         return out
-
-
-def _all_gather(x: torch.Tensor, world: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous(), group=group)
-    return torch.cat(out)
 
 
 def task_metrics(rows: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
