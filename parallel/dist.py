@@ -209,6 +209,14 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None
     return t
 
 
+def all_reduce_autograd(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Differentiable sum over `group` (out of place): the gradient of every rank's
+    input is the sum over ranks of the output gradients (e.g. synchronised statistics)."""
+    if world_size(group) == 1:
+        return t
+    return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM, group=_route(t, group) or dist.group.WORLD)
+
+
 def all_reduce_mean(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """In-place mean over the ranks of `group`; returns `t`."""
     n = world_size(group)
