@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data.build import build_dataset
@@ -406,3 +407,15 @@ def test_label_sources_and_single_class_warning(tmp_path: Path, caplog: pytest.L
     assert stats["test"]["bought"] == {"rows": 10, "positive_rate": 0.0}  # type: ignore[index]
     assert stats["train"]["click"]["rows"] == 30  # type: ignore[index]
     assert stats["train"]["click"]["positive_rate"] == pytest.approx(float(d.train.labels["click"].mean()))  # type: ignore[index]
+
+
+def test_command_line_tab_reaches_the_reader(tmp_path: Path) -> None:
+    """`data.delimiter='\\t'` from a shell reaches the config as backslash + t."""
+    path = _csv(tmp_path / "a.tsv", _rows(0, 30), sep="\t")
+    conf = Path(__file__).resolve().parents[2] / "conf" / "data"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        node = compose(config_name="tabular", overrides=[r"delimiter=\t", f"train=[{path}]"])
+    assert node.delimiter == "\\t"
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TabularConfig), node))
+    cfg = _cfg(**{k: getattr(cfg, k) for k in ("train", "delimiter")})
+    assert len(load_tabular(cfg).train) == 24
