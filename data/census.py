@@ -77,6 +77,10 @@ CATEGORICAL = {
     40: "year",
 }
 POSITIVE_INCOME, NEGATIVE_INCOME = "50000+.", "- 50000."
+LABEL_SOURCES = {
+    "income": f"column {LABEL_COL} (income) == {POSITIVE_INCOME!r}",
+    "never_married": f"column {MARITAL_COL} (marital status) == 'Never married'",
+}
 
 
 @dataclass(kw_only=True)
@@ -145,8 +149,9 @@ def _numeric(table: pa.Table, col: int, bad: BadRows) -> np.ndarray:
         values = raw.astype(np.float64)
     except ValueError:
         ok = np.array([_is_float(v) for v in raw], dtype=bool)
+        hint = "" if bad.skips.skip else " (data.on_bad_row=skip drops such rows)"
         bad.flag(~ok, column=CONTINUOUS[col], label=f"{col} ({CONTINUOUS[col]})", reason="non-numeric value",
-                 detail=lambda r: f"non-numeric value {raw[r]!r}")  # fmt: skip
+                 detail=lambda r: f"non-numeric value {raw[r]!r}{hint}")  # fmt: skip
         values = np.where(ok, raw, "nan").astype(np.float64)
     finite = np.isfinite(values)
     bad.flag(~finite & ~bad.bad_N, column=CONTINUOUS[col], label=f"{col} ({CONTINUOUS[col]})",
@@ -237,5 +242,5 @@ def load_census_income(cfg: CensusIncomeConfig) -> Dataset:
         tasks=("income", "never_married"),
         has_user_id=False,
     )
-    info = {"dense_stats": stats, "skipped": skips.as_dict()}
+    info: dict[str, object] = {"dense_stats": stats, "skipped": skips.as_dict(), "label_sources": LABEL_SOURCES}
     return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info)

@@ -170,6 +170,8 @@ def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
     labels in {0, 1}, aligned lengths. With `on_bad_row="skip"` rows breaking the first
     three are dropped from their split instead (in place), added to `ds.skipped_rows` and
     counted in `ds.info["skipped"]`; misaligned columns are a source bug and always raise.
+    Then each task's rows and positive rate per split go to `ds.info["label_stats"]`,
+    with a warning for a split holding one class (`label_stats`).
     """
     check_policy(on_bad_row)
     for split_name in ("train", "val", "test"):
@@ -182,6 +184,32 @@ def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
             skipped["rows"] += int(bad_N.sum())
             for reason, count in reasons.items():
                 skipped["by_reason"][reason] = skipped["by_reason"].get(reason, 0) + count
+    ds.info["label_stats"] = label_stats(ds)
+
+
+def label_stats(ds: Dataset) -> dict[str, dict[str, dict[str, object]]]:
+    """`{split: {task: {"rows": n, "positive_rate": r}}}` (r None for an empty split), and a
+    warning for every non-empty split where a task has a single class: its AUC and GAUC
+    would be null. The warning names the label's origin, `ds.info["label_sources"][task]`
+    (each source records one, e.g. `column 'income' rule '== 50000+.'`), since a label
+    rule that never matches (a missed trailing '.') is the usual cause."""
+    sources: dict = ds.info.get("label_sources", {})  # type: ignore[assignment]
+    stats: dict[str, dict[str, dict[str, object]]] = {}
+    for split_name in ("train", "val", "test"):
+        split = ds.split(split_name)
+        stats[split_name] = {}
+        for task in ds.spec.tasks:
+            n = len(split)
+            rate = float(split.labels[task].mean()) if n else None
+            stats[split_name][task] = {"rows": n, "positive_rate": rate}
+            if rate in (0.0, 1.0):
+                where = sources.get(task, f"source {ds.spec.name!r}")
+                log.warning(
+                    "data: task %r has a single class in the %s split of %r (all %d rows are %d; "
+                    "label from %s): its AUC / GAUC will be null",
+                    task, split_name, ds.spec.name, n, int(rate), where,
+                )  # fmt: skip
+    return stats
 
 
 def _check_split(ds: Dataset, split_name: str, on_bad_row: str) -> tuple[np.ndarray, dict[str, int]]:

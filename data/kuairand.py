@@ -1,7 +1,9 @@
 """KuaiRand (Kuaishou, CIKM 2022) interaction logs joined with user and video features.
 
-Takes the real files by path: KuaiRand-1K / -27K / -Pure `log_standard_*.csv` and
-`log_random_*.csv` (several logs are concatenated), `user_features_*.csv` (joined on
+Takes the real files by path, CSV (any `data.delimiter`) or Parquet: KuaiRand-1K / -27K /
+-Pure `log_standard_*.csv` and `log_random_*.csv` (several logs are concatenated; the
+KuaiRand-Pure Parquet files shipped in data/files/kuairand-pure are read by the
+`data=kuairand_pure` preset), `user_features_*.csv` (joined on
 `user_id`), `video_features_basic_*.csv` and `video_features_statistic_*.csv` (each
 joined on `video_id`; video files with the same header are parts of one table, like the
 27K `..._part1/2/3.csv`, and are concatenated first). A log that already carries the
@@ -21,7 +23,9 @@ Choices:
   source has; a column listed explicitly must exist. User columns come from
   `user_features` when given, else from the log; video columns from the first video
   table that has them, else from the log. Outcome columns (play_time_ms, stay times,
-  the is_* signals) are never default features: they leak the labels. The video
+  the is_* signals, and the columns the Pure Parquet files derive from them, listed in
+  `data/kuairand_schema.py`) and the task columns are never features, not even when
+  listed explicitly (an error): they leak the labels. The video
   statistics are averages over the whole month, test dates included, as the dataset
   ships them; set `video_dense: []` to leave them out.
 - Categorical values are matched as trimmed strings, vocabularies come from the train
@@ -35,7 +39,8 @@ Choices:
   cells per column (`imputed_dense`). A table with a duplicated id is an error.
 - Split `date` (default): test = the last `test_days` dates of the log, val = the
   `val_days` dates before (or, with `val_days: 0`, a seeded `val_fraction` of the
-  remaining rows), train = the rest. Split `fraction`: seeded `val_fraction` and
+  remaining rows), train = the rest. Dates are ordered as integers when they all are
+  (yyyymmdd), else as text. Split `fraction`: seeded `val_fraction` and
   `test_fraction` of all rows (needed when the log has no `date`, like the sample).
 - `Batch.user_id` is the log's user_id (GAUC groups by it).
 
@@ -52,10 +57,26 @@ import pyarrow.compute as pc
 
 from data.bad_rows import SkipLog
 from data.columns import TEST, TRAIN, VAL, Dataset, SparseColumn, Split, carve_splits, split_rows, standardize_dense
+from data.kuairand_schema import (
+    DEFAULT_LOG_CATEGORICAL,
+    DEFAULT_LOG_DENSE,
+    DEFAULT_TASKS,
+    DEFAULT_USER_CATEGORICAL,
+    DEFAULT_USER_DENSE,
+    DEFAULT_VIDEO_CATEGORICAL,
+    DEFAULT_VIDEO_DENSE,
+    DEFAULT_VIDEO_MULTI_HOT,
+    LONG_VIEW_INPUTS,
+    NOT_FEATURES,
+    long_view,
+)
 from data.parse import (
     binary_labels,
     category_codes,
+    csv_delimiter,
+    delimiter_hint,
     file_columns,
+    file_format,
     floats,
     group_ids,
     read_columns,
@@ -66,49 +87,6 @@ from data.parse import (
 )
 from data.spec import DatasetSpec, SparseFeature
 
-DEFAULT_TASKS = (
-    "is_click",
-    "long_view",
-    "is_like",
-    "is_follow",
-    "is_comment",
-    "is_forward",
-    "is_profile_enter",
-)
-LONG_VIEW_INPUTS = ("play_time_ms", "duration_ms")
-DEFAULT_LOG_CATEGORICAL = ("user_id", "video_id", "tab")
-DEFAULT_LOG_DENSE = ("duration_ms",)
-DEFAULT_USER_CATEGORICAL = (
-    "user_active_degree",
-    "is_lowactive_period",
-    "is_live_streamer",
-    "is_video_author",
-    "follow_user_num_range",
-    "fans_user_num_range",
-    "friend_user_num_range",
-    "register_days_range",
-    *(f"onehot_feat{i}" for i in range(18)),
-)
-DEFAULT_USER_DENSE = ("follow_user_num", "fans_user_num", "friend_user_num", "register_days")
-DEFAULT_VIDEO_CATEGORICAL = ("author_id", "video_type", "upload_type", "visible_status", "music_type")
-DEFAULT_VIDEO_MULTI_HOT = {"tag": ","}
-DEFAULT_VIDEO_DENSE = (
-    "server_width",
-    "server_height",
-    "show_cnt",
-    "play_cnt",
-    "play_duration",
-    "complete_play_cnt",
-    "valid_play_cnt",
-    "long_time_play_cnt",
-    "short_time_play_cnt",
-    "play_progress",
-    "like_cnt",
-    "comment_cnt",
-    "follow_cnt",
-    "share_cnt",
-    "collect_cnt",
-)
 SPLITS = ("date", "fraction")
 _KIND_KEY = {"cat": "categorical", "dense": "dense", "multi": "multi_hot"}
 
@@ -118,7 +96,7 @@ class KuaiRandConfig:
     """Config of the KuaiRand source (see the module docstring for the policies).
 
     Attributes:
-        log_files: interaction logs (CSV), concatenated.
+        log_files: interaction logs (CSV or Parquet), concatenated.
         user_features: user feature table keyed by user_id; None = user columns are in
             the log.
         video_features: video feature tables keyed by video_id (basic, statistic);
@@ -136,6 +114,10 @@ class KuaiRandConfig:
         on_bad_row: error (raise naming file, row, column) or skip: a bad log row is
             dropped, a bad feature-table row too (its ids then count as unknown and are
             imputed like any other missing row); see `data/bad_rows.py`.
+        format: auto (by extension: .parquet / .pq, else CSV), csv or parquet; for
+            every file (logs and tables).
+        delimiter: CSV field separator: one character, or `tab` / `\\t` for a tab.
+        dataset_name: the data set's name (`DatasetSpec.name`, summary.json `dataset`).
     """
 
     name: str = "kuairand"
@@ -160,6 +142,9 @@ class KuaiRandConfig:
     seed: int = 2026
     limit_rows: int = 0
     on_bad_row: str = "error"
+    format: str = "auto"
+    delimiter: str = ","
+    dataset_name: str = "kuairand"
 
 
 @dataclass(slots=True)
@@ -171,12 +156,20 @@ class _Source:
         paths: its files (row-wise parts).
         columns: columns every one of its files has.
         key: join column (None for the log).
+        fmt, delimiter: how its files are read (`data.format`, `data.delimiter`).
     """
 
     name: str
     paths: list[str]
     columns: list[str]
     key: str | None
+    fmt: str = "auto"
+    delimiter: str = ","
+
+    def hint(self) -> str:
+        """A wrong-delimiter hint for "column not found" errors ('' when none applies)."""
+        csv = file_format(self.paths[0], self.fmt) == "csv"
+        return delimiter_hint(self.columns, self.delimiter) if csv else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,28 +180,34 @@ class _Feature:
     sep: str = ","
 
 
-def _common_columns(paths: list[str]) -> list[str]:
-    headers = [file_columns(p) for p in paths]
-    return [c for c in headers[0] if all(c in h for h in headers[1:])]
-
-
 def _sources(cfg: KuaiRandConfig) -> dict[str, _Source]:
     if not cfg.log_files:
         raise ValueError("data.log_files names no file")
-    sources = {"log": _Source(name="log", paths=list(cfg.log_files), columns=_common_columns(cfg.log_files), key=None)}
+    read = {"fmt": cfg.format, "delimiter": csv_delimiter(cfg.delimiter)}
+
+    def columns(path: str) -> list[str]:
+        return file_columns(path, **read)  # type: ignore[arg-type]
+
+    headers = [columns(p) for p in cfg.log_files]
+    common = [c for c in headers[0] if all(c in h for h in headers[1:])]
+    sources = {"log": _Source(name="log", paths=list(cfg.log_files), columns=common, key=None, **read)}
     if cfg.user_features:
-        cols = file_columns(cfg.user_features)
-        sources["user"] = _Source(name="user", paths=[cfg.user_features], columns=cols, key="user_id")
+        cols = columns(cfg.user_features)
+        sources["user"] = _Source(name="user", paths=[cfg.user_features], columns=cols, key="user_id", **read)
     parts: dict[tuple[str, ...], list[str]] = {}
     for path in cfg.video_features:
-        parts.setdefault(tuple(file_columns(path)), []).append(path)
+        parts.setdefault(tuple(columns(path)), []).append(path)
     for i, (header, paths) in enumerate(parts.items()):
-        sources[f"video{i}"] = _Source(name=f"video{i}", paths=paths, columns=list(header), key="video_id")
+        sources[f"video{i}"] = _Source(name=f"video{i}", paths=paths, columns=list(header), key="video_id", **read)
+    log = sources["log"]
     for s in sources.values():
         if s.key is not None and s.key not in s.columns:
-            raise ValueError(f"{s.paths[0]}: no {s.key!r} column to join on; the file has {s.columns}")
-        if s.key is not None and s.key not in sources["log"].columns:
-            raise ValueError(f"{cfg.log_files[0]}: no {s.key!r} column to join {s.paths[0]} on")
+            raise ValueError(f"{s.paths[0]}: no {s.key!r} column to join on; the file has {s.columns}{s.hint()}")
+        if s.key is not None and s.key not in log.columns:
+            raise ValueError(
+                f"{cfg.log_files[0]}: no {s.key!r} column to join {s.paths[0]} on; "
+                f"the log files have {log.columns}{log.hint()}"
+            )
     return sources
 
 
@@ -222,7 +221,7 @@ def _candidates(group: str, sources: dict[str, _Source]) -> list[str]:
     return ["log"]
 
 
-def _features(cfg: KuaiRandConfig, sources: dict[str, _Source]) -> list[_Feature]:
+def _features(cfg: KuaiRandConfig, sources: dict[str, _Source], tasks: list[str]) -> list[_Feature]:
     multi = cfg.video_multi_hot
     groups = [
         ("log", "cat", cfg.log_categorical, DEFAULT_LOG_CATEGORICAL, {}),
@@ -247,6 +246,9 @@ def _features(cfg: KuaiRandConfig, sources: dict[str, _Source]) -> list[_Feature
             if source is None and given is not None:
                 where = [p for k in candidates for p in sources[k].paths]
                 raise ValueError(f"data.{group}_{_KIND_KEY[kind]}: column {column!r} is in none of {where}")
+            why = "a task label" if column in tasks else NOT_FEATURES.get(column)
+            if why is not None:
+                raise ValueError(f"data.{group}_{_KIND_KEY[kind]}: column {column!r} is {why}; it cannot be a feature")
             if source is not None:
                 sep = seps.get(column, DEFAULT_VIDEO_MULTI_HOT.get(column, ","))
                 features.append(_Feature(column=column, kind=kind, source=source, sep=sep))
@@ -269,17 +271,16 @@ def _tasks(cfg: KuaiRandConfig, log: _Source) -> list[tuple[str, bool]]:
             out.append((task, True))
         elif cfg.tasks is not None:
             hint = " (long_view needs play_time_ms and duration_ms)" if task == "long_view" else ""
-            raise ValueError(f"task {task!r} is not a column of every log file {log.paths}{hint}")
+            raise ValueError(
+                f"task {task!r} is not a column of every log file {log.paths}{hint}; "
+                f"the columns they all have are {log.columns}{log.hint()}"
+            )
     if not out:
-        raise ValueError(f"none of the tasks {list(DEFAULT_TASKS)} is in the log files {log.paths}")
+        raise ValueError(
+            f"none of the tasks {list(DEFAULT_TASKS)} is in the log files {log.paths}; "
+            f"the columns they all have are {log.columns}{log.hint()}"
+        )
     return out
-
-
-def long_view(play_time_ms: np.ndarray, duration_ms: np.ndarray, *, threshold_ms: float = 18_000) -> np.ndarray:
-    """KuaiRand's long_view: played >= min(duration, 18 s); unknown duration -> 18 s."""
-    known = np.isfinite(duration_ms) & (duration_ms > 0)
-    need = np.where(known, np.minimum(np.where(known, duration_ms, 0.0), threshold_ms), threshold_ms)
-    return (np.nan_to_num(play_time_ms, nan=-1.0) >= need).astype(np.float32)
 
 
 @dataclass(slots=True)
@@ -307,7 +308,14 @@ def _read(
     numbers: dict[str, list[np.ndarray]] = {c: [] for c in number_cols}
     file_rows = []
     for path in source.paths:
-        table = read_columns(path, columns=[*text_cols, *number_cols], limit_rows=limit_rows, skips=skips)
+        table = read_columns(
+            path,
+            columns=[*text_cols, *number_cols],
+            fmt=source.fmt,
+            delimiter=source.delimiter,
+            limit_rows=limit_rows,
+            skips=skips,
+        )
         bad = skips.file(path, table.num_rows)
         parsed = {c: floats(table.column(c), path=path, column=c, bad=bad) for c in number_cols}
         for c in label_cols:
@@ -387,7 +395,7 @@ def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: i
         raise ValueError(f"data.test_days must be >= 1 and data.val_days >= 0, got {cfg.test_days}, {cfg.val_days}")
     codes, _ = category_codes(dates)
     values = np.asarray(dates.combine_chunks().dictionary_encode().dictionary.to_pylist())
-    order = np.argsort(values)
+    order = np.argsort(_date_keys(values), kind="stable")
     if len(values) <= cfg.test_days + cfg.val_days:
         raise ValueError(
             f"the logs span {len(values)} dates; data.test_days={cfg.test_days} + "
@@ -406,11 +414,21 @@ def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: i
         carved = carve_splits(len(rest), val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed)
         split[rest] = carved
     info = {
-        "train_dates": sorted(values[order[:first_val]].tolist()),
+        "train_dates": values[order[:first_val]].tolist(),
         "val_dates": values[order[first_val:first_test]].tolist(),
         "test_dates": values[order[first_test:]].tolist(),
     }
     return split, info
+
+
+def _date_keys(values: np.ndarray) -> np.ndarray:
+    """Sort keys of the distinct `date` strings: integers when they all are (yyyymmdd, as
+    KuaiRand writes them; numeric order also holds for unpadded day numbers), else the
+    strings (ISO dates sort as text)."""
+    try:
+        return values.astype(np.int64)
+    except ValueError:
+        return values
 
 
 def kuairand_names(cfg: KuaiRandConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -433,7 +451,7 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
     sources = _sources(cfg)
     log = sources["log"]
     tasks = _tasks(cfg, log)
-    features = _features(cfg, sources)
+    features = _features(cfg, sources, [t for t, _ in tasks])
     if "user_id" not in log.columns:
         raise ValueError(f"the log files {log.paths} have no `user_id` column")
     by_source: dict[str, list[_Feature]] = {}
@@ -465,13 +483,15 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
     train, val, test = split_rows(full, split_N)
     info["dense_stats"] = standardize_dense(train, val, test)
     spec = DatasetSpec(
-        name=cfg.name,
+        name=cfg.dataset_name,
         sparse=tuple(specs),
         dense_names=tuple(dense_names),
         tasks=tuple(t for t, _ in tasks),
         has_user_id=True,
     )
     info["derived_tasks"] = [t for t, d in tasks if d]
+    derived = f"play_time_ms >= min(duration_ms, {cfg.long_view_threshold_ms} ms) (derived; no long_view column)"
+    info["label_sources"] = {t: derived if d else f"column {t!r} (0 / 1)" for t, d in tasks}
     info["feature_sources"] = {f.column: f.source for f in features}
     info["positive_rates"] = {t: float(train.labels[t].mean()) for t in spec.tasks}
     info["skipped"] = skips.as_dict()

@@ -9,6 +9,9 @@
   the wrong field count are bad rows under the `data.on_bad_row` policy
   (`data/bad_rows.py`): an error naming file, row and column, or skipped and counted.
 - Encoding: dictionary codes, train-only vocabularies (id 0 = empty or unseen), user ids.
+- `data.delimiter` accepts one character, or `tab` / the two characters `\\t` (what a
+  shell passes for `data.delimiter='\\t'`) for a tab; a file that reads as one column
+  gets a hint in the error that the delimiter may be wrong.
 
 Legend: N rows, nnz ids of a multi-hot column.
 """
@@ -29,6 +32,35 @@ from data.bad_rows import BadRows, SkipLog, first_ragged_line
 
 FORMATS = ("auto", "csv", "parquet")
 NAME_RE = re.compile(r"[^A-Za-z0-9_]")
+DELIMITER_ALIASES = {"\\t": "\t", "tab": "\t"}  # how a tab is spelled in a config -> the character
+LIKELY_DELIMITERS = {"\t": "'\\t'", ";": "';'", "|": "'|'", ",": "','"}  # character -> how to spell it
+NOT_DELIMITERS = ('"', "\n", "\r")
+
+
+def csv_delimiter(value: object, *, key: str = "data.delimiter") -> str:
+    """The CSV field separator meant by `value`: one character, or `tab` / `\\t` (two
+    characters, as Hydra receives `data.delimiter='\\t'`) for a tab.
+
+    Raises:
+        ValueError: naming `key`, for anything else.
+    """
+    text = DELIMITER_ALIASES.get(value.lower(), value) if isinstance(value, str) else value
+    if not isinstance(text, str) or len(text) != 1 or text in NOT_DELIMITERS:
+        raise ValueError(
+            f"{key}={value!r} is not a field separator; give one character (',', ';', '|'), or 'tab' / '\\t' for a tab"
+        )
+    return text
+
+
+def delimiter_hint(columns: list[str], delimiter: str) -> str:
+    """Text to add to a "column not found" error when the header read as a single column:
+    the usual sign of a wrong `data.delimiter` ('' otherwise)."""
+    if len(columns) != 1:
+        return ""
+    for char, spelled in LIKELY_DELIMITERS.items():
+        if char != delimiter and char in columns[0]:
+            return f"; the header reads as one column: is the file separated by {spelled}? set data.delimiter={spelled}"
+    return f"; the header reads as one column: is data.delimiter={delimiter!r} the file's separator?"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -61,7 +93,8 @@ def read_columns(
     present = file_columns(path, fmt=fmt, delimiter=delimiter, column_names=column_names)
     missing = [c for c in columns if c not in present]
     if missing:
-        raise ValueError(f"{path}: no column(s) {missing}; the file has {present}")
+        hint = delimiter_hint(present, delimiter) if file_format(path, fmt) == "csv" else ""
+        raise ValueError(f"{path}: no column(s) {missing}; the file has {present}{hint}")
     columns = list(dict.fromkeys(columns))
     try:
         if file_format(path, fmt) == "parquet":
@@ -161,7 +194,7 @@ def floats(arr: pa.ChunkedArray | pa.Array, *, path: str | Path, column: str, ba
                 bad_N,
                 column=column,
                 reason="non-numeric value",
-                detail=lambda r: f"non-numeric value {text[r].as_py()!r}",
+                detail=lambda r: f"non-numeric value {text[r].as_py()!r} (data.on_bad_row=skip drops such rows)",
             )
         cells = text.to_pylist()
         parsed = [_parse_float(v) for v in cells]

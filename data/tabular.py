@@ -45,6 +45,7 @@ from data.parse import (
     bad_rows_for,
     binary_labels,
     category_codes,
+    csv_delimiter,
     feature_name,
     finite_dense,
     floats,
@@ -70,7 +71,7 @@ class TabularConfig:
         test: test file(s); None or [] = carve `test_fraction` of the train rows.
         val_fraction, test_fraction, seed: the seeded carve-out.
         format: auto (by extension: .parquet / .pq, else CSV), csv or parquet.
-        delimiter: CSV field separator.
+        delimiter: CSV field separator: one character, or `tab` / `\\t` for a tab.
         column_names: names for headerless CSV files; None = the first line is a header.
         categorical: single-hot id columns.
         multi_hot: column -> separator of the ids inside one cell (ignored for Parquet
@@ -83,6 +84,8 @@ class TabularConfig:
             the column, `rule` to None (column must hold 0 / 1).
         limit_rows: read only the first N rows of each file; 0 = all.
         on_bad_row: error (raise naming file, row, column) or skip (drop and count).
+        dataset_name: the data set's name (`DatasetSpec.name`, summary.json `dataset`);
+            None = the first train file's name up to its first '.'.
     """
 
     name: str = "tabular"
@@ -103,6 +106,7 @@ class TabularConfig:
     tasks: list[dict[str, Any]] = field(default_factory=list)
     limit_rows: int = 0
     on_bad_row: str = "error"
+    dataset_name: str | None = None
 
 
 # ------------------------------------------------------------------------------- rules
@@ -202,6 +206,11 @@ def _tasks(cfg: TabularConfig) -> list[tuple[str, str, Rule | None]]:
     return out
 
 
+def _label_source(column: str, rule: object) -> str:
+    """Where a task's label comes from, for warnings: `column 'c' rule '>= 4'`."""
+    return f"column {column!r} " + ("(0 / 1)" if rule is None else f"rule {str(rule).strip()!r}")
+
+
 def _paths(value: list[str] | str | None) -> list[str]:
     if value is None:
         return []
@@ -226,7 +235,7 @@ def _parse_file(path: str, cfg: TabularConfig, tasks: list[tuple[str, str, Rule 
         path,
         columns=columns,
         fmt=cfg.format,
-        delimiter=cfg.delimiter,
+        delimiter=csv_delimiter(cfg.delimiter),
         column_names=cfg.column_names,
         limit_rows=cfg.limit_rows,
         skips=skips,
@@ -272,6 +281,14 @@ def _check_config(cfg: TabularConfig) -> None:
         raise ValueError(f"data.log1p names columns that are not in data.dense: {sorted(unknown)}")
     if len(set(cfg.dense)) != len(cfg.dense):
         raise ValueError(f"data.dense lists a column twice: {cfg.dense}")
+    csv_delimiter(cfg.delimiter)
+
+
+def dataset_name(cfg: TabularConfig) -> str:
+    """`data.dataset_name`, else the first train file's name up to its first '.'."""
+    if cfg.dataset_name:
+        return cfg.dataset_name
+    return Path(_paths(cfg.train)[0]).name.split(".")[0] or cfg.name
 
 
 def tabular_names(cfg: TabularConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -332,7 +349,7 @@ def load_tabular(cfg: TabularConfig) -> Dataset:
     train, val, test = split_rows(full, split_N)
     stats = standardize_dense(train, val, test)
     spec = DatasetSpec(
-        name=cfg.name,
+        name=dataset_name(cfg),
         sparse=tuple(features),
         dense_names=tuple(cfg.dense),
         tasks=tuple(name for name, _, _ in tasks),
@@ -341,6 +358,9 @@ def load_tabular(cfg: TabularConfig) -> Dataset:
     info: dict[str, object] = {
         "dense_stats": stats,
         "files": files,
+        "label_sources": {
+            name: _label_source(col, task.get("rule")) for (name, col, _), task in zip(tasks, cfg.tasks, strict=True)
+        },
         "positive_rates": {t: float(train.labels[t].mean()) for t in spec.tasks},
         "skipped": skips.as_dict(),
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.build import build_dataset
 from data.census import (
     CATEGORICAL,
     CONTINUOUS,
@@ -41,6 +42,17 @@ def test_shapes_and_spec(census: Dataset) -> None:
             ids = split.sparse[f.name].values
             assert len(ids) == len(split) and ids.min() >= 0 and ids.max() < f.num_embeddings
     np.testing.assert_allclose(d.train.dense.mean(axis=0), 0.0, atol=1e-4)
+
+
+def test_label_sources() -> None:
+    d = build_dataset(CensusIncomeConfig(limit_rows=300))
+    assert d.spec.name == "census_income"
+    assert d.info["label_sources"] == {
+        "income": "column 41 (income) == '50000+.'",
+        "never_married": "column 7 (marital status) == 'Never married'",
+    }
+    rate = d.info["label_stats"]["test"]["income"]["positive_rate"]  # type: ignore[index]
+    assert rate == pytest.approx(float(d.test.labels["income"].mean())) and 0 < rate < 0.2
 
 
 def test_label_rates(census: Dataset) -> None:
@@ -98,7 +110,7 @@ def test_small_valid_files(tmp_path: Path) -> None:
         (_row() + ", ".join(["0"] * 41) + "\n", "census-income.data.gz: not a 42-column"),
         (
             _row() + _row(age="old"),
-            r"census-income.data.gz: row 2, column 0 \(age\): non-numeric value 'old'",
+            r"census-income.data.gz: row 2, column 0 \(age\): non-numeric value 'old' \(data.on_bad_row=skip drops",
         ),
         (_row() + _row(age="inf"), r"row 2, column 0 \(age\): non-finite"),
         (_row(label="maybe"), r"row 1, column 41 \(income\): label 'maybe'"),

@@ -83,3 +83,44 @@ def test_skip_policy_drops_and_counts_rows() -> None:
     assert len(ds.train) == 4  # clean splits untouched
     with pytest.raises(ValueError, match="data.on_bad_row='ignore'"):
         check_dataset(dataset(), "ignore")
+
+
+def test_label_stats_per_split_and_task() -> None:
+    ds = dataset(labels={"y": np.array([1, 1, 0, 1], dtype=np.float32)})
+    ds.val = ds.val.take(np.array([], dtype=np.int64))
+    check_dataset(ds)
+    assert ds.info["label_stats"] == {
+        "train": {"y": {"rows": 4, "positive_rate": 0.5}},
+        "val": {"y": {"rows": 0, "positive_rate": None}},
+        "test": {"y": {"rows": 4, "positive_rate": 0.75}},
+    }
+
+
+def test_label_stats_after_skipped_rows() -> None:
+    ds = dataset(labels={"y": np.array([0.5, 1, 0, 1], dtype=np.float32)})
+    check_dataset(ds, "skip")
+    assert ds.info["label_stats"]["test"]["y"] == {"rows": 3, "positive_rate": pytest.approx(2 / 3)}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_single_class_split_is_warned(caplog: pytest.LogCaptureFixture, value: float) -> None:
+    ds = dataset(labels={"y": np.full(4, value, dtype=np.float32)})
+    ds.info["label_sources"] = {"y": "column 'income' rule '== 50000+'"}
+    with caplog.at_level("WARNING", logger="data"):
+        check_dataset(ds)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1  # train and val hold both classes; the empty-split case is silent
+    assert "task 'y' has a single class in the test split of 'tiny'" in messages[0]
+    assert f"all 4 rows are {int(value)}" in messages[0]
+    assert "label from column 'income' rule '== 50000+'" in messages[0]
+
+
+def test_single_class_warning_without_recorded_source(caplog: pytest.LogCaptureFixture) -> None:
+    ds = dataset(labels={"y": np.zeros(4, dtype=np.float32)})
+    ds.val = ds.val.take(np.array([], dtype=np.int64))
+    with caplog.at_level("WARNING", logger="data"):
+        check_dataset(ds)
+    assert [r.getMessage() for r in caplog.records] == [
+        "data: task 'y' has a single class in the test split of 'tiny' (all 4 rows are 0; "
+        "label from source 'tiny'): its AUC / GAUC will be null"
+    ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
@@ -357,3 +358,111 @@ def test_duplicate_id_in_table(files: dict[str, object]) -> None:
     users.write_text("\n".join([*lines, lines[2]]) + "\n")
     with pytest.raises(ValueError, match="user_id '1' appears twice"):
         _load(files)
+
+
+# ----------------------------------------- file formats, delimiters, names, messages
+
+
+def _sample_copies(root: Path) -> dict[str, str]:
+    """The sample as tab-separated and Parquet files (the CSV has no quoted cells)."""
+    tsv = root / "sample.tsv"
+    tsv.write_text(SAMPLE.read_text().replace(",", "\t"))
+    parquet = root / "sample.parquet"
+    pq.write_table(pacsv.read_csv(SAMPLE), parquet)
+    return {"tsv": str(tsv), "parquet": str(parquet)}
+
+
+def _same(a: Dataset, b: Dataset) -> None:
+    assert a.spec == b.spec
+    for name in ("train", "val", "test"):
+        x, y = a.split(name), b.split(name)
+        np.testing.assert_allclose(x.dense, y.dense, rtol=1e-6)
+        assert np.array_equal(x.user_id, y.user_id)  # type: ignore[arg-type]
+        for k in x.sparse:
+            assert np.array_equal(x.sparse[k].values, y.sparse[k].values), k
+        for t in x.labels:
+            assert np.array_equal(x.labels[t], y.labels[t]), t
+
+
+@pytest.mark.parametrize("delimiter", ["\t", "\\t", "tab"])
+def test_tab_separated_and_parquet_sample_match_csv(tmp_path: Path, delimiter: str) -> None:
+    copies = _sample_copies(tmp_path)
+    from_csv = load_kuairand(KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction"))
+    _same(from_csv, load_kuairand(KuaiRandConfig(log_files=[copies["tsv"]], split="fraction", delimiter=delimiter)))
+    _same(from_csv, load_kuairand(KuaiRandConfig(log_files=[copies["parquet"]], split="fraction")))
+    forced = load_kuairand(KuaiRandConfig(log_files=[copies["tsv"]], split="fraction", format="csv", delimiter="tab"))
+    _same(from_csv, forced)
+
+
+def test_parquet_logs_and_tables(files: dict[str, object], tmp_path: Path) -> None:
+    """Every file of the synthetic KuaiRand-1K layout as Parquet: the same data set."""
+
+    def to_parquet(path: str) -> str:
+        out = tmp_path / (Path(path).stem + ".parquet")
+        pq.write_table(pacsv.read_csv(path), out)
+        return str(out)
+
+    as_parquet = {
+        "log_files": [to_parquet(p) for p in files["log_files"]],  # type: ignore[attr-defined]
+        "user_features": to_parquet(files["user_features"]),  # type: ignore[arg-type]
+        "video_features": [to_parquet(p) for p in files["video_features"]],  # type: ignore[attr-defined]
+    }
+    a, b = _load(files), _load(as_parquet)
+    _same(a, b)
+    assert b.info["train_dates"] == DATES[:3]  # int dates in Parquet read as yyyymmdd strings
+    assert b.info["rows_without_user_features"] == a.info["rows_without_user_features"] > 0
+
+
+def test_tab_separated_read_with_comma_names_columns_and_delimiter(tmp_path: Path) -> None:
+    tsv = _sample_copies(tmp_path)["tsv"]
+    hint = r"the columns they all have are \['user_id\\tvideo_id\\tis_click\\t.*set data.delimiter='\\t'"
+    with pytest.raises(ValueError, match=r"none of the tasks \[.*\] is in the log files .*; " + hint):
+        load_kuairand(KuaiRandConfig(log_files=[tsv], split="fraction"))
+    with pytest.raises(ValueError, match=r"task 'is_click' is not a column of every log file .*; " + hint):
+        load_kuairand(KuaiRandConfig(log_files=[tsv], split="fraction", tasks=["is_click"]))
+    with pytest.raises(ValueError, match=r"no 'user_id' column to join .*; the log files have .*data.delimiter='\\t'"):
+        load_kuairand(KuaiRandConfig(log_files=[tsv], user_features=str(SAMPLE), split="fraction"))
+
+
+@pytest.mark.parametrize("delimiter", ["ab", "", "\\n", "\n", "tabs"])
+def test_invalid_delimiter_names_the_key(delimiter: str) -> None:
+    with pytest.raises(ValueError, match=r"data.delimiter=.* is not a field separator"):
+        load_kuairand(KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction", delimiter=delimiter))
+
+
+def test_dataset_name_and_label_sources(files: dict[str, object]) -> None:
+    d = build_dataset(KuaiRandConfig(**files))  # type: ignore[arg-type]
+    assert d.spec.name == "kuairand"
+    assert d.info["label_sources"]["is_click"] == "column 'is_click' (0 / 1)"  # type: ignore[index]
+    assert d.info["label_sources"]["long_view"].startswith("play_time_ms >= min(duration_ms, 18000 ms)")  # type: ignore[index]
+    assert set(d.info["label_stats"]["val"]) == set(DEFAULT_TASKS)  # type: ignore[arg-type]
+    assert _load(files, dataset_name="kuairand_1k").spec.name == "kuairand_1k"
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"log_dense": ["play_time_ms"]}, "data.log_dense: column 'play_time_ms' is an outcome of the impression"),
+        ({"log_categorical": ["user_id", "is_hate"]}, "data.log_categorical: column 'is_hate' is an interaction label"),
+        ({"tasks": ["is_click"], "log_dense": ["is_click"]}, "column 'is_click' is a task label"),
+    ],
+)
+def test_outcome_columns_are_never_features(files: dict[str, object], kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _load(files, **kw)
+
+
+def test_format_option_overrides_the_extension(tmp_path: Path) -> None:
+    odd = tmp_path / "sample.dat"
+    odd.write_bytes(Path(_sample_copies(tmp_path)["parquet"]).read_bytes())
+    from_csv = load_kuairand(KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction"))
+    _same(from_csv, load_kuairand(KuaiRandConfig(log_files=[str(odd)], split="fraction", format="parquet")))
+
+
+def test_dates_order_as_integers(tmp_path: Path) -> None:
+    """Unpadded day numbers (8, 9, 10, 11) sort as numbers: the test date is 11, not 9."""
+    rows = [[u, u % 3, day, u % 2] for day in (10, 8, 11, 9) for u in range(10)]
+    log = _write(tmp_path / "log.csv", ["user_id", "video_id", "date", "is_click"], rows)
+    d = load_kuairand(KuaiRandConfig(log_files=[log]))
+    assert (d.info["train_dates"], d.info["val_dates"], d.info["test_dates"]) == (["8", "9"], ["10"], ["11"])
+    assert (len(d.train), len(d.val), len(d.test)) == (20, 10, 10)

@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data.build import build_dataset
 from data.columns import Split
-from data.tabular import Rule, TabularConfig, apply_rule, load_tabular, parse_rule
+from data.tabular import Rule, TabularConfig, apply_rule, load_tabular, parse_rule, tabular_names
 
 HEADER = ["row", "user", "item.id", "tags", "price", "rating", "clicked", "action"]
 ACTIONS = ["view", "buy", "cart", "view", "share"]
@@ -126,8 +127,9 @@ def test_parquet_matches_csv(tmp_path: Path) -> None:
     rows = _rows(0, 80)
     from_csv = load_tabular(_cfg(train=[_csv(tmp_path / "a.csv", rows)], seed=3))
     from_pq = load_tabular(_cfg(train=[_parquet(tmp_path / "a.parquet", rows)], seed=3))
-    from_list = load_tabular(_cfg(train=[_parquet(tmp_path / "b.parquet", rows, list_tags=True)], seed=3))
-    for other in (from_pq, from_list):
+    (tmp_path / "lists").mkdir()
+    from_list = load_tabular(_cfg(train=[_parquet(tmp_path / "lists" / "a.parquet", rows, list_tags=True)], seed=3))
+    for other in (from_pq, from_list):  # the same data set name too: "a", from the file name
         assert other.spec == from_csv.spec
         for name in ("train", "val", "test"):
             x, y = from_csv.split(name), other.split(name)
@@ -226,13 +228,13 @@ def _write_bad(tmp_path: Path, column: str, row: int, value: str) -> str:
 @pytest.mark.parametrize(
     ("column", "value", "match"),
     [
-        ("price", "12,5", r"bad.csv: row 4, column 'price': non-numeric value '12,5'"),
+        ("price", "12,5", r"bad.csv: row 4, column 'price': non-numeric value '12,5' \(data.on_bad_row=skip drops"),
         ("price", "", r"bad.csv: row 4, column 'price': empty or NaN dense value"),
         ("price", "nan", r"bad.csv: row 4, column 'price': empty or NaN dense value"),
         ("price", "inf", r"bad.csv: row 4, column 'price': non-finite dense value"),
         ("clicked", "2", r"bad.csv: row 4, column 'clicked': label 2.0 is not 0 or 1"),
         ("clicked", "", r"bad.csv: row 4, column 'clicked': empty label value"),
-        ("rating", "x", r"bad.csv: row 4, column 'rating': non-numeric value 'x'"),
+        ("rating", "x", r"bad.csv: row 4, column 'rating': non-numeric value 'x' \(data.on_bad_row=skip drops"),
         ("action", "", r"bad.csv: row 4, column 'action': empty label value"),
     ],
 )
@@ -343,3 +345,77 @@ def test_on_bad_row_policy_is_validated(tmp_path: Path) -> None:
     path = _csv(tmp_path / "a.csv", _rows(0, 20))
     with pytest.raises(ValueError, match="data.on_bad_row='drop'"):
         build_dataset(_cfg(train=[path], on_bad_row="drop"))
+
+
+# ------------------------------------------------------ delimiter, data set name, labels
+
+
+@pytest.mark.parametrize("delimiter", ["\t", "\\t", "tab", "TAB"])
+def test_tab_delimiter_spellings(tmp_path: Path, delimiter: str) -> None:
+    """A real tab, the two characters backslash-t (what `data.delimiter='\\t'` passes) and `tab`."""
+    path = _csv(tmp_path / "a.tsv", _rows(0, 30), sep="\t")
+    d = load_tabular(_cfg(train=[path], delimiter=delimiter))
+    assert len(d.train) + len(d.val) + len(d.test) == 30
+    _check_rows(d.train, _raw_rows(d.train, d.info["dense_stats"]))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("delimiter", ["ab", "", "\\n", "\n", '"', "tabs"])
+def test_invalid_delimiter_names_the_key(tmp_path: Path, delimiter: str) -> None:
+    path = _csv(tmp_path / "a.csv", _rows(0, 10))
+    with pytest.raises(ValueError, match=r"data.delimiter=.* is not a field separator"):
+        load_tabular(_cfg(train=[path], delimiter=delimiter))
+    with pytest.raises(ValueError, match=r"data.delimiter="):  # config-only checks too
+        tabular_names(_cfg(train=[path], delimiter=delimiter))
+
+
+def test_wrong_delimiter_hint(tmp_path: Path) -> None:
+    """A tab-separated file read with ',' has one column named 'row\\tuser\\t...'."""
+    path = _csv(tmp_path / "a.tsv", _rows(0, 10), sep="\t")
+    with pytest.raises(ValueError, match=r"the file has \['row\\tuser.*set data.delimiter='\\t'"):
+        load_tabular(_cfg(train=[path]))
+    semi = _csv(tmp_path / "b.csv", _rows(0, 10), sep=";")
+    with pytest.raises(ValueError, match=r"separated by ';'\? set data.delimiter=';'"):
+        load_tabular(_cfg(train=[semi]))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['age'\]; the file has \['row', 'user'") as e:
+        load_tabular(_cfg(train=[_csv(tmp_path / "c.csv", _rows(0, 10))], dense=["age"]))
+    assert "data.delimiter" not in str(e.value)  # several columns: no hint
+
+
+def test_dataset_name(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "clicks.2024.csv", _rows(0, 20))
+    assert load_tabular(_cfg(train=[path])).spec.name == "clicks"
+    assert load_tabular(_cfg(train=[path], dataset_name="my_set")).spec.name == "my_set"
+
+
+def test_label_sources_and_single_class_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A rule that never matches (here a trailing '.') gives a single-class task: warned
+    at load time naming the task, the split and the rule, and recorded in label_stats."""
+    path = _csv(tmp_path / "a.csv", _rows(0, 50))
+    tasks = [*TASKS, {"name": "bought", "column": "action", "rule": "== buy."}]
+    with caplog.at_level("WARNING", logger="data"):
+        d = build_dataset(_cfg(train=[path], tasks=tasks, val_fraction=0.2, test_fraction=0.2))
+    assert d.info["label_sources"] == {
+        "click": "column 'clicked' (0 / 1)",
+        "like": "column 'rating' rule '>= 4'",
+        "convert": "column 'action' rule \"in [buy, 'cart']\"",
+        "bought": "column 'action' rule '== buy.'",
+    }
+    warned = [r.getMessage() for r in caplog.records if "single class" in r.getMessage()]
+    assert len(warned) == 3 and all("'bought'" in m and "rule '== buy.'" in m for m in warned)
+    assert {m.split(" split")[0].split()[-1] for m in warned} == {"train", "val", "test"}
+    stats = d.info["label_stats"]
+    assert stats["test"]["bought"] == {"rows": 10, "positive_rate": 0.0}  # type: ignore[index]
+    assert stats["train"]["click"]["rows"] == 30  # type: ignore[index]
+    assert stats["train"]["click"]["positive_rate"] == pytest.approx(float(d.train.labels["click"].mean()))  # type: ignore[index]
+
+
+def test_command_line_tab_reaches_the_reader(tmp_path: Path) -> None:
+    """`data.delimiter='\\t'` from a shell reaches the config as backslash + t."""
+    path = _csv(tmp_path / "a.tsv", _rows(0, 30), sep="\t")
+    conf = Path(__file__).resolve().parents[2] / "conf" / "data"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        node = compose(config_name="tabular", overrides=[r"delimiter=\t", f"train=[{path}]"])
+    assert node.delimiter == "\\t"
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TabularConfig), node))
+    cfg = _cfg(**{k: getattr(cfg, k) for k in ("train", "delimiter")})
+    assert len(load_tabular(cfg).train) == 24

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from trainer.config import RunConfig, build_run_config, validate_against_data
 
@@ -35,7 +36,8 @@ def test_every_model_composes(model: str) -> None:
 
 @pytest.mark.parametrize("data", group_options("data"))
 def test_every_data_source_composes(data: str) -> None:
-    assert compose_run(f"data={data}").data.name == data
+    """A preset is its source's name, or names its source (kuairand_pure -> kuairand)."""
+    assert compose_run(f"data={data}").data.name == OmegaConf.load(CONF / "data" / f"{data}.yaml").name
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
