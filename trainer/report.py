@@ -93,6 +93,7 @@ def summary(
         "skipped_rows": tr.dataset.skipped_rows,
         "skipped_rows_by_reason": dict((tr.dataset.info.get("skipped") or {}).get("by_reason", {})),  # type: ignore[union-attr]
         "skipped_steps": state.skipped_steps,
+        "label_stats": tr.dataset.info.get("label_stats"),
         "resumed_from": None if tr.resumed_from is None else str(tr.resumed_from),
         "resumed_at_step": tr.start_step,
         "batch_size": t.batch_size,

@@ -62,6 +62,7 @@ def main(cfg: DictConfig) -> None:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         else:
             logging.getLogger().setLevel(logging.WARNING)
+            logging.getLogger("data").setLevel(logging.ERROR)  # every rank loads the same data: rank 0 warns
         train(run, run_dir, info=info)
     except USER_ERRORS as e:
         _user_error = f"{type(e).__name__}: {e}" if isinstance(e, FloatingPointError) else str(e)

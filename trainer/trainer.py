@@ -173,6 +173,12 @@ class Trainer:
             info.world_size, info.backend, info.device, len(d.train), len(d.val), len(d.test),
             len(self.spec.tasks), list(self.spec.tasks), len(self.spec.sparse),
         )  # fmt: skip
+        for split, stats in (d.info.get("label_stats") or {}).items():  # type: ignore[union-attr]
+            log.info(
+                "%s labels: %s", split,
+                ", ".join(f"{t} {s['positive_rate']:.4f} of {s['rows']}" for t, s in stats.items()
+                          if s.get("positive_rate") is not None),
+            )  # fmt: skip
         log.info("embedding plan: %s", self.pm.plan)
         log.info("dense parameters: %d; pipeline %s; precision %s", self.num_dense_params, self.cfg.pipeline,
                  self.cfg.precision)  # fmt: skip
