@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 
 @dataclass(slots=True)
-class Batch:
+class Batch(Pipelineable):
     """A local batch.
 
     Attributes:

@@ -18,4 +18,21 @@ run_dir_from_args() {
 worker_env() {
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / $1 > 0 ? $(nproc) / $1 : 1 ))}
   export TRAINER_QUIET_RUN_DIR=1
+  TRAINER_ERROR_DIR=$(mktemp -d "${TMPDIR:-/tmp}/trainer-error.XXXXXX")
+  export TRAINER_ERROR_DIR
+}
+
+# report_error_and_exit CODE: after torchrun, a failed job's one-line error (each rank
+# of trainer/train.py writes it to $TRAINER_ERROR_DIR/rank<N>; the first is rank 0's)
+# is printed last, then exit CODE.
+report_error_and_exit() {
+  local code=$1 first
+  first=$(find "$TRAINER_ERROR_DIR" -type f -name 'rank*' 2>/dev/null | sort | head -n 1)
+  if [[ -n "$first" ]]; then
+    cat "$first" >&2
+  fi
+  rm -rf "$TRAINER_ERROR_DIR"
+  if [[ "$code" != 0 ]]; then
+    exit "$code"
+  fi
 }

@@ -60,6 +60,8 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${cmd[@]}"
   echo
 else
-  "${cmd[@]}"
+  code=0
+  "${cmd[@]}" || code=$?
+  report_error_and_exit "$code"
 fi
 echo "run_dir: $RUN_DIR"

@@ -16,7 +16,9 @@ if [[ -z "$RUN_DIR" ]]; then
   RUN_DIR="outputs/$(date +%Y-%m-%d)/$(date +%H-%M-%S)"
 fi
 worker_env "$NPROC"
+code=0
 # shellcheck disable=SC2086
 "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
-  ${TORCHRUN_ARGS:-} -m trainer.train "$@" "hydra.run.dir=$RUN_DIR"
+  ${TORCHRUN_ARGS:-} -m trainer.train "$@" "hydra.run.dir=$RUN_DIR" || code=$?
+report_error_and_exit "$code"
 echo "run_dir: $RUN_DIR"

@@ -10,7 +10,7 @@ Legend: B instances, F sparse features, De embedding dim, Dn dense width, D core
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +43,13 @@ def register_core(name: str, config_cls: type, core_cls: type[nn.Module]) -> Non
 class TowerConfig:
     hidden: list[int] = field(default_factory=lambda: [64])
     dropout: float = 0.0
+
+
+class ModelInput(Protocol):
+    """What the model reads from a batch."""
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
 
 
 @dataclass(slots=True)
@@ -110,8 +117,12 @@ class MultiTaskModel(nn.Module):
         pooled = self.ebc(sparse).to_dict()
         return torch.cat([pooled[name] for name in self.spec.sparse_names] + [dense_BDn], dim=1)
 
-    def forward(self, dense_BDn: torch.Tensor, sparse: KeyedJaggedTensor) -> ModelOutput:
-        out = self.core(self.embed(dense_BDn, sparse))
+    def forward(self, batch: ModelInput) -> ModelOutput:
+        """Logits per task of `batch` (anything with `dense` `[B, Dn]` and `sparse` KJT,
+        e.g. `data.batch.Batch`). Taking the batch whole, rather than its tensors, is
+        what TorchRec's sparse-dist pipeline needs: it traces this forward to find the
+        embedding input `batch.sparse` and runs its distribution one batch ahead."""
+        out = self.core(self.embed(batch.dense, batch.sparse))
         logits = {t: self.towers[t](out.task_reprs[t]) for t in self.tasks}
         return ModelOutput(logits=logits, aux_losses=out.aux_losses, load=out.load)
 

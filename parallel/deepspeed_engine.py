@@ -160,17 +160,17 @@ class DenseView(nn.Module):
             self.expert_groups = expert_groups
         self.__dict__["_dmp"] = pm.dmp  # not a submodule: its tables stay TorchRec's
 
-    def forward(self, dense_BDn: torch.Tensor, sparse: Any) -> tuple[ModelOutput, list[torch.Tensor]]:
+    def forward(self, batch: Any) -> tuple[ModelOutput, list[torch.Tensor]]:
         if self.bf16:
-            with torch.autocast(dense_BDn.device.type, dtype=torch.bfloat16):
-                out: ModelOutput = self._dmp(dense_BDn, sparse)
+            with torch.autocast(batch.dense.device.type, dtype=torch.bfloat16):
+                out: ModelOutput = self._dmp(batch)
             out = ModelOutput(
                 logits={t: v.float() for t, v in out.logits.items()},
                 aux_losses={k: v.float() for k, v in out.aux_losses.items()},
                 load=out.load,
             )
         else:
-            out = self._dmp(dense_BDn, sparse)
+            out = self._dmp(batch)
         return out, [*out.logits.values(), *out.aux_losses.values()]
 
 
@@ -205,7 +205,7 @@ def mark_expert_parameters(pm: ParallelModel) -> list[nn.Parameter]:
 class DeepSpeedDense:
     """Dense + expert parameters trained by a DeepSpeed engine.
 
-    The trainer drives it like the native engine: `dense(x, kjt) -> ModelOutput`,
+    The trainer drives it like the native engine: `dense(batch) -> ModelOutput`,
     `backward(loss)`, `step()`; `zero_grad()` is a no-op (the engine clears gradients
     in `step`). `base_optimizer` is the torch optimizer DeepSpeed steps (the trainer's
     LambdaLR schedules its parameter groups) and `keyed_optimizer` its checkpointable
@@ -261,8 +261,8 @@ class DeepSpeedDense:
         else:
             self.keyed_optimizer = ZeroDenseOptimizer(self.engine.optimizer, self.named_params, groups_params)
 
-    def __call__(self, dense_BDn: torch.Tensor, sparse: Any) -> ModelOutput:
-        out, _ = self.engine(dense_BDn, sparse)
+    def __call__(self, batch: Any) -> ModelOutput:
+        out, _ = self.engine(batch)
         return out
 
     def zero_grad(self) -> None:

@@ -72,8 +72,10 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Any  # TrainLoader (state_dict / load_state_dict)
     expert_mesh: ExpertMesh | None = None
+    selection: Any = None  # ModelSelector (state_dict / load_state_dict), or None
     step: int = 0
     skipped_steps: int = 0
+    stopped_early: bool = False
 
     def tensor_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -130,6 +132,10 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
+def best_dir(root: Path, step: int) -> Path:
+    return root / f"best_step_{step:08d}"
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first; warns about partial ones."""
     if not root.exists():
@@ -142,13 +148,18 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return done
 
 
-def save(state: TrainState, root: Path, *, keep_last: int) -> Path | None:
-    """Write a checkpoint of `state` (collective). Returns its folder, or None if skipped."""
+def save(state: TrainState, root: Path, *, keep_last: int, best: bool = False) -> Path | None:
+    """Write a checkpoint of `state` (collective). Returns its folder, or None if skipped.
+
+    `best=True` writes the model-selection checkpoint `best_step_<N>` instead (same
+    layout and marker) and, once it is complete, deletes the previous best ones;
+    `keep_last` applies to the periodic `step_<N>` ones only.
+    """
     rank, world = _world()
     if not _all_finite(state.model):
         log.error("step %d: non-finite weights, checkpoint not written", state.step)
         return None
-    path = step_dir(root, state.step)
+    path = best_dir(root, state.step) if best else step_dir(root, state.step)
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a stale partial write of the same step
     barrier()
@@ -160,13 +171,19 @@ def save(state: TrainState, root: Path, *, keep_last: int) -> Path | None:
         "loader": state.loader.state_dict(),
         "world_size": world,
         "rng": rngs,
+        "selection": None if state.selection is None else state.selection.state_dict(),
+        "stopped_early": state.stopped_early,
     }
     dcp.save(state.tensor_state(), checkpoint_id=str(path), process_group=_dcp_group())
     barrier()  # every rank's shards are on disk
     if rank == 0:
         (path / "meta.pkl").write_bytes(pickle.dumps(meta))
         (path / MARKER).write_text(f"step {state.step}\n")
-        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        if best:
+            stale = [d for d in root.glob("best_step_*") if d != path]
+        else:
+            stale = complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []
+        for old in stale:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return path
@@ -207,6 +224,17 @@ def _fit_groups(scheduler_state: dict[str, Any], num_groups: int) -> dict[str, A
     return out
 
 
+def load_model(state: TrainState, path: Path) -> None:
+    """Load only the model weights of the checkpoint at `path` into `state.model`
+    (collective; e.g. the best step's model for the final test evaluation)."""
+    if not (path / MARKER).exists():
+        raise ValueError(f"{path} is not a complete checkpoint folder (no {MARKER} marker)")
+    tensors = checkpoint_view({"model": state.model.state_dict()}, state.expert_mesh)
+    dcp.load(tensors, checkpoint_id=str(path), process_group=_dcp_group())
+    sharded_experts = state.expert_mesh is not None and state.expert_mesh.ep > 1
+    state.model.load_state_dict(state.model.state_dict() if sharded_experts else tensors["model"])
+
+
 def load(state: TrainState, path: Path) -> None:
     """Restore `state` in place from the checkpoint at `path` (collective)."""
     rank, world = _world()
@@ -230,6 +258,9 @@ def load(state: TrainState, path: Path) -> None:
     meta = pickle.loads((path / "meta.pkl").read_bytes())
     state.step = int(meta["step"])
     state.skipped_steps = int(meta["skipped_steps"])
+    state.stopped_early = bool(meta.get("stopped_early", False))
+    if state.selection is not None and meta.get("selection") is not None:
+        state.selection.load_state_dict(meta["selection"])
     state.scheduler.load_state_dict(_fit_groups(meta["scheduler"], len(state.scheduler.optimizer.param_groups)))
     # LambdaLR.load_state_dict restores its counters but not the optimizer's current lr:
     # without this the first resumed step would run at the lr of step 0 (warmup, cosine)

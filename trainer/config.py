@@ -25,8 +25,11 @@ from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from parallel.expert_parallel import check_capacity_factor, check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
+from trainer.selection import EarlyStoppingConfig, check_config
 
 DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+PIPELINES = ("sparse_dist", "none")
+PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -39,7 +42,10 @@ class TrainerConfig:
         batch_size: global batch size (split evenly over ranks; must be divisible by
             the world size), so results do not depend on the number of processes.
         eval_batch_size: per-rank evaluation batch size.
-        eval_every: evaluate on the validation split every N steps (0 = only at the end).
+        eval_every: evaluate on the validation split every N steps (0 = only at the end);
+            each evaluation is a candidate for model selection.
+        early_stopping: which validation metric selects the reported model, and when to
+            stop (`metric`, `mode`, `patience`, `min_delta`; see `trainer/selection.py`).
         log_every: log training metrics every N steps.
         seed: seed of model init and data order.
         device: auto | cpu | cuda.
@@ -58,12 +64,18 @@ class TrainerConfig:
             engine with ZeRO trains the dense and expert parameters; the embedding
             tables stay TorchRec's). See `parallel/deepspeed_engine.py`.
         deepspeed: DeepSpeed settings (`zero_stage`, `bf16`), used with engine=deepspeed.
+        pipeline: sparse_dist (TorchRec's TrainPipelineSparseDist: the embedding input
+            distribution and host-to-device copy of the next batches overlap the
+            current step) | none (in line). See `trainer/pipeline.py`.
+        precision: fp32 | bf16 (bf16 autocast for the core and towers; fp32 master
+            weights and optimizer state; embedding tables keep their TorchRec dtype).
     """
 
     steps: int = 1500
     batch_size: int = 1024
     eval_batch_size: int = 8192
-    eval_every: int = 0
+    eval_every: int = 250
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     log_every: int = 50
     seed: int = 2026
     device: str = "auto"
@@ -81,6 +93,8 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: str = "native"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    pipeline: str = "sparse_dist"
+    precision: str = "fp32"
 
 
 @dataclass(kw_only=True)
@@ -179,6 +193,18 @@ def validate(run: RunConfig) -> None:
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {t.device!r}")
     check_engine(t.engine, t.deepspeed, device=t.device, optimizer=t.optimizer)
+    if t.eval_every < 0:
+        raise ValueError(f"trainer.eval_every must be >= 0, got {t.eval_every}")
+    check_config(t.early_stopping)
+    if t.pipeline not in PIPELINES:
+        raise ValueError(f"trainer.pipeline={t.pipeline!r}; choose one of {PIPELINES}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={t.precision!r}; choose one of {PRECISIONS}")
+    if t.precision == "bf16" and t.engine == "deepspeed" and t.deepspeed.bf16:
+        raise ValueError(
+            "trainer.precision=bf16 and trainer.deepspeed.bf16=true both ask for bf16: the first autocasts "
+            "with fp32 weights, the second keeps DeepSpeed's weights in bf16; set one of them"
+        )
     if run.model.embedding_dim < 1:
         raise ValueError(f"model.embedding_dim must be >= 1, got {run.model.embedding_dim}")
     emb = run.parallel.embedding
@@ -229,6 +255,7 @@ def check_names(run: RunConfig, *, tasks: tuple[str, ...], features: tuple[str, 
     unknown = set(t.task_weights) - set(tasks)
     if unknown:
         raise ValueError(f"trainer.task_weights names unknown tasks {sorted(unknown)}; tasks: {list(tasks)}")
+    check_config(t.early_stopping, tasks=tasks)
     unknown = set(run.parallel.embedding.tables) - set(features)
     if unknown:
         raise ValueError(

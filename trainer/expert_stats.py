@@ -17,22 +17,26 @@ from parallel.dist import all_reduce
 
 
 class ExpertLoadMeter:
-    """Sums counts over steps; `compute()` reduces over ranks and derives the figures."""
+    """Sums counts over steps on the device (no host sync per step); `compute()`
+    reduces over ranks, copies to the host once and derives the figures."""
 
     def __init__(self) -> None:
         self.counts_TE: torch.Tensor | None = None
-        self.active_sum = 0.0
-        self.active_max = 0.0
-        self.num_instances = 0.0
-        self.dropped_pairs = 0.0
+        self.sums_3: torch.Tensor | None = None  # active_sum, num_instances, dropped_pairs
+        self.peak_1: torch.Tensor | None = None  # max active per instance
 
     def add(self, load: ExpertLoad) -> None:
-        counts = load.counts_TE.detach().float().cpu()
-        self.counts_TE = counts if self.counts_TE is None else self.counts_TE + counts
-        self.active_sum += float(load.active_sum)
-        self.active_max = max(self.active_max, float(load.active_max))
-        self.num_instances += float(load.num_instances)
-        self.dropped_pairs += float(load.dropped_pairs)
+        counts = load.counts_TE.detach().double()
+        on = counts.device
+        parts = (load.active_sum, load.num_instances, load.dropped_pairs)
+        sums = torch.stack([x.detach().double().to(on) for x in parts])
+        peak = load.active_max.detach().double().reshape(1).to(on)
+        if self.counts_TE is None or self.sums_3 is None or self.peak_1 is None:
+            self.counts_TE, self.sums_3, self.peak_1 = counts.clone(), sums, peak.clone()
+        else:
+            self.counts_TE += counts
+            self.sums_3 += sums
+            torch.maximum(self.peak_1, peak, out=self.peak_1)
 
     @property
     def empty(self) -> bool:
@@ -40,15 +44,14 @@ class ExpertLoadMeter:
 
     def compute(self, tasks: tuple[str, ...], group: dist.ProcessGroup | None = None) -> dict[str, object] | None:
         """Global figures (collective: every rank must call it). None when nothing was added."""
-        if self.counts_TE is None:
+        if self.counts_TE is None or self.sums_3 is None or self.peak_1 is None:
             return None
-        counts_TE = self.counts_TE.clone()
-        sums = torch.tensor([self.active_sum, self.num_instances, self.dropped_pairs], dtype=torch.float64)
-        peak = torch.tensor([self.active_max], dtype=torch.float64)
-        all_reduce(counts_TE, group=group)
+        counts_TE, sums, peak = self.counts_TE.clone(), self.sums_3.clone(), self.peak_1.clone()
+        all_reduce(counts_TE, group=group)  # device tensors: the device group
         all_reduce(sums, group=group)
         all_reduce(peak, "max", group=group)
-        return load_figures(counts_TE, tasks, float(sums[0]), float(sums[1]), float(peak[0]), float(sums[2]))
+        s = sums.tolist()  # host read at log time
+        return load_figures(counts_TE.float().cpu(), tasks, s[0], s[1], float(peak.item()), s[2])
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]

@@ -34,7 +34,7 @@ from tests.parallel.test_expert_parallel import build, loader, reference, total_
 from tests.trainer.test_config import compose_run
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
-from trainer.loop import NativeDense
+from trainer.engine import NativeDense
 
 WORLD, GLOBAL_BATCH, STEPS, LR = 2, 16, 4, 0.05
 
@@ -80,7 +80,7 @@ def train_steps(pm, dense, batches) -> list[float]:
     """The trainer's step (forward, backward, expert sync, step); global mean losses."""
     losses = []
     for batch in batches:
-        out = dense(batch.dense, batch.sparse)
+        out = dense(batch)
         loss = total_loss(out, batch)
         dense.zero_grad()
         dense.backward(loss)

@@ -22,7 +22,7 @@ from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizer
 from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
-from trainer.loop import task_losses
+from trainer.loss import task_losses
 
 SPEC = DatasetSpec(
     name="tiny",
@@ -74,7 +74,7 @@ def reference() -> tuple[dict[str, torch.Tensor], list[float], dict[str, torch.T
     loader = TrainLoader(tiny_split(), spec=SPEC, batch_size=GLOBAL_BATCH, shuffle=False, prefetch=0)
     losses = []
     for _, batch in zip(range(STEPS), loader, strict=False):
-        out = model(batch.dense, batch.sparse)
+        out = model(batch)
         loss = sum(task_losses(out, batch, SPEC.tasks).values())
         emb_opt.zero_grad()
         dense_opt.zero_grad()
@@ -104,7 +104,7 @@ def sharded_worker(rank: int, world: int, init: dict[str, torch.Tensor]) -> dict
         )  # fmt: skip
         losses = []
         for _, batch in zip(range(STEPS), loader, strict=False):
-            out = pm.dmp(batch.dense, batch.sparse)
+            out = pm.dmp(batch)
             loss = sum(task_losses(out, batch, SPEC.tasks).values())
             for opt in optimizers:
                 opt.zero_grad()

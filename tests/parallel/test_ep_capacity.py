@@ -39,9 +39,9 @@ def reference(capacity_factor: float | None) -> dict:
     apply_capacity_factor(model, capacity_factor)
     batches = [next(iter(loader(r, WORLD))) for r in range(WORLD)]
     with torch.no_grad():  # global selection counts, as the all-reduce gives every rank
-        counts_E = sum(model(b.dense, b.sparse).load.counts_TE.sum(0) for b in batches)
+        counts_E = sum(model(b).load.counts_TE.sum(0) for b in batches)
     smes_layers(model)[0].count_reducer = lambda _: counts_E.clone()
-    outs = [model(b.dense, b.sparse) for b in batches]
+    outs = [model(b) for b in batches]
     losses = [total_loss(out, b) for out, b in zip(outs, batches, strict=True)]
     (sum(losses) / WORLD).backward()
     return {
@@ -66,7 +66,7 @@ def worker(rank: int, world: int, init: dict, ep: int, capacity_factor: float | 
     pm = parallelize(model, cfg, info)
     load_full_state(pm.dmp, {k: v for k, v in init.items() if k.startswith("ebc.")}, strict=False)
     batch = next(iter(loader(rank, world)))
-    out = pm.dmp(batch.dense, batch.sparse)
+    out = pm.dmp(batch)
     loss = total_loss(out, batch)
     loss.backward()
     pm.after_backward()

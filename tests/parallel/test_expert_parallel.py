@@ -23,7 +23,7 @@ from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
 from tests.parallel.test_embedding_parity import SPEC, tiny_split
-from trainer.loop import task_losses
+from trainer.loss import task_losses
 
 GLOBAL_BATCH, STEPS, LR = 16, 3, 0.05
 E = 4
@@ -60,7 +60,7 @@ def reference() -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     out_log, losses, grads, counts = [], [], {}, None
     for i, batch in zip(range(STEPS), loader(0, 1), strict=False):
-        out = model(batch.dense, batch.sparse)
+        out = model(batch)
         loss = total_loss(out, batch)
         opt.zero_grad()
         loss.backward()
@@ -88,7 +88,7 @@ def ep_worker(rank: int, world: int, init: dict, ep: int) -> dict:
     opt = torch.optim.SGD([p for _, p in dense_parameters(pm.dmp)], lr=LR)
     res: dict = {"losses": []}
     for i, batch in zip(range(STEPS), loader(rank, world), strict=False):
-        out = pm.dmp(batch.dense, batch.sparse)
+        out = pm.dmp(batch)
         loss = total_loss(out, batch)
         opt.zero_grad()
         loss.backward()

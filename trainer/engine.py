@@ -1,0 +1,103 @@
+"""Dense engines: what runs forward, backward and the dense optimizer step.
+
+Both engines have the same interface (`Engine`): `engine(batch) -> ModelOutput`,
+`zero_grad()`, `backward(loss)`, `step()` (gradient clipping and the dense optimizer).
+The embedding tables are TorchRec's in both: sharded, with their fused optimizer
+applied inside backward.
+
+- `native` (`NativeDense`): forward through the DMP (DDP inside), `loss.backward()`
+  (the trainer follows it with `ParallelModel.after_backward`, the expert-gradient sync),
+  clipping by the global norm, then the torch optimizer (and the optimizer of replicated
+  `data_parallel` tables).
+- `deepspeed` (`parallel.deepspeed_engine.DeepSpeedDense`): a DeepSpeed ZeRO engine
+  around the same torch optimizer.
+
+`build_engine` returns the engine with its checkpointable optimizer view and the
+optimizer the lr schedule drives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+
+from data.batch import Batch
+from model.build import ModelOutput
+from parallel.deepspeed_engine import DeepSpeedDense
+from parallel.expert_parallel import clip_grad_norm_
+from parallel.parallelize import ParallelModel, dense_parameters
+from trainer.config import RunConfig
+from trainer.optim import build_dense_optimizer
+
+
+class Engine(Protocol):
+    def __call__(self, batch: Batch) -> ModelOutput: ...
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+
+@dataclass
+class NativeDense:
+    """`trainer.engine=native`, see the module doc."""
+
+    pm: ParallelModel
+    optimizers: list[Any]
+    params: list[torch.nn.Parameter]
+    grad_clip: float
+
+    def __call__(self, batch: Batch) -> ModelOutput:
+        return self.pm.dmp(batch)
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # the trainer then calls `pm.after_backward()` (expert-gradient sync)
+
+    def step(self) -> None:
+        if self.grad_clip > 0:  # by the global norm: experts sharded over ranks count once
+            clip_grad_norm_(
+                self.params, self.grad_clip, sharded_experts=self.pm.sharded_expert_params, mesh=self.pm.mesh
+            )
+        for opt in self.optimizers:
+            opt.step()
+
+
+@dataclass
+class BuiltEngine:
+    """The engine, the dense optimizer as checkpoints see it (keyed by parameter name),
+    and the torch optimizer whose parameter groups the lr schedule drives."""
+
+    engine: NativeDense | DeepSpeedDense
+    keyed_optimizer: Any
+    scheduled_optimizer: Any
+    num_dense_params: int
+
+
+def build_engine(run: RunConfig, pm: ParallelModel) -> BuiltEngine:
+    t = run.trainer
+    named = dict(dense_parameters(pm.dmp))
+    params = list(named.values())
+    num = sum(p.numel() for p in params)
+    if t.engine == "deepspeed":
+        ds = DeepSpeedDense(
+            pm,
+            cfg=t.deepspeed,
+            build_optimizer=lambda groups: build_dense_optimizer(run, groups),
+            global_batch=t.batch_size,
+            grad_clip=t.grad_clip,
+        )
+        return BuiltEngine(ds, ds.keyed_optimizer, ds.base_optimizer, num)
+    # keyed by parameter name, so checkpoints do not depend on parameter order
+    keyed = KeyedOptimizerWrapper(named, lambda ps: build_dense_optimizer(run, list(ps)))
+    # data_parallel tables: replicated, stepped with the dense optimizer (see parallelize)
+    optimizers = [keyed] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
+    return BuiltEngine(NativeDense(pm, optimizers, params, t.grad_clip), keyed, keyed, num)

@@ -1,0 +1,123 @@
+"""What a run reports: log records, console lines and `summary.json` (DESIGN section 6).
+
+The summary keys are a contract (benchmarks, sweeps and users read them; the README
+lists them): add freely, never rename or drop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from trainer import monitor
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+log = logging.getLogger("trainer")
+Metrics = dict[str, dict[str, float | None]]
+MAX_EXPERT_KEYS = 64
+
+
+RECORD_KEYS = ("auc", "gauc", "ne", "num_rows", "positive_rate", "gauc_users")
+
+
+def flat(prefix: str, metrics: Metrics) -> dict[str, float | None]:
+    """`{prefix/task/key: value}`: AUC, GAUC, NE and the split's row count, positive
+    rate and users counted by GAUC."""
+    return {f"{prefix}/{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k in RECORD_KEYS}
+
+
+def fmt(metrics: Metrics) -> str:
+    parts = []
+    for task, m in metrics.items():
+        vals = " ".join(f"{k}={m[k]:.4f}" for k in ("auc", "gauc", "ne") if m.get(k) is not None)
+        parts.append(f"{task}: {vals}")
+    return "; ".join(parts)
+
+
+def expert_log(figures: dict[str, Any], max_keys: int = MAX_EXPERT_KEYS) -> dict[str, Any]:
+    """Scalar load figures, per-expert keys (only up to `max_keys` experts, so large E
+    does not flood the dashboard), and the full vectors (pooled and per task) as lists,
+    which go to metrics.jsonl only (the expert-load heatmap is drawn from them)."""
+    out: dict[str, Any] = {f"experts/{k}": v for k, v in figures.items() if not isinstance(v, list | dict)}
+    frac = figures["selection_fraction"]
+    if len(frac) <= max_keys:
+        out.update({f"experts/fraction/e{e:03d}": v for e, v in enumerate(frac)})
+    out["experts/selection_fraction"] = frac
+    out["experts/selection_fraction_per_task"] = figures["selection_fraction_per_task"]
+    return out
+
+
+def _task_view(metrics: Metrics | None) -> dict[str, dict[str, float | None]]:
+    return {task: {k: m[k] for k in RECORD_KEYS if k in m} for task, m in (metrics or {}).items()}
+
+
+def summary(
+    tr: Trainer, *, test: Metrics, test_last: Metrics, val: Metrics | None, loader_samples_per_s: float
+) -> dict[str, Any]:
+    """The `summary.json` dict (identical on every rank). `test` / `val`: the reported
+    (best) model's metrics; `test_last`: the last step's."""
+    run, t, info, state = tr.run, tr.cfg, tr.info, tr.state
+    experts = tr.run_meter.compute(tr.spec.tasks)
+    run_steps = state.step - tr.start_step
+    done_steps = state.step - state.skipped_steps
+    return {
+        "model": run.model.name,
+        "dataset": tr.spec.name,
+        "world_size": info.world_size,
+        "ep_size": run.parallel.ep,
+        "engine": t.engine,
+        "zero_stage": t.deepspeed.zero_stage if t.engine == "deepspeed" else None,
+        "pipeline": t.pipeline,
+        "precision": t.precision,
+        "steps": done_steps,
+        "samples": done_steps * t.batch_size,
+        "train_samples_per_s": run_steps * t.batch_size / max(1e-9, tr.train_s) if run_steps else None,
+        "loader_samples_per_s": loader_samples_per_s,
+        "eval": _task_view(test),
+        "val": _task_view(val),
+        "eval_last": _task_view(test_last),
+        "val_last": _task_view(tr.last_val),
+        "best_step": tr.selector.best_step if tr.selector.best_dir is not None else state.step,
+        "best_metric": tr.selector.best_value,
+        "selection_metric": tr.cfg.early_stopping.metric,
+        "stopped_early": state.stopped_early,
+        "experts": None
+        if experts is None
+        else {k: v for k, v in experts.items() if k != "selection_fraction_per_task"},
+        "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "skipped_rows": tr.dataset.skipped_rows,
+        "skipped_rows_by_reason": dict((tr.dataset.info.get("skipped") or {}).get("by_reason", {})),  # type: ignore[union-attr]
+        "skipped_steps": state.skipped_steps,
+        "label_stats": tr.dataset.info.get("label_stats"),
+        "resumed_from": None if tr.resumed_from is None else str(tr.resumed_from),
+        "resumed_at_step": tr.start_step,
+        "batch_size": t.batch_size,
+        "step_time_ms": tr.timer.mean_ms(run_steps),
+        "checkpoint_s": tr.ckpt_s,
+        "setup_s": tr.setup_s,
+        "train_s": tr.train_s,
+        "eval_s": tr.eval_s,
+        "wall_s": time.perf_counter() - tr.wall_start,
+        "embedding_plan": tr.pm.plan,
+        "backend": info.backend,
+        "device": str(info.device),
+    }
+
+
+def write(tr: Trainer, summary_: dict[str, Any], test: Metrics) -> None:
+    """Rank 0: test metrics to the logger, `summary.json`, expert-load plots."""
+    logger = tr.logger
+    assert logger is not None
+    t = tr.cfg
+    logger.log(t.steps, flat("test", test))
+    logger.summary(flat("test", test))
+    summary_["wandb_dir"] = logger.wandb_dir
+    (tr.run_dir / "summary.json").write_text(json.dumps(summary_, indent=2) + "\n")
+    monitor.write_plots(tr.run_dir, logger=logger, step=t.steps)  # warns, never raises
+    log.info("test %s", fmt(test))
+    logger.close()
