@@ -25,6 +25,7 @@ from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from parallel.expert_parallel import check_capacity_factor, check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
+from trainer.metrics import check_mode
 
 DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -40,6 +41,9 @@ class TrainerConfig:
             the world size), so results do not depend on the number of processes.
         eval_batch_size: per-rank evaluation batch size.
         eval_every: evaluate on the validation split every N steps (0 = only at the end).
+        eval_mode: exact (every rank gathers all rows: O(N) memory per rank) |
+            distributed (distributed sort, O(N / W) per rank) | auto (distributed above
+            2M evaluation rows on more than one rank). See `trainer/metrics.py`.
         log_every: log training metrics every N steps.
         seed: seed of model init and data order.
         device: auto | cpu | cuda.
@@ -64,6 +68,7 @@ class TrainerConfig:
     batch_size: int = 1024
     eval_batch_size: int = 8192
     eval_every: int = 0
+    eval_mode: str = "auto"
     log_every: int = 50
     seed: int = 2026
     device: str = "auto"
@@ -178,6 +183,7 @@ def validate(run: RunConfig) -> None:
         raise ValueError("trainer.checkpoint.every must be >= 0 and trainer.checkpoint.keep_last >= 1")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {t.device!r}")
+    check_mode(t.eval_mode)
     check_engine(t.engine, t.deepspeed, device=t.device, optimizer=t.optimizer)
     if run.model.embedding_dim < 1:
         raise ValueError(f"model.embedding_dim must be >= 1, got {run.model.embedding_dim}")
