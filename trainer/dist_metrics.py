@@ -61,6 +61,7 @@ rank, W ranks, G groups, K = W - 1 splitters.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -72,8 +73,18 @@ NE_EPS = 1e-7
 OVERSAMPLE = 64
 MAX_SAMPLES = 4096
 
-# columns of an entry table (int64 [M, 4]; the score is stored as its float64 bits)
-_G, _S, _P, _NEG = range(4)
+
+@dataclass(slots=True)
+class _Entries:
+    """Distinct (group, score) keys sorted by group then score, with their counts."""
+
+    g_M: np.ndarray  # int64 group (user id; 0 for plain AUC)
+    s_M: np.ndarray  # float64 score
+    pos_M: np.ndarray  # int64 positives with this key
+    neg_M: np.ndarray  # int64 negatives with this key
+
+    def __len__(self) -> int:
+        return len(self.s_M)
 
 
 def _rank(group: dist.ProcessGroup | None) -> int:
@@ -87,50 +98,57 @@ def rank_sum(x: np.ndarray, group: dist.ProcessGroup | None = None) -> np.ndarra
     return all_gather_cat(t, group).numpy().sum(axis=0)
 
 
-def _scores(t_M4: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(t_M4[:, _S]).view(np.float64)
+def _key_starts(g_M: np.ndarray, s_M: np.ndarray) -> np.ndarray:
+    """Offsets of the runs of equal (group, score) in sorted keys."""
+    new = s_M[1:] != s_M[:-1]
+    new |= g_M[1:] != g_M[:-1]
+    return np.flatnonzero(np.r_[True, new]) if len(s_M) else np.zeros(0, np.int64)
 
 
-def _merge(t_M4: np.ndarray) -> np.ndarray:
-    """Entries sorted by (group, score), equal keys merged (their counts added)."""
-    if len(t_M4) == 0:
-        return t_M4
-    t_M4 = t_M4[np.lexsort((_scores(t_M4), t_M4[:, _G]))]
-    g, s = t_M4[:, _G], _scores(t_M4)
-    starts = np.flatnonzero(np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])])
-    if len(starts) == len(t_M4):
-        return t_M4
-    out = t_M4[starts]
-    out[:, _P:] = np.add.reduceat(t_M4[:, _P:], starts, axis=0)
-    return out
+def _entries(groups_N: np.ndarray | None, scores_N: np.ndarray, labels_N: np.ndarray) -> _Entries:
+    """Step 1: this rank's rows sorted by key, equal keys merged."""
+    scores_N = np.asarray(scores_N)
+    order = np.argsort(scores_N) if groups_N is None else np.lexsort((scores_N, groups_N))
+    g = np.zeros(len(order), np.int64) if groups_N is None else np.asarray(groups_N, np.int64)[order]
+    s = scores_N[order]  # float32 logits sort and tie exactly as their float64 values
+    pos = np.asarray(labels_N)[order] > 0.5
+    del order
+    starts = _key_starts(g, s)
+    pos_M = np.add.reduceat(pos, starts, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
+    neg_M = np.diff(np.r_[starts, len(s)]) - pos_M
+    return _Entries(g[starts], s[starts].astype(np.float64), pos_M, neg_M)
 
 
-def _entries(groups_N: np.ndarray | None, scores_N: np.ndarray, labels_N: np.ndarray) -> np.ndarray:
-    t_M4 = np.zeros((len(scores_N), 4), np.int64)
-    if groups_N is not None:
-        t_M4[:, _G] = groups_N
-    t_M4[:, _S] = np.asarray(scores_N, dtype=np.float64).view(np.int64)
-    pos = np.asarray(labels_N) > 0.5
-    t_M4[:, _P] = pos
-    t_M4[:, _NEG] = ~pos
-    return _merge(t_M4)
+def _merge(e: _Entries) -> _Entries:
+    """Step 4, in place: sort received entries by key and merge equal keys (sent by
+    several ranks). One column is copied at a time."""
+    order = np.lexsort((e.s_M, e.g_M))
+    for name in ("g_M", "s_M", "pos_M", "neg_M"):
+        setattr(e, name, getattr(e, name)[order])
+    del order
+    starts = _key_starts(e.g_M, e.s_M)
+    if len(starts) < len(e):
+        e.pos_M, e.neg_M = np.add.reduceat(e.pos_M, starts), np.add.reduceat(e.neg_M, starts)
+        e.g_M, e.s_M = e.g_M[starts], e.s_M[starts]
+    return e
 
 
-def _splitters(t_M4: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray | None:
-    """The W - 1 keys (int64 [K, 2]: group, score bits) that cut the global entries
-    into W ranges of about equal size; None when no rank has an entry."""
-    num_ranks, m = world_size(group), len(t_M4)
+def _splitters(e: _Entries, group: dist.ProcessGroup | None) -> np.ndarray | None:
+    """Step 2: the W - 1 keys (int64 [K, 2]: group, score bits) that cut the global
+    entries into W ranges of about equal size; None when no rank has an entry."""
+    num_ranks, m = world_size(group), len(e)
     num_samples = min(OVERSAMPLE * num_ranks, MAX_SAMPLES)
     idx_S = (np.arange(num_samples) * m) // num_samples
     sample_S3 = np.zeros((num_samples, 3), np.int64)
     if m:
-        sample_S3[:, :2] = t_M4[idx_S, :2]
+        sample_S3[:, 0] = e.g_M[idx_S]
+        sample_S3[:, 1] = e.s_M[idx_S].view(np.int64)
     sample_S3[:, 2] = np.diff(np.r_[idx_S, m])  # entries each sample stands for
     every = all_gather_cat(torch.from_numpy(sample_S3), group).numpy()
     every = every[every[:, 2] > 0]
     if len(every) == 0:
         return None
-    every = every[np.lexsort((_scores(every), every[:, 0]))]
+    every = every[np.lexsort((np.ascontiguousarray(every[:, 1]).view(np.float64), every[:, 0]))]
     weight = every[:, 2]
     before = np.cumsum(weight) - weight
     targets = np.arange(1, num_ranks) * (weight.sum() / num_ranks)
@@ -138,48 +156,45 @@ def _splitters(t_M4: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray 
     return every[pick, :2]
 
 
-def _cuts(t_M4: np.ndarray, splitters_K2: np.ndarray) -> np.ndarray:
+def _cuts(e: _Entries, splitters_K2: np.ndarray) -> np.ndarray:
     """Entry offsets [W + 1] of the ranges: entries [cuts[r], cuts[r + 1]) go to rank r
     (keys below splitter r, at or above splitter r - 1)."""
-    g, s = t_M4[:, _G], _scores(t_M4)
     cuts = [0]
     for split_g, split_bits in splitters_K2:
-        lo, hi = np.searchsorted(g, split_g, "left"), np.searchsorted(g, split_g, "right")
+        lo, hi = np.searchsorted(e.g_M, split_g, "left"), np.searchsorted(e.g_M, split_g, "right")
         split_s = np.int64(split_bits).view(np.float64)
-        cuts.append(int(lo + np.searchsorted(s[lo:hi], split_s, "left")))
-    cuts.append(len(t_M4))
+        cuts.append(int(lo + np.searchsorted(e.s_M[lo:hi], split_s, "left")))
+    cuts.append(len(e))
     return np.asarray(cuts, np.int64)
 
 
-def _exchange(t_M4: np.ndarray, cuts: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray:
-    """Uneven all-to-all of the entry ranges; returns what this rank received."""
+def _exchange(e: _Entries, cuts: np.ndarray, group: dist.ProcessGroup | None) -> _Entries:
+    """Step 3: uneven all-to-all of the entry ranges; returns what this rank received."""
     if world_size(group) == 1:
-        return t_M4
+        return e
     send = torch.from_numpy(np.diff(cuts))
     recv = torch.empty_like(send)
     all_to_all_single(recv, send, group=group)
-    out_M4 = np.empty((int(recv.sum()), 4), np.int64)  # numpy-owned: tracemalloc sees it
-    all_to_all_single(
-        torch.from_numpy(out_M4),
-        torch.from_numpy(np.ascontiguousarray(t_M4)),
-        recv.tolist(),
-        send.tolist(),
-        group=group,
-    )
-    return out_M4
+    num_recv, out_splits, in_splits = int(recv.sum()), recv.tolist(), send.tolist()
+    columns = []
+    for col in (e.g_M, e.s_M, e.pos_M, e.neg_M):
+        out = np.empty(num_recv, col.dtype)  # numpy-owned, so tracemalloc sees it
+        all_to_all_single(torch.from_numpy(out), torch.from_numpy(col), out_splits, in_splits, group=group)
+        columns.append(out)
+    return _Entries(*columns)
 
 
-def _group_sums(t_M4: np.ndarray) -> tuple[np.ndarray, ...]:
+def _group_sums(e: _Entries) -> tuple[np.ndarray, ...]:
     """Per group of the sorted, merged entries: id, twice the numerator, #pos, #neg."""
-    g, pos, neg = t_M4[:, _G], t_M4[:, _P], t_M4[:, _NEG]
-    if len(g) == 0:
-        return g, pos, pos, neg
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    neg_before = np.cumsum(neg) - neg
-    group_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(g)]))
-    neg_below = neg_before - neg_before[starts][group_of]  # negatives scored lower, same group
-    twice = pos * (2 * neg_below + neg)
-    return g[starts], np.add.reduceat(twice, starts), np.add.reduceat(pos, starts), np.add.reduceat(neg, starts)
+    if len(e) == 0:
+        return e.g_M, e.pos_M, e.pos_M, e.neg_M
+    starts = np.flatnonzero(np.r_[True, e.g_M[1:] != e.g_M[:-1]])
+    neg_below = np.cumsum(e.neg_M) - e.neg_M  # negatives scored lower on this rank ...
+    neg_below -= np.repeat(neg_below[starts], np.diff(np.r_[starts, len(e)]))  # ... in the same group
+    twice = e.pos_M * (2 * neg_below + e.neg_M)
+    del neg_below
+    sums = (np.add.reduceat(x, starts) for x in (twice, e.pos_M, e.neg_M))
+    return e.g_M[starts], *sums
 
 
 def _stitch(
@@ -231,13 +246,14 @@ def grouped_pair_counts(
         For the groups this rank owns (every group is owned by exactly one rank): twice
         the Mann-Whitney numerator, #pos and #neg, int64 `[G]` each.
     """
-    t_M4 = _entries(groups_N, scores_N, labels_N)
-    splitters_K2 = _splitters(t_M4, group)
+    e = _entries(groups_N, scores_N, labels_N)
+    splitters_K2 = _splitters(e, group)
     if splitters_K2 is None:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    t_M4 = _merge(_exchange(t_M4, _cuts(t_M4, splitters_K2), group))
-    return _stitch(*_group_sums(t_M4), group)
+    cuts = _cuts(e, splitters_K2)
+    e = _exchange(e, cuts, group)  # the sent entries are freed here
+    return _stitch(*_group_sums(_merge(e)), group)
 
 
 def distributed_auc(
