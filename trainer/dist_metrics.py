@@ -79,7 +79,7 @@ class _Entries:
     """Distinct (group, score) keys sorted by group then score, with their counts."""
 
     g_M: np.ndarray  # int64 group (user id; 0 for plain AUC)
-    s_M: np.ndarray  # float64 score
+    s_M: np.ndarray  # score: float32 (the trainer's logits) or float64, one dtype on every rank
     pos_M: np.ndarray  # int64 positives with this key
     neg_M: np.ndarray  # int64 negatives with this key
 
@@ -105,24 +105,53 @@ def _key_starts(g_M: np.ndarray, s_M: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, new]) if len(s_M) else np.zeros(0, np.int64)
 
 
+def _order(g_M: np.ndarray | None, s_M: np.ndarray, *, runs: bool = False) -> np.ndarray:
+    """The permutation sorting rows by (group, score); None groups = one group.
+
+    Fast path (the trainer's case): float32 scores and group ids in [0, 2**32) pack into
+    one uint64 key (group high, score's order-preserving bits low), sorted by numpy's
+    default (SIMD quicksort) or, with `runs` (input made of W sorted runs, as the
+    all-to-all delivers), by timsort, which merges the runs in O(N log W). Else a
+    two-key lexsort.
+    """
+    kind = "stable" if runs else None
+    if s_M.dtype == np.float32 and (g_M is None or len(g_M) == 0 or (g_M.min() >= 0 and g_M.max() < 2**32)):
+        # -0.0 gets the key just below 0.0's: adjacent after sorting, merged by `_key_starts`
+        bits = s_M.copy().view(np.uint32)
+        negative = bits >= np.uint32(2**31)
+        np.invert(bits, out=bits, where=negative)  # in place: no temporaries of N keys
+        np.bitwise_or(bits, np.uint32(2**31), out=bits, where=~negative)
+        del negative
+        key = np.zeros(len(bits), np.uint64) if g_M is None else g_M.astype(np.uint64)
+        key <<= np.uint64(32)
+        key |= bits
+        del bits
+        return np.argsort(key, kind=kind)
+    return np.argsort(s_M, kind=kind) if g_M is None else np.lexsort((s_M, g_M))
+
+
 def _entries(groups_N: np.ndarray | None, scores_N: np.ndarray, labels_N: np.ndarray) -> _Entries:
-    """Step 1: this rank's rows sorted by key, equal keys merged."""
+    """Step 1: this rank's rows sorted by key, equal keys merged. Scores keep their
+    dtype if float32 (exact: a float32 ties and orders as its float64 value)."""
     scores_N = np.asarray(scores_N)
-    order = np.argsort(scores_N) if groups_N is None else np.lexsort((scores_N, groups_N))
-    g = np.zeros(len(order), np.int64) if groups_N is None else np.asarray(groups_N, np.int64)[order]
-    s = scores_N[order]  # float32 logits sort and tie exactly as their float64 values
+    if scores_N.dtype != np.float32:
+        scores_N = scores_N.astype(np.float64)
+    groups_N = None if groups_N is None else np.asarray(groups_N, np.int64)
+    order = _order(groups_N, scores_N)
+    g = np.zeros(len(order), np.int64) if groups_N is None else groups_N[order]
+    s = scores_N[order]
     pos = np.asarray(labels_N)[order] > 0.5
     del order
     starts = _key_starts(g, s)
     pos_M = np.add.reduceat(pos, starts, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
     neg_M = np.diff(np.r_[starts, len(s)]) - pos_M
-    return _Entries(g[starts], s[starts].astype(np.float64), pos_M, neg_M)
+    return _Entries(g[starts], s[starts], pos_M, neg_M)
 
 
 def _merge(e: _Entries) -> _Entries:
     """Step 4, in place: sort received entries by key and merge equal keys (sent by
     several ranks). One column is copied at a time."""
-    order = np.lexsort((e.s_M, e.g_M))
+    order = _order(e.g_M, e.s_M, runs=True)
     for name in ("g_M", "s_M", "pos_M", "neg_M"):
         setattr(e, name, getattr(e, name)[order])
     del order
@@ -142,7 +171,7 @@ def _splitters(e: _Entries, group: dist.ProcessGroup | None) -> np.ndarray | Non
     sample_S3 = np.zeros((num_samples, 3), np.int64)
     if m:
         sample_S3[:, 0] = e.g_M[idx_S]
-        sample_S3[:, 1] = e.s_M[idx_S].view(np.int64)
+        sample_S3[:, 1] = e.s_M[idx_S].astype(np.float64).view(np.int64)
     sample_S3[:, 2] = np.diff(np.r_[idx_S, m])  # entries each sample stands for
     every = all_gather_cat(torch.from_numpy(sample_S3), group).numpy()
     every = every[every[:, 2] > 0]
@@ -162,7 +191,7 @@ def _cuts(e: _Entries, splitters_K2: np.ndarray) -> np.ndarray:
     cuts = [0]
     for split_g, split_bits in splitters_K2:
         lo, hi = np.searchsorted(e.g_M, split_g, "left"), np.searchsorted(e.g_M, split_g, "right")
-        split_s = np.int64(split_bits).view(np.float64)
+        split_s = np.int64(split_bits).view(np.float64).astype(e.s_M.dtype)  # exact: it is an entry's score
         cuts.append(int(lo + np.searchsorted(e.s_M[lo:hi], split_s, "left")))
     cuts.append(len(e))
     return np.asarray(cuts, np.int64)
@@ -251,9 +280,11 @@ def grouped_pair_counts(
     if splitters_K2 is None:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    cuts = _cuts(e, splitters_K2)
-    e = _exchange(e, cuts, group)  # the sent entries are freed here
-    return _stitch(*_group_sums(_merge(e)), group)
+    if world_size(group) > 1:
+        cuts = _cuts(e, splitters_K2)
+        e = _exchange(e, cuts, group)  # the sent entries are freed here, before the merge
+        e = _merge(e)
+    return _stitch(*_group_sums(e), group)
 
 
 def distributed_auc(
@@ -282,12 +313,16 @@ def distributed_gauc(
     return float(weighted / total), int(num_users)
 
 
-def ne_sums(logits_N: np.ndarray, labels_N: np.ndarray) -> np.ndarray:
-    """This rank's (sum of log loss, sum of labels, rows), float64 `[3]`."""
-    probs = np.clip(1.0 / (1.0 + np.exp(-np.asarray(logits_N, dtype=np.float64))), NE_EPS, 1 - NE_EPS)
-    y = np.asarray(labels_N, dtype=np.float64)
-    log_loss = -(y * np.log(probs) + (1 - y) * np.log(1 - probs)).sum()
-    return np.array([log_loss, y.sum(), float(len(y))])
+def ne_sums(logits_N: np.ndarray, labels_N: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """This rank's (sum of log loss, sum of labels, rows), float64 `[3]`; in chunks of
+    `chunk` rows so that the float64 temporaries stay small."""
+    out = np.zeros(3)
+    for lo in range(0, len(logits_N), chunk):
+        x = np.asarray(logits_N[lo : lo + chunk], dtype=np.float64)
+        probs = np.clip(1.0 / (1.0 + np.exp(-x)), NE_EPS, 1 - NE_EPS)
+        y = np.asarray(labels_N[lo : lo + chunk], dtype=np.float64)
+        out += [-(y * np.log(probs) + (1 - y) * np.log(1 - probs)).sum(), y.sum(), len(y)]
+    return out
 
 
 def ne_from_sums(log_loss_sum: float, label_sum: float, num_rows: float) -> float | None:

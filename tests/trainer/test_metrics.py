@@ -18,6 +18,7 @@ from torchrec.metrics.auc import compute_auc
 from tests._dist import run_ranks
 from tests.trainer.metric_refs import brute_auc, brute_gauc
 from trainer.config import build_run_config
+from trainer.dist_metrics import ne_sums
 from trainer.metrics import Predictions, auc, compute_metrics, gauc, normalized_entropy, resolve_mode, task_metrics
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -74,6 +75,14 @@ def test_normalized_entropy() -> None:
     p = np.array([0.2, 0.6, 0.1, 0.7])  # log loss by hand over the entropy of rate 1/4
     loss = -(np.log(0.8) + np.log(0.4) + np.log(0.9) + np.log(0.7)) / 4
     assert normalized_entropy(p, y) == pytest.approx(loss / -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), rel=1e-12)
+
+
+def test_ne_sums_add_up_over_chunks(scored) -> None:
+    s, y, _ = scored
+    whole = ne_sums(s, y, chunk=len(s))
+    np.testing.assert_allclose(ne_sums(s, y, chunk=7), whole, rtol=1e-12)
+    p = np.clip(1 / (1 + np.exp(-s)), 1e-7, 1 - 1e-7)
+    assert whole[0] == pytest.approx(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(), rel=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["exact", "distributed", "auto"])
