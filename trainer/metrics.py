@@ -26,10 +26,10 @@ the padding is dropped before any metric). `mode` (`trainer.eval_mode`):
   from summed parts); O(N / W) memory and O((N / W) log(N / W)) time per rank.
 - `auto` (default): `distributed` when the world has more than one rank and more than
   `AUTO_DISTRIBUTED_ROWS` (2,000,000) evaluation rows in all, else `exact`. At 2M rows
-  the exact path holds ~2M x (2 T + 1) values per rank plus its sort buffers (a few
-  hundred MB for a few tasks), which is still cheap; above, the all-gather's memory and
-  every rank's redundant sort grow with N. The distributed AUC equals the exact one bit
-  for bit (both sum integers exactly), GAUC and NE agree to float64 rounding, so the
+  and one task the exact path adds ~315 MB RSS and ~8 s per rank (every rank sorts
+  all rows), the distributed one ~81 MB and ~1.5 s on 2 ranks (`benchmarks/eval_scale.py`):
+  still affordable below, growing with N above. The distributed AUC equals the exact one
+  bit for bit (both sum integers exactly), GAUC and NE agree to float64 rounding, so the
   switch does not move the numbers.
 
 Legend: N evaluation rows, W ranks, T tasks.
