@@ -26,6 +26,7 @@ from parallel.expert_parallel import check_capacity_factor, check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.selection import EarlyStoppingConfig, check_config
+from trainer.metrics import check_mode
 
 DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 PIPELINES = ("sparse_dist", "none")
@@ -46,6 +47,9 @@ class TrainerConfig:
             each evaluation is a candidate for model selection.
         early_stopping: which validation metric selects the reported model, and when to
             stop (`metric`, `mode`, `patience`, `min_delta`; see `trainer/selection.py`).
+        eval_mode: exact (every rank gathers all rows: O(N) memory per rank) |
+            distributed (distributed sort, O(N / W) per rank) | auto (distributed above
+            2M evaluation rows on more than one rank). See `trainer/metrics.py`.
         log_every: log training metrics every N steps.
         seed: seed of model init and data order.
         device: auto | cpu | cuda.
@@ -76,6 +80,7 @@ class TrainerConfig:
     eval_batch_size: int = 8192
     eval_every: int = 250
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    eval_mode: str = "auto"
     log_every: int = 50
     seed: int = 2026
     device: str = "auto"
@@ -192,6 +197,7 @@ def validate(run: RunConfig) -> None:
         raise ValueError("trainer.checkpoint.every must be >= 0 and trainer.checkpoint.keep_last >= 1")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {t.device!r}")
+    check_mode(t.eval_mode)
     check_engine(t.engine, t.deepspeed, device=t.device, optimizer=t.optimizer)
     if t.eval_every < 0:
         raise ValueError(f"trainer.eval_every must be >= 0, got {t.eval_every}")

@@ -1,6 +1,7 @@
-"""Evaluation metrics over the whole evaluation set, gathered from every rank.
+"""Evaluation metrics over the whole evaluation set of every rank: the trainer's entry point.
 
-Per task: AUC, GAUC and NE (normalised entropy).
+Per task: AUC, GAUC and NE (normalised entropy), plus the row count, the positive rate
+and the number of users GAUC averages over.
 
 - AUC is exact (Mann-Whitney with average ranks for ties), not a bucketed estimate.
 - GAUC is the AUC of each user's impressions, averaged with weights = that user's number
@@ -11,11 +12,27 @@ Per task: AUC, GAUC and NE (normalised entropy).
 - NE is the log loss divided by the entropy of the label's base rate; below 1 means the
   model beats predicting the average.
 
-Ranks each hold a shard of predictions (the evaluation loader pads with weight-0 rows
-so that all shards have the same length); `gather_predictions` all-gathers them, drops
-the padding and hands every rank the full set, so the metrics are global.
+Entry point: `compute_metrics(preds, tasks, mode=...)`, called by every rank after the
+evaluation batches; it returns task -> {auc, gauc, gauc_users, ne, num_rows,
+positive_rate} (None where undefined: one class, no user ids, no rows), the same values
+on every rank. Ranks each hold a shard of predictions in `Predictions` (CPU; the
+evaluation loader pads with weight-0 rows so that all shards have the same length, and
+the padding is dropped before any metric). `mode` (`trainer.eval_mode`):
 
-Legend: N evaluation rows.
+- `exact`: `Predictions.gather` all-gathers every row onto every rank, which computes the
+  metrics over the full arrays (`task_metrics`). O(N) memory and O(N log N) time per
+  rank: for small sets, and the reference the distributed path is tested against.
+- `distributed`: `trainer/dist_metrics.py`, a distributed sort (exact AUC and GAUC, NE
+  from summed parts); O(N / W) memory and O((N / W) log(N / W)) time per rank.
+- `auto` (default): `distributed` when the world has more than one rank and more than
+  `AUTO_DISTRIBUTED_ROWS` (2,000,000) evaluation rows in all, else `exact`. At 2M rows
+  and one task the exact path adds ~315 MB RSS and ~8 s per rank (every rank sorts
+  all rows), the distributed one ~81 MB and ~1.5 s on 2 ranks (`benchmarks/eval_scale.py`):
+  still affordable below, growing with N above. The distributed AUC equals the exact one
+  bit for bit (both sum integers exactly), GAUC and NE agree to float64 rounding, so the
+  switch does not move the numbers.
+
+Legend: N evaluation rows, W ranks, T tasks.
 """
 
 from __future__ import annotations
@@ -26,7 +43,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallel.dist import all_gather_cat
+from parallel.dist import all_gather_cat, world_size
+from trainer.dist_metrics import distributed_task_metrics, rank_sum
+
+EVAL_MODES = ("exact", "distributed", "auto")
+AUTO_DISTRIBUTED_ROWS = 2_000_000
 
 
 def _average_ranks(x_N: np.ndarray) -> np.ndarray:
@@ -56,6 +77,11 @@ def auc(scores_N: np.ndarray, labels_N: np.ndarray) -> float | None:
 
 def gauc(scores_N: np.ndarray, labels_N: np.ndarray, users_N: np.ndarray) -> float | None:
     """Impression-weighted mean of per-user AUC over users with both classes."""
+    return gauc_and_users(scores_N, labels_N, users_N)[0]
+
+
+def gauc_and_users(scores_N: np.ndarray, labels_N: np.ndarray, users_N: np.ndarray) -> tuple[float | None, int]:
+    """GAUC and the number of users it averages over (those with both classes)."""
     scores = np.asarray(scores_N, dtype=np.float64)
     pos = (labels_N > 0.5).astype(np.int64)
     # rank within user: sort by (user, score), tie groups are equal (user, score)
@@ -77,9 +103,9 @@ def gauc(scores_N: np.ndarray, labels_N: np.ndarray, users_N: np.ndarray) -> flo
     pos_rank_sum = np.bincount(user_idx, weights=rank * p, minlength=num_users)
     ok = (n_pos > 0) & (n_neg > 0)
     if not ok.any():
-        return None
+        return None, 0
     user_auc = (pos_rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
-    return float(np.average(user_auc, weights=n[ok]))
+    return float(np.average(user_auc, weights=n[ok])), int(ok.sum())
 
 
 def normalized_entropy(probs_N: np.ndarray, labels_N: np.ndarray, eps: float = 1e-7) -> float | None:
@@ -118,18 +144,33 @@ class Predictions:
         if user_id_B is not None:
             self._users.append(user_id_B.detach().cpu())
 
+    @property
+    def has_users(self) -> bool:
+        return bool(self._users)
+
+    def _local(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """This rank's rows, padding included, and their weights."""
+        cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)
+        local = {}
+        for t in self.tasks:
+            local[f"logit/{t}"] = cat(self._logits[t], torch.float32)
+            local[f"label/{t}"] = cat(self._labels[t], torch.float32)
+        if self._users:
+            local["user_id"] = cat(self._users, torch.int64)
+        return local, cat(self._weights, torch.float32)
+
+    def local_rows(self) -> dict[str, np.ndarray]:
+        """This rank's rows (padding dropped) as numpy arrays; keys as `gather`."""
+        local, weights = self._local()
+        keep = weights.numpy() > 0
+        return {key: value.numpy()[keep] for key, value in local.items()}
+
     def gather(self, group: dist.ProcessGroup | None = None) -> dict[str, np.ndarray]:
-        """All ranks' rows (padding dropped) as numpy arrays, on every rank.
+        """All ranks' rows (padding dropped) as numpy arrays, on every rank: O(N) per rank.
 
         Keys: `logit/<task>`, `label/<task>`, and `user_id` when present.
         """
-        local: dict[str, torch.Tensor] = {}
-        for t in self.tasks:
-            local[f"logit/{t}"] = torch.cat(self._logits[t])
-            local[f"label/{t}"] = torch.cat(self._labels[t])
-        weights = torch.cat(self._weights)
-        if self._users:
-            local["user_id"] = torch.cat(self._users)
+        local, weights = self._local()
         out: dict[str, np.ndarray] = {}
         keep = all_gather_cat(weights, group).numpy() > 0
         for key, value in local.items():
@@ -138,17 +179,61 @@ class Predictions:
 
 
 def task_metrics(rows: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
-    """task -> {auc, gauc, ne, num_rows, positive_rate} over gathered rows."""
+    """task -> {auc, gauc, gauc_users, ne, num_rows, positive_rate} over gathered rows."""
     users = rows.get("user_id")
     out: dict[str, dict[str, float | None]] = {}
     for t in tasks:
         logits, labels = rows[f"logit/{t}"], rows[f"label/{t}"]
         probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        g, g_users = (None, None) if users is None else gauc_and_users(logits, labels, users)
         out[t] = {
             "auc": auc(logits, labels),
-            "gauc": None if users is None else gauc(logits, labels, users),
-            "ne": normalized_entropy(probs, labels),
+            "gauc": g,
+            "gauc_users": None if g_users is None else float(g_users),
+            "ne": normalized_entropy(probs, labels) if len(labels) else None,
             "num_rows": float(len(labels)),
-            "positive_rate": float(labels.mean()) if len(labels) else None,
+            "positive_rate": float(labels.mean(dtype=np.float64)) if len(labels) else None,
         }
     return out
+
+
+def check_mode(mode: str) -> None:
+    """`trainer.eval_mode` must be one of `EVAL_MODES`."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"trainer.eval_mode={mode!r}; choose one of {', '.join(EVAL_MODES)}")
+
+
+def resolve_mode(mode: str, *, num_rows: int, num_ranks: int) -> str:
+    """`exact` or `distributed` for `trainer.eval_mode` (see the module doc for `auto`)."""
+    check_mode(mode)
+    if mode == "auto":
+        return "distributed" if num_ranks > 1 and num_rows > AUTO_DISTRIBUTED_ROWS else "exact"
+    return mode
+
+
+def compute_metrics(
+    preds: Predictions, tasks: tuple[str, ...], *, mode: str, group: dist.ProcessGroup | None = None
+) -> dict[str, dict[str, float | None]]:
+    """Per-task metrics over every rank's predictions; every rank must call it together.
+
+    Args:
+        preds: this rank's predictions (padding rows included; they are dropped).
+        tasks: task names (a subset of `preds.tasks`).
+        mode: exact | distributed | auto (`trainer.eval_mode`, module doc).
+        group: process group (None = the world; rows are CPU tensors, so with an NCCL
+            main group they travel over the gloo host group, which spans the world).
+
+    Returns:
+        task -> {auc, gauc, gauc_users, ne, num_rows, positive_rate}, the same on every
+        rank; gauc and gauc_users are None without user ids.
+    """
+    check_mode(mode)
+    if mode == "exact":
+        return task_metrics(preds.gather(group), tasks)
+    rows = preds.local_rows()
+    local_counts = np.array([len(rows[f"label/{preds.tasks[0]}"]), int(preds.has_users)])
+    num_rows, num_with_users = (int(v) for v in rank_sum(local_counts, group))
+    if resolve_mode(mode, num_rows=num_rows, num_ranks=world_size(group)) == "exact":
+        del rows
+        return task_metrics(preds.gather(group), tasks)
+    return distributed_task_metrics(rows, tasks, with_users=num_with_users > 0, group=group)
