@@ -25,8 +25,8 @@ from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from parallel.expert_parallel import check_capacity_factor, check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
-from trainer.selection import EarlyStoppingConfig, check_config
 from trainer.metrics import check_mode
+from trainer.selection import EarlyStoppingConfig, check_config
 
 DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 PIPELINES = ("sparse_dist", "none")

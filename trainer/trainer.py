@@ -54,7 +54,7 @@ from trainer.expert_stats import ExpertLoadMeter
 from trainer.faults import FaultInjector
 from trainer.logger import MetricLogger
 from trainer.loss import total_loss
-from trainer.metrics import Predictions, task_metrics
+from trainer.metrics import Predictions, compute_metrics
 from trainer.optim import build_scheduler
 from trainer.pipeline import InlineSteps, LoaderCursor, SparseDistPipeline
 from trainer.selection import ModelSelector
@@ -300,7 +300,7 @@ class Trainer:
                     out: ModelOutput = dmp(batch)
                 preds.add(out.logits, batch.labels, batch.weights, batch.user_id)
             dmp.train()
-        metrics = task_metrics(preds.gather(), self.spec.tasks)
+        metrics = compute_metrics(preds, self.spec.tasks, mode=self.cfg.eval_mode)
         self.eval_s += time.perf_counter() - e0
         return metrics
 
