@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.columns import Split
 from data.spec import DatasetSpec
+
+T = TypeVar("T")
 
 
 def make_batch(split: Split, rows_B: np.ndarray, spec: DatasetSpec, num_valid: int | None = None) -> Batch:
@@ -75,8 +77,12 @@ class TrainBatches(Protocol):
     num_rows: int
     built_rows: int
     build_s: float
-    skipped_rows: int
-    skipped_by_reason: dict[str, int]
+
+    @property
+    def skipped_rows(self) -> int: ...
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]: ...
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -141,7 +147,8 @@ class TrainLoader:
         # time spent building batches and rows built (loader throughput, with or without
         # the prefetch thread); read by the trainer for `loader_samples_per_s`
         self.build_s, self.built_rows = 0.0, 0
-        self.skipped_rows, self.skipped_by_reason = 0, {}  # bad rows were dropped at load time
+        self.skipped_rows = 0  # bad rows were dropped (and counted) at load time
+        self.skipped_by_reason: dict[str, int] = {}
         self._perm_lock = threading.Lock()
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
 
@@ -206,32 +213,43 @@ class TrainLoader:
             self.epoch, self.index = epoch + 1, 0
 
     def _prefetched(self, positions: Iterator[tuple[int, int]]) -> Iterator[Batch]:
-        q: queue.Queue[tuple[int, int, Batch] | BaseException] = queue.Queue(self.prefetch)
-        stop = threading.Event()
+        built = ((epoch, index, self._build(epoch, index)) for epoch, index in positions)
+        for epoch, index, batch in prefetched(built, self.prefetch, "batch-prefetch"):
+            self._advance(epoch, index)
+            yield batch
 
-        def work() -> None:
-            try:
-                for epoch, index in positions:
-                    if stop.is_set():
-                        return
-                    q.put((epoch, index, self._build(epoch, index)))
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
 
-        thread = threading.Thread(target=work, daemon=True, name="batch-prefetch")
-        thread.start()
+def prefetched(items: Iterator[T], depth: int, name: str) -> Iterator[T]:
+    """`items` produced by a background thread, up to `depth` ahead; its errors re-raise here.
+
+    Closing the returned generator stops the thread after the item it is producing.
+    """
+    q: queue.Queue[tuple[T] | BaseException] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def work() -> None:
         try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                epoch, index, batch = item
-                self._advance(epoch, index)
-                yield batch
-        finally:
-            stop.set()
-            while not q.empty():  # unblock a producer waiting on a full queue
-                q.get_nowait()
+            while not stop.is_set():  # checked before producing: nothing is built after close
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                q.put((item,))
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name=name)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if isinstance(got, BaseException):
+                raise got
+            yield got[0]
+    finally:
+        stop.set()
+        while not q.empty():  # unblock a producer waiting on a full queue
+            q.get_nowait()
 
 
 def eval_batches(
