@@ -29,6 +29,8 @@ Legend: N cells, L bytes of one value, V vocabulary size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,6 +65,10 @@ def text_hash(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """`[N]` uint64 hashes of the cells' text and `[N]` bool "not empty" (see module doc)."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if len(arr) == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=bool)
     if pa.types.is_signed_integer(arr.type) or (pa.types.is_unsigned_integer(arr.type) and arr.type.bit_width < 64):
         return _integer_text_hash(arr)
     text = pc.cast(strings(arr).combine_chunks(), pa.large_string())  # int64 offsets whatever the input
@@ -107,10 +113,28 @@ def _integer_text_hash(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return splitmix64(sums_N ^ (lengths_N.astype(np.uint64) * GOLDEN)), valid_N
 
 
+def per_distinct(arr: pa.Array | pa.ChunkedArray, fn: Callable[[pa.Array], np.ndarray], null: int) -> np.ndarray:
+    """`fn` (values -> `[n]` int64) applied to the distinct values of a column with many
+    repeats (most categorical columns), else to all; null cells -> `null`."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if len(arr) >= 1024 and not pa.types.is_dictionary(arr.type):
+        encoded = pc.dictionary_encode(arr)
+        if len(encoded.dictionary) <= len(arr) // 4:
+            out = fn(encoded.dictionary)[np.asarray(pc.fill_null(encoded.indices, 0).to_numpy(), dtype=np.int64)]
+            out[~np.asarray(encoded.indices.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = null
+            return out
+    return fn(arr)
+
+
 def hashed_group_ids(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """`[N]` int64 grouping ids (users for GAUC) of non-integer columns: 63-bit text hashes."""
-    h, valid = text_hash(arr)
-    return np.where(valid, (h >> np.uint64(1)).astype(np.int64), -1)
+
+    def ids(values: pa.Array) -> np.ndarray:
+        h, valid = text_hash(values)
+        return np.where(valid, (h >> np.uint64(1)).astype(np.int64), -1)
+
+    return per_distinct(arr, ids, -1)
 
 
 class HashEncoder:
@@ -121,6 +145,9 @@ class HashEncoder:
         self.num_embeddings = num_embeddings
 
     def encode(self, arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        return per_distinct(arr, self._encode, 0)
+
+    def _encode(self, arr: pa.Array) -> np.ndarray:
         h, valid = text_hash(arr)
         ids = (h % np.uint64(self.num_embeddings - 1)).astype(np.int64) + 1
         return np.where(valid, ids, 0)
@@ -165,6 +192,9 @@ class VocabEncoder:
             slot[pending] = (slot[pending] + 1) & (size - 1)
 
     def encode(self, arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        return per_distinct(arr, self._encode, 0)
+
+    def _encode(self, arr: pa.Array) -> np.ndarray:
         h, valid = text_hash(arr)
         out = np.zeros(len(h), dtype=np.int64)
         slot = (h & self._mask).astype(np.int64)

@@ -73,7 +73,7 @@ class ValueCounts:
         counts = pc.value_counts(strings(values).combine_chunks())
         table = pa.table({"value": counts.field("values"), "count": pc.cast(counts.field("counts"), pa.int64())})
         self._parts.append(table.filter(pc.is_valid(table["value"])))
-        if len(self._parts) > 32:  # bound the pending per-batch counts
+        if len(self._parts) > 8:  # bound the pending per-batch counts
             self._parts = [self._merged()]
 
     def add_counts(self, values: pa.Array, counts: np.ndarray) -> None:
