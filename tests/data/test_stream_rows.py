@@ -14,7 +14,7 @@ import pytest
 
 from data.build import build_train_loader
 from data.columns import Dataset
-from data.hashing import HashEncoder, VocabEncoder
+from data.hashing import HashEncoder, VocabEncoder, hashed_group_ids
 from data.parse import signed_log1p
 from data.prepare import main as prepare
 from data.prepare import read_vocab
@@ -187,6 +187,17 @@ def test_integers_and_their_text_hash_alike() -> None:
     text = enc.encode(pa.array(["0", " 7", "-12", "123456789012", ""]))
     assert ints.tolist() == text.tolist() and ints[-1] == 0 and (ints[:-1] > 0).all()
     assert enc.encode(pa.array([7], pa.int8())).tolist() == [ints[1]]
+
+
+@pytest.mark.parametrize("kind", ["int", "text"])
+def test_columns_with_repeats_encode_like_single_cells(kind: str) -> None:
+    """Long columns with repeats are encoded per distinct value: same ids as cell by cell."""
+    values = np.random.default_rng(0).integers(0, 40, 3000).tolist() + [None] * 5
+    arr = pa.array(values, pa.int64()) if kind == "int" else pa.array([None if v is None else f" {v}" for v in values])
+    vocab = VocabEncoder(pa.array([str(i) for i in range(0, 40, 3)]), name="v")
+    for encode in (HashEncoder(97).encode, vocab.encode, hashed_group_ids):
+        whole = encode(arr)
+        assert whole.tolist() == [int(encode(arr.slice(i, 1))[0]) for i in range(len(arr))]
 
 
 def test_hash_collision_rate_is_about_n_over_2m() -> None:
