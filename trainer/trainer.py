@@ -40,9 +40,9 @@ import torch
 from tqdm import tqdm
 
 from data.batch import Batch
-from data.build import build_dataset
+from data.build import build_dataset, build_train_loader
 from data.columns import Dataset, Split
-from data.loader import TrainLoader, eval_batches
+from data.loader import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
 from parallel.dist import DistInfo, all_reduce, all_reduce_mean, init_distributed
 from parallel.parallelize import ParallelModel, parallelize
@@ -149,16 +149,18 @@ class Trainer:
 
     # -- build helpers ---------------------------------------------------------------
 
-    def _train_loader(self) -> TrainLoader:
+    def _train_loader(self) -> TrainBatches:
+        """In-memory or streaming, per the data source; pinned batches on CUDA so the
+        host-to-device copy can run asynchronously."""
         t, info = self.cfg, self.info
-        return TrainLoader(
-            self.dataset.train,
-            spec=self.spec,
+        return build_train_loader(
+            self.dataset,
             batch_size=t.batch_size // info.world_size,
             rank=info.rank,
             world_size=info.world_size,
             seed=t.seed,
             prefetch=t.prefetch,
+            pin_memory=info.device.type == "cuda",
         )
 
     def _build_logger(self) -> MetricLogger | None:
