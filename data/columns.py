@@ -226,6 +226,8 @@ def label_stats(ds: Dataset) -> dict[str, dict[str, dict[str, object]]]:
     stats: dict[str, dict[str, dict[str, object]]] = {}
     for split_name in ("train", "val", "test"):
         split = ds.split(split_name)
+        if not isinstance(split, Split):  # streamed: its labels are not in memory
+            continue
         stats[split_name] = {}
         for task in ds.spec.tasks:
             n = len(split)

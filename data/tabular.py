@@ -314,6 +314,7 @@ def _check_config(cfg: TabularConfig) -> None:
     if not _paths(cfg.train):
         raise ValueError("data.train names no file")
     check_roles(cfg)
+    csv_delimiter(cfg.delimiter)
 
 
 def check_roles(cfg: ColumnRoles) -> None:
@@ -329,7 +330,6 @@ def check_roles(cfg: ColumnRoles) -> None:
         raise ValueError(f"data.log1p names columns that are not in data.dense: {sorted(unknown)}")
     if len(set(cfg.dense)) != len(cfg.dense):
         raise ValueError(f"data.dense lists a column twice: {cfg.dense}")
-    csv_delimiter(cfg.delimiter)
 
 
 def dataset_name(cfg: TabularConfig) -> str:
