@@ -236,16 +236,19 @@ def measure_gemm(args, clock: Clock, device: torch.device, layer: SMESLayer, x_B
     widths = [args.in_dim, *args.hidden_list]
 
     def run(module: Callable[[torch.Tensor], torch.Tensor], src_BD: torch.Tensor) -> Callable[[], None]:
-        """Gather the plan's rows (as the dispatcher does), the MLP, backward to `src_BD`."""
+        """`module(src_BD)` (which gathers the plan's rows), forward + backward to `src_BD`."""
         src_BD = src_BD.detach().requires_grad_()
 
         def fn() -> None:
             src_BD.grad = None
             with autocast(args, device):
-                y = module(src_BD.index_select(0, rows_N))
+                y = module(src_BD)
             y.float().sum().backward()
 
         return fn
+
+    def on_rows(experts: GroupedExperts) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda src_BD: experts(experts.input_rows(src_BD, rows_N), counts_E)  # as the dispatcher
 
     pairs = list(zip(widths, widths[1:], strict=False))
     dense_w = [(torch.randn(a, b, device=device) / a**0.5).requires_grad_() for a, b in pairs]
@@ -260,16 +263,16 @@ def measure_gemm(args, clock: Clock, device: torch.device, layer: SMESLayer, x_B
         [w.detach() for w in experts.weights], [b.detach() for b in experts.biases], backend="loop"
     )
     fns = {
-        "grouped_ms": run(lambda x: experts(x, counts_E), x_BD),
-        "dense_matmul_ms": run(dense_mlp, x_BD),
-        "loop_ms": run(lambda x: loop(x, counts_E), x_BD),
+        "grouped_ms": run(on_rows(experts), x_BD),
+        "dense_matmul_ms": run(lambda src_BD: dense_mlp(src_BD.index_select(0, rows_N)), x_BD),
+        "loop_ms": run(on_rows(loop), x_BD),
     }
     align = 16 // (2 if args.precision == "bf16" else 4)
     if args.in_dim % align:  # the padding copy's cost: the same kernel on D rounded up
         D_pad = -(-args.in_dim // align) * align
         torch.manual_seed(args.seed)
         wide = GroupedExperts(experts.num_experts, D_pad, args.hidden_list).to(device)
-        fns["aligned_ms"] = run(lambda x: wide(x, counts_E), F.pad(x_BD.detach(), (0, D_pad - args.in_dim)))
+        fns["aligned_ms"] = run(on_rows(wide), F.pad(x_BD.detach(), (0, D_pad - args.in_dim)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the loop backend is asked for here
         out: dict[str, Any] = {"aligned_ms": None, **timed_together(args, clock, fns)}

@@ -68,8 +68,10 @@ class LocalDispatcher(nn.Module):
         return read_local_sizes(counts_E)
 
     def dispatch(self, x_BD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Gather the pair rows: `(routed_x_ND, counts_E, metadata=None)`."""
-        return x_BD.index_select(0, plan.pair_instance_N), plan.counts_E, None
+        """Gather the pair rows: `(routed_x_ND, counts_E, metadata=None)`; the rows are in the
+        experts' layout (`GroupedExperts.input_rows`: zero-padded columns when D is not
+        16-byte aligned, so that the kernel reads the gather's output as it is)."""
+        return self.experts.input_rows(x_BD, plan.pair_instance_N), plan.counts_E, None
 
     def combine(self, y_NH: torch.Tensor, metadata: Any) -> torch.Tensor:
         """Identity: rows are already in plan pair order."""

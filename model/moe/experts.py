@@ -69,6 +69,7 @@ from torch import nn
 from model.moe.host import host_ints
 
 GROUPED_BACKENDS = ("auto", "grouped_mm", "loop")
+_PAD_TO = 8  # elements: 16-byte rows for every kernel dtype (fp32: 4, bf16 / fp16: 8)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -155,16 +156,22 @@ def _to_aligned_rows(x_ND: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _GroupedMM(torch.autograd.Function):
-    """`torch._grouped_mm(x_ND, w_EDH, offs)` in `w_EDH`'s dtype, for rows of any width
-    and dtype: the input rows are cast and padded in one copy (`_to_aligned_rows`), the
-    gradient rows handed to the kernel are made dense and aligned (autograd may pass an
-    expanded or strided gradient), and the input gradient is returned dense in the
-    input's dtype."""
+    """`torch._grouped_mm(x_ND[:, :D], w_EDH, offs)` in `w_EDH`'s dtype, for rows of any
+    width and dtype.
+
+    `x_ND` is `[N, D]`, or `[N, D_pad]` with zero columns past D (`GroupedExperts.input_rows`).
+    Rows the kernel cannot read as they are get cast and padded in one copy
+    (`_to_aligned_rows`); the gradient rows handed to the kernel are made dense (autograd
+    may pass an expanded or strided gradient); the input gradient comes back dense, in
+    the input's dtype and width (for padded rows it is computed against the weight padded
+    with zero rows, or padded after the GEMM when that weight would be the bigger copy).
+    """
 
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.x_dtype = x_ND.dtype
-        x_ND = _to_aligned_rows(x_ND, w_EDH.dtype)
+        ctx.x_dtype, ctx.x_width = x_ND.dtype, x_ND.shape[1]
+        D = w_EDH.shape[1]
+        x_ND = _to_aligned_rows(x_ND, w_EDH.dtype)[:, :D]
         ctx.save_for_backward(x_ND, w_EDH, offs_E)
         return torch._grouped_mm(x_ND, w_EDH, offs=offs_E)
 
@@ -174,12 +181,23 @@ class _GroupedMM(torch.autograd.Function):
         grad_NH = _to_aligned_rows(grad_NH, w_EDH.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offs_E)
-            # dense rows for the consumer (an index_add from a row-padded source is ~3x slower on CPU)
-            grad_x = grad_x.contiguous().to(ctx.x_dtype)
+            grad_x = _input_grad(grad_NH, w_EDH, offs_E, ctx.x_width).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:  # 2d x 2d: one [D, H] block per expert group of rows
             grad_w = torch._grouped_mm(x_ND.transpose(0, 1), grad_NH, offs=offs_E)
         return grad_x, grad_w, None
+
+
+def _input_grad(grad_NH: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor, width: int) -> torch.Tensor:
+    """Dense `[N, width]` input gradient (zero columns past D)."""
+    (E, D, H), N = w_EDH.shape, grad_NH.shape[0]
+    if width > D and E * H <= N:  # the weight padded with zero rows is the smaller copy
+        w_EDH = F.pad(w_EDH, (0, 0, 0, width - D))
+        return torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offs_E)
+    grad_ND = torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offs_E)
+    if width > D:
+        return F.pad(grad_ND, (0, width - D))
+    # dense rows for the consumer (an index_add from row-padded rows is ~5x slower on CPU)
+    return grad_ND.contiguous()
 
 
 def _kernel_linear(
@@ -289,13 +307,30 @@ class GroupedExperts(nn.Module):
         """The dtype `forward` runs the kernel in for this input, None for the loop."""
         return kernel_choice(x_ND, self.weights[0], self.backend).dtype
 
+    def input_rows(self, x_BD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
+        """The rows `x_BD[index_N]` in the layout `forward` reads without a copy.
+
+        When the kernel will run and D is not 16-byte aligned, the rows are gathered from
+        `x_BD` zero-padded to `D_pad` (a copy of the B instance rows instead of the N pair
+        rows, in forward and backward): `[N, D_pad]`, zero columns past D. Else the plain
+        gather `[N, D]`.
+        """
+        dtype = kernel_choice(x_BD, self.weights[0], self.backend).dtype
+        D = x_BD.shape[1]
+        if dtype is None or D % _alignment(dtype) == 0:
+            return x_BD.index_select(0, index_N)
+        return F.pad(x_BD, (0, -(-D // _PAD_TO) * _PAD_TO - D)).index_select(0, index_N)
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Grouped forward over expert-contiguous rows: `[N, D] -> [N, out_dim]`."""
+        """Grouped forward over expert-contiguous rows: `[N, D] -> [N, out_dim]`.
+
+        `x_ND` may also be `[N, D_pad]` with zero columns past D (`input_rows`).
+        """
         dtype = _resolve(x_ND, self.weights[0], self.backend)
         if x_ND.shape[0] == 0:
             return _no_rows(x_ND, self.out_dim)
         if dtype is None:
-            h = x_ND
+            h = x_ND[:, : self.in_dim]
             for w_EDH, b_EH in zip(self.weights, self.biases, strict=True):
                 h = torch.relu(_loop_linear(h, w_EDH, b_EH, counts_E))
             return h

@@ -52,32 +52,40 @@ def pair(E: int, D: int, hidden: list[int], seed: int = 0) -> tuple[GroupedExper
     return kernel, loop
 
 
-def forward_and_grads(experts: GroupedExperts, x_ND: torch.Tensor, counts_E: torch.Tensor, proj: torch.Tensor):
-    x_ND = x_ND.clone().requires_grad_()
+def forward_and_grads(experts: GroupedExperts, x_BD: torch.Tensor, index_N, counts_E, proj, *, as_dispatcher: bool):
+    """Rows gathered from `x_BD` as the dispatcher does (`input_rows`) or plainly; grads of
+    `x_BD` and of every expert parameter."""
+    x_BD = x_BD.clone().requires_grad_()
+    x_ND = experts.input_rows(x_BD, index_N) if as_dispatcher else x_BD.index_select(0, index_N)
     y = experts(x_ND, counts_E)
-    grads = torch.autograd.grad((y * proj).sum(), [x_ND, *experts.parameters()])
-    return y.detach(), grads
+    grads = torch.autograd.grad((y * proj).sum(), [x_BD, *experts.parameters()])
+    return y.detach(), grads, x_ND.shape[1]
 
 
 @pytest.mark.parametrize(
     ("D", "hidden"),
     [(519, [128, 64]), (7, [13, 5]), (5, [3]), (12, [10, 6, 9]), (1, [1]), (16, [8])],
 )
-def test_padded_kernel_equals_the_loop_fp32(D: int, hidden: list[int], kernel_calls) -> None:
-    """Odd D and odd H: forward and every gradient equal the per-expert loop (fp32)."""
-    E = 5
+@pytest.mark.parametrize(("E", "max_rows"), [(5, 60), (40, 6)])  # E * H below / above N: both input-grad paths
+def test_padded_kernel_equals_the_loop_fp32(D: int, hidden: list[int], E: int, max_rows: int, kernel_calls) -> None:
+    """Odd D and odd H, rows as the dispatcher gathers them and as plain `[N, D]` rows:
+    forward and every gradient equal the per-expert loop (fp32)."""
     kernel, loop = pair(E, D, hidden)
-    counts_E = torch.tensor([7, 0, 12, 1, 4])  # an empty expert, a one-row expert
-    x_ND = torch.randn(int(counts_E.sum()), D)
-    proj = torch.randn(x_ND.shape[0], hidden[-1])
-    y_k, g_k = forward_and_grads(kernel, x_ND, counts_E, proj)
-    assert len(kernel_calls) == 3 * len(hidden)  # forward + both backward GEMMs, every layer
-    y_l, g_l = forward_and_grads(loop, x_ND, counts_E, proj)
-    assert len(kernel_calls) == 3 * len(hidden)  # the loop never calls it
-    torch.testing.assert_close(y_k, y_l, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g_k, g_l, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert bool((g_k[2][1] == 0).all()) and bool((g_k[1][1] == 0).all())  # the empty expert's grads
+    counts_E = torch.randint(0, max_rows, (E,))
+    counts_E[1], counts_E[-1] = 0, 1  # an empty expert, a one-row expert
+    N = int(counts_E.sum())
+    x_BD, index_N = torch.randn(9, D), torch.randint(0, 9, (N,))
+    proj = torch.randn(N, hidden[-1])
+    y_l, g_l, _ = forward_and_grads(loop, x_BD, index_N, counts_E, proj, as_dispatcher=True)
+    assert kernel_calls == []  # the loop never calls the kernel
+    for as_dispatcher in (True, False):
+        y_k, g_k, width = forward_and_grads(kernel, x_BD, index_N, counts_E, proj, as_dispatcher=as_dispatcher)
+        assert width == (-(-D // 8) * 8 if as_dispatcher and D % 4 else D)
+        torch.testing.assert_close(y_k, y_l, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g_k, g_l, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert bool((g_k[2][1] == 0).all()) and bool((g_k[1][1] == 0).all())  # the empty expert's grads
+    assert len(kernel_calls) == 2 * 3 * len(hidden)  # forward + both backward GEMMs, every layer, twice
 
 
 def test_grouped_linear_any_width_and_any_output_gradient(kernel_calls) -> None:
