@@ -16,7 +16,9 @@ and to x (pooled embeddings need their gradient). No optimizer step: weights, he
 the routing plan, stay fixed over the timed steps. Timing: `--warmup` steps, then the
 median of up to `--iters` steps (CUDA events on a GPU, perf_counter on CPU); the
 iterations of a config are cut so that it takes about `--config-s` seconds, and
-configs are skipped (with a note) once `--budget-s` is spent.
+configs are skipped (with a note) once `--budget-s` is spent. On a shared CPU,
+`--threads 1 --cpu-timer process` (process CPU time) gives the steadiest ratios.
+`--backend` is `model.grouped_backend`.
 
 FLOPs: the expert GEMMs only, counted from the plan's pair count N:
 `2 * N * sum_i D_i * H_i` forward, 3x that forward + backward. MFU = those FLOPs per
@@ -36,15 +38,17 @@ JSON keys:
   `syncs_per_step` (CUDA: warnings of `torch.cuda.set_sync_debug_mode("warn")` in
   one step; null on CPU), `python_sync_points_per_step` (`model.moe.host.count_host_syncs`
   in one step), `peak_mem_gb` (`torch.cuda.max_memory_allocated`; null on CPU);
-  `progressive` rows add the expert MLP alone (forward + backward on the plan's rows):
-  `grouped_ms`, `grouped_tflops`, `dense_matmul_ms` (the same N rows through one
-  `[N, D] @ [D, H]` per layer, same FLOPs), `grouped_fraction_of_dense`
-  (= dense / grouped time), `loop_ms` (the per-expert loop backend),
-  `grouped_speedup_over_loop`, `kernel_dtype`, and for an unaligned D
-  `aligned_ms` (the kernel on D rounded up, no padding copy) and `padding_cost`
-  (= grouped / aligned time);
+  `progressive` rows add the expert part alone, forward + backward to x, measured
+  round-robin: the plan's rows gathered as the dispatcher does and run through the
+  experts (`grouped_ms`, `grouped_tflops`, `kernel_dtype`); the same N rows through one
+  `[N, D] @ [D, H]` matmul per layer, the same FLOPs (`dense_matmul_ms`,
+  `grouped_fraction_of_dense` = dense / grouped time); the per-expert loop backend
+  (`loop_ms`, `grouped_speedup_over_loop` = loop / grouped time); and for an unaligned
+  D the kernel on D rounded up to its alignment, which needs no padding (`aligned_ms`,
+  `padding_cost` = grouped / aligned time; both null for an aligned D);
 - `summary`: `progressive_step_Emax_over_Emin`, `dense_over_progressive_step` and
-  `independent_over_progressive_step` per E, `max_syncs_per_step`, `mfu_vs_spec_at_Emax`.
+  `independent_over_progressive_step` per E, `max_syncs_per_step`,
+  `max_python_sync_points_per_step`, `mfu_vs_spec_at_Emax`.
 
 Legend: B instances, D input width, E experts, T tasks, N pairs, H width.
 """

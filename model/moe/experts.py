@@ -13,17 +13,34 @@ No host sync: the group offsets stay on the device.
 
 Alignment and where the padding lives. The kernel (CPU and CUDA) wants every row
 stride 16-byte aligned: the row stride of `x_ND` and of the gradient rows (a multiple
-of 4 elements in fp32, of 8 in bf16) and the row stride of `w_EDH`. Census-Income's
-expert input is 32*16+7 = 519 wide, so its rows are not aligned as they come. The
-padding lives in the *activations*, never in the parameters:
+of 4 elements in fp32, of 8 in bf16) and the row stride of `w_EDH`; it checks strides,
+not sizes. Census-Income's expert input is 32*16+7 = 519 wide, so its rows are not
+aligned as they come. The padding lives in the *activations*, never in the parameters:
 
-- Unaligned input width D: the rows are copied once into a zero-padded `[N, D_pad]`
-  buffer and the kernel gets the `[N, D]` view of it (row stride D_pad). The kernel
-  only checks strides, so the weight keeps its `[E, D, H]` shape: no weight copy, no
-  wasted FLOPs, and parameter shapes, checkpoints (DCP, the expert-parallel DTensor
-  slices `[E/ep, ...]` along dim 0, resharding) and `from_stacked` are untouched.
-  Cost: one copy of the expert input rows per step (and the slice of their gradient
-  in backward). MEASURE_PLACEHOLDER
+- Unaligned input width D: the dispatchers gather the pair rows through
+  `GroupedExperts.input_rows`, which zero-pads the B instance rows to D_pad (a multiple
+  of 8) before the gather, so the gather itself writes `[N, D_pad]` rows and the kernel
+  reads their `[N, D]` view (row stride D_pad) with the `[E, D, H]` weight as it is.
+  Backward hands back dense `[N, D_pad]` input-gradient rows (a strided index_add is
+  ~5x slower on CPU): the GEMM against the weight padded with zero rows when that copy
+  (`E*D*H`) is smaller than the rows, else the GEMM output padded (`N*D`). So: no
+  parameter shape changes (checkpoints, DCP, the expert-parallel DTensor slices
+  `[E/ep, ...]` along dim 0, resharding and `from_stacked` are untouched), no wasted
+  FLOPs, a copy of B rows per step instead of N. Rows handed over as plain `[N, D]`
+  (direct callers) are padded inside, in one copy with any cast, and their gradient
+  made dense (a second copy).
+  Cost on CPU (fp32, Census widths D = 519, hidden [128, 64], B = 4096, T = 2,
+  N ~ 16k pairs, gather + experts forward + backward, 1 thread, process CPU time on
+  the shared 2-core box, two runs): the padded kernel takes 0.96-1.17x the time of the
+  same kernel on D = 520 rows that need no padding, and runs at 0.87-1.07x the speed
+  of the per-expert loop it replaces, at E = 8, 16, 32, 64, without its host sync.
+  `OMP_NUM_THREADS=1 python -m benchmarks.gpu --device cpu --precision fp32 --in-dim 519
+  --hidden 128,64 --tasks 2 --batch 4096 --experts 8,16,32,64 --modes progressive
+  --threads 1 --cpu-timer process --warmup 2 --iters 15 --config-s 30 --budget-s 900
+  --matmul-size 1024 --out FILE` (`padding_cost`, `grouped_speedup_over_loop`).
+  Padding the N rows inside the experts instead (two fresh N*D_pad buffers per step,
+  forward rows and dense gradient) measured 1.11-1.35x. Storing the first weight
+  padded (`[E, D_pad, H]`) would save nothing here and change parameter shapes.
 - Unaligned layer width H (no shipped config has one): the weight and bias are
   padded with zero columns per step (`[E, D, H_pad]`, a copy of the weight), the
   layer computes `[N, H_pad]` whose padded columns are exactly zero (zero weight,
