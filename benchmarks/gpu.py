@@ -28,7 +28,7 @@ of one `--matmul-size`^3 matmul in the run's dtype measured in the same run.
 JSON keys:
 
 - `config`, `environment` (torch, device name, capability, python), `elapsed_s`,
-  `notes` (skipped configs and why), `peak_tflops_spec`;
+  `notes` (configs skipped or failed, and why), `peak_tflops_spec`;
 - `matmul`: `{size, dtype, ms, tflops}` of the reference matmul;
 - `rows`: one per (E, mode), mode in `progressive`, `independent`, `dense`:
   `E`, `mode`, `step_ms` (median), `step_ms_min`, `iters`, `num_pairs` (N),
@@ -328,7 +328,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type}
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["capability"] = list(torch.cuda.get_device_capability(device))
@@ -391,7 +391,11 @@ def main(argv: list[str] | None = None) -> dict:
             if why is not None:
                 notes.append(why)
                 continue
-            rows.append(measure_mode(args, clock, device, num_experts, mode, peaks))
+            try:
+                rows.append(measure_mode(args, clock, device, num_experts, mode, peaks))
+            except (RuntimeError, ValueError) as err:  # e.g. out of memory: keep the other configs
+                notes.append(f"{mode} at E={num_experts} failed: {type(err).__name__}: {str(err)[:300]}")
+                continue
             print(json.dumps(rows[-1]), flush=True)
     config = {k: v for k, v in vars(args).items() if k not in ("hidden_list", "section_list")}
     result = {

@@ -68,6 +68,7 @@ def test_quick_cpu_run_with_only_torch(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     for key in ("config", "environment", "peak_tflops_spec", "matmul", "rows", "summary", "notes", "elapsed_s"):
         assert key in res, key
+    assert res["notes"] == []  # nothing skipped or failed
     assert res["matmul"]["ms"] > 0 and res["matmul"]["tflops"] > 0
     cfg = res["config"]
     modes = {(r["E"], r["mode"]) for r in res["rows"]}
