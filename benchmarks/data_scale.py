@@ -227,7 +227,7 @@ class RssWatcher(threading.Thread):
         self.root, self.done = root, threading.Event()
         self.workers: dict[int, int] = {}  # pid -> rank
         self.hwm_kb: dict[int, int] = {}  # rank -> last VmHWM seen
-        self.timeline: list[list[float]] = []
+        self.timeline: list[list[float | None]] = []
 
     def _find(self) -> None:
         children, todo = _children_of(), [self.root]
