@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.core import CoreOutput
+from model.mlp import NamedModules
 
 
 @dataclass(kw_only=True)
@@ -187,19 +188,19 @@ class HoME(nn.Module):
         m = cfg.num_meta_experts
         # meta level
         self.meta_global = bank(m, in_dim)
-        self.meta_group = nn.ModuleDict({g: bank(m, in_dim) for g in self.groups})
+        per_group = lambda make: NamedModules({g: make() for g in self.groups}, prefix="group_")  # noqa: E731
+        per_task = lambda make: NamedModules({t: make() for t in self.tasks}, prefix="task_")  # noqa: E731
+        self.meta_group = per_group(lambda: bank(m, in_dim))
         self.meta_gate_shared = nn.Linear(in_dim, m)
-        self.meta_gate_group = nn.ModuleDict({g: nn.Linear(in_dim, 2 * m) for g in self.groups})
+        self.meta_gate_group = per_group(lambda: nn.Linear(in_dim, 2 * m))
         # task level
         self.shared = bank(cfg.num_shared_experts, H)
-        self.group_experts = nn.ModuleDict({g: bank(cfg.experts_per_group, H) for g in self.groups})
-        self.task_experts = nn.ModuleDict({t: bank(cfg.num_task_experts, H) for t in self.tasks})
+        self.group_experts = per_group(lambda: bank(cfg.experts_per_group, H))
+        self.task_experts = per_task(lambda: bank(cfg.num_task_experts, H))
         visible = cfg.num_shared_experts + cfg.experts_per_group + cfg.num_task_experts
-        self.task_gates = nn.ModuleDict({t: nn.Linear(H, visible) for t in self.tasks})
+        self.task_gates = per_task(lambda: nn.Linear(H, visible))
         use_self = cfg.self_gate and cfg.num_task_experts > 0
-        self.self_gates = (
-            nn.ModuleDict({t: nn.Linear(H, cfg.num_task_experts) for t in self.tasks}) if use_self else None
-        )
+        self.self_gates = per_task(lambda: nn.Linear(H, cfg.num_task_experts)) if use_self else None
         self.out_dim = H
 
     def forward(self, x_BD: torch.Tensor) -> CoreOutput:
