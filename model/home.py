@@ -18,7 +18,9 @@ Structure (tasks are partitioned into groups, e.g. watch-time vs interaction tas
 - Hierarchy mask: applied by construction, each gate only sees the experts its
   task/group may see (equivalent to masking the other logits to -inf).
 - Expert normalisation: each expert is `Linear (-> ReLU -> Linear ...) -> BatchNorm ->
-  Swish`, so expert outputs share one scale and no expert dominates the gates.
+  Swish`, so expert outputs share one scale and no expert dominates the gates. The
+  norm is a `ReducibleBatchNorm1d` (one per bank, over all its experts' features):
+  `parallel.parallelize` makes its statistics those of the global batch across ranks.
 - Feature gates: expert j's input is `x * 2*sigmoid(x A_j B_j)` with low-rank
   `A_j [D, r]`, `B_j [r, D]`; `B` starts at zero so every gate starts at 1.
   `feature_gate_rank = 0` turns them off.
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.core import CoreOutput
-from model.mlp import NamedModules
+from model.mlp import NamedModules, ReducibleBatchNorm1d
 
 
 @dataclass(kw_only=True)
@@ -127,7 +129,7 @@ class ExpertBank(nn.Module):
             bound = 1.0 / math.sqrt(w_MDH.shape[1])
             nn.init.uniform_(w_MDH, -bound, bound)
             nn.init.uniform_(b_MH, -bound, bound)
-        self.norm = nn.BatchNorm1d(num_experts * hidden[-1]) if num_experts else None
+        self.norm = ReducibleBatchNorm1d(num_experts * hidden[-1]) if num_experts else None
         self.gate_a_MDR: nn.Parameter | None = None
         self.gate_b_MRD: nn.Parameter | None = None
         if feature_gate_rank > 0 and num_experts:

@@ -1,15 +1,18 @@
-"""Small building blocks: an MLP, the per-task tower, per-task module containers.
+"""Small building blocks: an MLP, the per-task tower, per-task module containers and a
+batch norm whose statistics `parallel/` can make global.
 
-`NamedModules` holds one module per task (or task group) under any name: a task called
-`forward`, `train`, `to`, `a.b` or `""` is a valid task (the config check accepts any
-name), but `nn.ModuleDict` refuses such keys.
+- `NamedModules` holds one module per task (or task group) under any name: a task
+  called `forward`, `train`, `to`, `a.b` or `""` is a valid task (the config check
+  accepts any name), but `nn.ModuleDict` refuses such keys.
+- `ReducibleBatchNorm1d` is `nn.BatchNorm1d` with a `stats_reducer` hook (None = plain
+  per-process batch norm), see its docstring.
 
-Legend: B instances, D input width, H hidden width.
+Legend: B instances, C features (channels), D input width, H hidden width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -112,3 +115,65 @@ class NamedModules(nn.Module):
 
     def items(self) -> list[tuple[str, nn.Module]]:
         return [(n, self[n]) for n in self._names]
+
+
+class ReducibleBatchNorm1d(nn.BatchNorm1d):
+    """`nn.BatchNorm1d` over `[B, C]` whose training statistics can span several processes.
+
+    `stats_reducer: Callable[[Tensor], Tensor] | None` (None by default: exactly
+    `nn.BatchNorm1d`). When set, a training forward stacks the local `[2C + 1]` vector
+    (per-feature sum and sum of squares of `x - running_mean`, then the row count),
+    passes it through the reducer and normalises with the mean and biased variance of
+    the reduced totals; running statistics are updated from them with the unbiased
+    variance, as `nn.BatchNorm1d` does. `parallel/` sets the reducer to a
+    differentiable all-reduce(SUM) over the data-parallel ranks
+    (`parallel.dist.all_reduce_autograd`), so the forward statistics, the gradients
+    (each rank's input gradient includes the other ranks' terms through the reduced
+    sums) and the running statistics equal those of one process on the global batch,
+    on every rank. It must then be called by every rank alike (every rank runs the same
+    forward). Eval mode uses the running statistics and reduces nothing.
+
+    Why not `torch.nn.SyncBatchNorm`: its forward refuses CPU tensors in a process
+    group ("SyncBatchNorm expected input tensor to be on GPU ...", torch 2.13 here), so
+    gloo runs and tests could not use it, and swapping modules in from `parallel/`
+    would change the model's module types. This keeps one code path for CPU and GPU
+    at the cost of one all-reduce of `2C + 1` floats per norm and training forward.
+
+    Numerics: the sums are taken in float32 (at least) around the shift
+    `running_mean`, which is the same on every rank (the running statistics are
+    global), so sum-of-squares cancellation is small once the running mean tracks the
+    data; the shift is a constant and does not change the gradient.
+    """
+
+    stats_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x_BC: torch.Tensor) -> torch.Tensor:
+        if self.stats_reducer is None or not self.training or not self.track_running_stats:
+            return super().forward(x_BC)
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        C = x_BC.shape[1]
+        dtype = torch.promote_types(x_BC.dtype, torch.float32)
+        shift_C = self.running_mean.detach().to(dtype)
+        xc_BC = x_BC.to(dtype) - shift_C
+        count = xc_BC.new_full((1,), float(x_BC.shape[0]))
+        totals = self.stats_reducer(torch.cat([xc_BC.sum(0), (xc_BC * xc_BC).sum(0), count]))
+        n = totals[2 * C]
+        mean_C = totals[:C] / n  # of x - shift
+        var_C = (totals[C : 2 * C] / n - mean_C * mean_C).clamp_min(0.0)  # biased
+        y_BC = (xc_BC - mean_C) * torch.rsqrt(var_C + self.eps)
+        if self.affine:
+            y_BC = y_BC * self.weight + self.bias
+        self._update_running(shift_C + mean_C.detach(), var_C.detach(), n.detach())
+        return y_BC.to(x_BC.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean_C: torch.Tensor, var_C: torch.Tensor, n: torch.Tensor) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        # momentum None: cumulative moving average, as nn.BatchNorm1d
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased_C = var_C * n / (n - 1).clamp_min(1.0)
+        self.running_mean.lerp_(mean_C.to(self.running_mean), factor)
+        self.running_var.lerp_(unbiased_C.to(self.running_var), factor)

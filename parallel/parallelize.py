@@ -7,6 +7,10 @@
 2. TorchRec embedding sharding (planner + `DistributedModelParallel`), which also wraps
    every non-embedding parameter in DDP.
 
+Batch norms with a `stats_reducer` hook (`model.mlp.ReducibleBatchNorm1d`, HoME's
+expert normalisation) get a differentiable all-reduce over all ranks, so their
+statistics, gradients and running statistics are those of the global batch.
+
 Between 1 and 2, the capacity factor and expert parallelism
 (`parallel/expert_parallel.py`): every SMES layer gets `capacity_factor` (per expert,
 per source rank's local batch, applied by the router before dispatch), then keeps
@@ -36,6 +40,8 @@ from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from model.build import MultiTaskModel
+from model.mlp import ReducibleBatchNorm1d
+from parallel import dist as pdist
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import (
     EmbeddingShardingConfig,
@@ -110,6 +116,16 @@ def replicated_table_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parame
             yield name, p
 
 
+def sync_batch_norms(model: nn.Module) -> int:
+    """Make every `ReducibleBatchNorm1d` in `model` use global-batch statistics (a
+    differentiable all-reduce over all ranks; the identity in a world of one).
+    Returns how many norms were hooked."""
+    norms = [m for m in model.modules() if isinstance(m, ReducibleBatchNorm1d)]
+    for norm in norms:
+        norm.stats_reducer = pdist.all_reduce_autograd
+    return len(norms)
+
+
 def parallelize(
     model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo, *, dense_engine: str = "native"
 ) -> ParallelModel:
@@ -119,6 +135,7 @@ def parallelize(
     gradient sync here: the DeepSpeed engine does both).
     """
     native = dense_engine == "native"
+    sync_batch_norms(model)
     apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
     apply_capacity_factor(model, cfg.capacity_factor)
     mesh = build_mesh(cfg.ep, device_type=info.device.type)
