@@ -139,10 +139,16 @@ class ReducibleBatchNorm1d(nn.BatchNorm1d):
     would change the model's module types. This keeps one code path for CPU and GPU
     at the cost of one all-reduce of `2C + 1` floats per norm and training forward.
 
-    Numerics: the sums are taken in float32 (at least) around the shift
-    `running_mean`, which is the same on every rank (the running statistics are
-    global), so sum-of-squares cancellation is small once the running mean tracks the
-    data; the shift is a constant and does not change the gradient.
+    Numerics: the variance comes from sums of squares (one reduction instead of a
+    second pass), which cancel badly when a feature's mean is large against its
+    spread: in float32 the 1-rank and 2-rank variances then differed enough to move the
+    loss after a few steps. So the statistics and the centring are computed in float64
+    (the `[B, C]` input upcast once, the `[2C + 1]` totals reduced in float64, the
+    normalised output cast back before the affine part; centring in float32 at a large
+    mean was seen to shift the 1-rank and 2-rank outputs by whole ulps), around the
+    shift `running_mean`, the same on every rank (the running statistics are global);
+    the shift is a constant and does not change the gradient. The extra cost is a few
+    float64 elementwise passes over `[B, C]`.
     """
 
     stats_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -153,19 +159,18 @@ class ReducibleBatchNorm1d(nn.BatchNorm1d):
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         C = x_BC.shape[1]
-        dtype = torch.promote_types(x_BC.dtype, torch.float32)
-        shift_C = self.running_mean.detach().to(dtype)
-        xc_BC = x_BC.to(dtype) - shift_C
+        shift_C = self.running_mean.detach().double()  # float64: see Numerics above
+        xc_BC = x_BC.double() - shift_C
         count = xc_BC.new_full((1,), float(x_BC.shape[0]))
         totals = self.stats_reducer(torch.cat([xc_BC.sum(0), (xc_BC * xc_BC).sum(0), count]))
         n = totals[2 * C]
-        mean_C = totals[:C] / n  # of x - shift
-        var_C = (totals[C : 2 * C] / n - mean_C * mean_C).clamp_min(0.0)  # biased
-        y_BC = (xc_BC - mean_C) * torch.rsqrt(var_C + self.eps)
+        shifted_mean_C = totals[:C] / n
+        var_C = (totals[C : 2 * C] / n - shifted_mean_C * shifted_mean_C).clamp_min(0.0)  # biased
+        y_BC = ((xc_BC - shifted_mean_C) * torch.rsqrt(var_C + self.eps)).to(x_BC.dtype)
         if self.affine:
             y_BC = y_BC * self.weight + self.bias
-        self._update_running(shift_C + mean_C.detach(), var_C.detach(), n.detach())
-        return y_BC.to(x_BC.dtype)
+        self._update_running(shift_C + shifted_mean_C.detach(), var_C.detach(), n.detach())
+        return y_BC
 
     @torch.no_grad()
     def _update_running(self, mean_C: torch.Tensor, var_C: torch.Tensor, n: torch.Tensor) -> None:
