@@ -20,6 +20,7 @@ from data.spec import DatasetSpec
 log = logging.getLogger("data")
 
 TRAIN, VAL, TEST = 0, 1, 2  # split codes of rows before they are partitioned (`split_rows`)
+SCORED = 3  # rows of files scored with the train split's encoding (`trainer.predict files=`)
 
 
 @dataclass(slots=True)
@@ -73,12 +74,16 @@ class Split:
         sparse: feature name -> ids.
         labels: task name -> `[N]` float32 in {0, 1}.
         user_id: `[N]` int64 or None.
+        keys: column -> `[N]` raw values identifying each row (e.g. user_id, video_id;
+            `file` / `row` for scored files), kept only when a source is asked to
+            (`keep_keys`, for predictions); None otherwise. Never a model input.
     """
 
     dense: np.ndarray
     sparse: dict[str, SparseColumn]
     labels: dict[str, np.ndarray]
     user_id: np.ndarray | None = None
+    keys: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.dense)
@@ -89,12 +94,24 @@ class Split:
             sparse={k: v.take(rows_N) for k, v in self.sparse.items()},
             labels={k: v[rows_N] for k, v in self.labels.items()},
             user_id=None if self.user_id is None else self.user_id[rows_N],
+            keys=None if self.keys is None else {k: v[rows_N] for k, v in self.keys.items()},
         )
 
 
 @dataclass(slots=True)
 class Dataset:
-    """A source's output: the schema plus its three splits."""
+    """A source's output: the schema plus its three splits.
+
+    Attributes:
+        scored: rows of other files with the same schema, encoded with this data set's
+            train vocabularies and dense statistics (the source's `score_files`), so
+            their ids mean what they mean in training; None unless asked for.
+        scored_labels: the tasks whose labels `scored` holds (the files had their
+            label columns); the other tasks' labels there are zeros, not labels.
+        info: source facts; every source records `dense_stats` (`mean`, `std`) and
+            `vocab` (feature -> the train values of ids 1, 2, ... in order, id 0 =
+            missing / unseen).
+    """
 
     spec: DatasetSpec
     train: Split
@@ -102,6 +119,8 @@ class Dataset:
     test: Split
     skipped_rows: int = 0
     info: dict[str, object] = field(default_factory=dict)
+    scored: Split | None = None
+    scored_labels: tuple[str, ...] = ()
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -154,11 +173,18 @@ def carve_splits(num_rows: int, *, val_fraction: float, test_fraction: float, se
 
 
 def split_rows(full: Split, split_N: np.ndarray) -> tuple[Split, Split, Split]:
-    """Partition a whole-data `Split` into (train, val, test) by the `[N]` split codes."""
+    """Partition a whole-data `Split` into (train, val, test) by the `[N]` split codes
+    (rows coded `SCORED` belong to none of them: `scored_rows`)."""
     train, val, test = (full.take(np.flatnonzero(split_N == k)) for k in (TRAIN, VAL, TEST))
     if len(train) == 0:
         raise ValueError("the train split is empty")
     return train, val, test
+
+
+def scored_rows(full: Split, split_N: np.ndarray) -> Split | None:
+    """The rows coded `SCORED`, in order, or None when there are none coded so."""
+    rows = np.flatnonzero(split_N == SCORED)
+    return full.take(rows) if len(rows) else None
 
 
 def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
@@ -174,10 +200,10 @@ def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
     with a warning for a split holding one class (`label_stats`).
     """
     check_policy(on_bad_row)
-    for split_name in ("train", "val", "test"):
+    for split_name in ("train", "val", "test", *(("scored",) if ds.scored is not None else ())):
         bad_N, reasons = _check_split(ds, split_name, on_bad_row)
         if bad_N.any():
-            setattr(ds, split_name, ds.split(split_name).take(np.flatnonzero(~bad_N)))
+            setattr(ds, split_name, getattr(ds, split_name).take(np.flatnonzero(~bad_N)))
             ds.skipped_rows += int(bad_N.sum())
             default: dict = {"policy": on_bad_row, "rows": 0, "by_reason": {}}
             skipped: dict = ds.info.setdefault("skipped", default)  # type: ignore[assignment]
@@ -214,7 +240,7 @@ def label_stats(ds: Dataset) -> dict[str, dict[str, dict[str, object]]]:
 
 def _check_split(ds: Dataset, split_name: str, on_bad_row: str) -> tuple[np.ndarray, dict[str, int]]:
     """`[N]` rows of one split that break an invariant (raises under the error policy)."""
-    split = ds.split(split_name)
+    split = getattr(ds, split_name)
     n = len(split)
     where = f"{ds.spec.name}/{split_name}"
     bad_N = np.zeros(n, dtype=bool)
@@ -249,7 +275,7 @@ def _check_split(ds: Dataset, split_name: str, on_bad_row: str) -> tuple[np.ndar
             rows_N = np.zeros(n, dtype=bool)
             rows_N[rows] = True
             found(rows_N, "id outside its table", message)
-    for task in ds.spec.tasks:
+    for task in ds.spec.tasks if split_name != "scored" else ds.scored_labels:
         labels = split.labels.get(task)
         if labels is None or len(labels) != n:
             raise ValueError(f"{where}: labels of task {task!r} missing or misaligned")
