@@ -1,10 +1,13 @@
 """Source registry: `data.name` in the config picks the loader.
 
 Each source module defines a config dataclass (with a `name` field) and a function
-`(cfg, *, score_files=None, keep_keys=False) -> Dataset`; registering both here makes it
-selectable as `data=<name>`. `score_files` are other files with the source's schema to
-encode like its train split (`Dataset.scored`), `keep_keys` keeps the rows' key columns
-(`Split.keys`); both serve `trainer.predict`.
+`cfg -> Dataset`; registering both here makes it selectable as `data=<name>`. The file
+sources in `SCORABLE` also take `score_files` (other files with the source's schema,
+encoded like its train split: `Dataset.scored`) and `keep_keys` (keep the rows' key
+columns, `Split.keys`); both serve `trainer.predict`.
+`build_train_loader` is the one way to batch a dataset's train split: in memory
+(`data.loader.TrainLoader`) or streamed (`data.stream_loader.StreamLoader`), both
+`data.loader.TrainBatches`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Any
 from data.census import CensusIncomeConfig, census_names, load_census_income
 from data.columns import Dataset, check_dataset
 from data.kuairand import KuaiRandConfig, kuairand_names, load_kuairand
+from data.loader import TrainBatches, TrainLoader
+from data.stream import ParquetStreamConfig, StreamTrain, load_parquet_stream, stream_names
+from data.stream_loader import StreamLoader
 from data.synthetic import SyntheticConfig, load_synthetic, synthetic_names
 from data.tabular import TabularConfig, load_tabular, tabular_names
 
@@ -22,6 +28,7 @@ from data.tabular import TabularConfig, load_tabular, tabular_names
 SOURCES: dict[str, tuple[type, Callable[..., Dataset]]] = {
     "census_income": (CensusIncomeConfig, load_census_income),
     "kuairand": (KuaiRandConfig, load_kuairand),
+    "parquet_stream": (ParquetStreamConfig, load_parquet_stream),
     "synthetic": (SyntheticConfig, load_synthetic),
     "tabular": (TabularConfig, load_tabular),
 }
@@ -32,6 +39,7 @@ SCORABLE = ("census_income", "kuairand", "tabular")  # sources that can encode o
 NAMES: dict[str, Callable[[Any], tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "census_income": census_names,
     "kuairand": kuairand_names,
+    "parquet_stream": stream_names,
     "synthetic": synthetic_names,
     "tabular": tabular_names,
 }
@@ -53,8 +61,44 @@ def build_dataset(cfg: Any, *, score_files: list[str] | None = None, keep_keys: 
     config_cls, load = SOURCES[name]
     if not isinstance(cfg, config_cls):
         raise ValueError(f"data config for {name!r} must be a {config_cls.__name__}, got {type(cfg).__name__}")
-    if score_files and name not in SCORABLE:
+    if name in SCORABLE:
+        dataset = load(cfg, score_files=score_files, keep_keys=keep_keys)
+    elif score_files:
         raise ValueError(f"data.name={name!r} cannot score other files; sources that can: {list(SCORABLE)}")
-    dataset = load(cfg, score_files=score_files, keep_keys=keep_keys)
+    else:  # no key columns: predictions number the rows
+        dataset = load(cfg)
     check_dataset(dataset, getattr(cfg, "on_bad_row", "error"))
     return dataset
+
+
+def build_train_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    prefetch: int = 4,
+    pin_memory: bool = False,
+) -> TrainBatches:
+    """This rank's endless training batches of `dataset` (in memory or streamed).
+
+    Args:
+        batch_size: local (per-rank) batch size.
+        seed: data-order seed (the trainer's `trainer.seed`).
+        prefetch: batches built ahead in a background thread (0 = synchronous).
+        pin_memory: pin batches in host memory as they are built (needs CUDA; then copy
+            them with `batch.to(device, non_blocking=True)`).
+    """
+    kwargs: dict[str, Any] = {
+        "spec": dataset.spec,
+        "batch_size": batch_size,
+        "rank": rank,
+        "world_size": world_size,
+        "seed": seed,
+        "prefetch": prefetch,
+        "pin_memory": pin_memory,
+    }
+    if isinstance(dataset.train, StreamTrain):
+        return StreamLoader(dataset.train, **kwargs)
+    return TrainLoader(dataset.train, **kwargs)  # type: ignore[arg-type]

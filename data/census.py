@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from data.bad_rows import BadRows, SkipLog, first_ragged_line
-from data.columns import Dataset, SparseColumn, Split, standardize_dense, validation_rows
+from data.columns import Dataset, SparseColumn, Split, concat_splits, standardize_dense, validation_rows
 from data.parse import file_keys
 from data.spec import DatasetSpec, SparseFeature
 
@@ -259,7 +259,7 @@ def load_census_income(
         return Split(dense=pick(p.dense), sparse=sparse_parts[i], labels=labels, keys=keys)
 
     train, val, test = split(0), split(1), split(2)
-    extra = _concat([split(3 + i) for i in range(len(scored))]) if scored else None
+    extra = concat_splits([split(3 + i) for i in range(len(scored))]) if scored else None
     stats = standardize_dense(train, val, test, *([extra] if extra is not None else []))
     spec = DatasetSpec(
         name="census_income",
@@ -283,16 +283,4 @@ def load_census_income(
         info=info,
         scored=extra,
         scored_labels=spec.tasks if extra is not None else (),
-    )
-
-
-def _concat(splits: list[Split]) -> Split:
-    """Row-wise concatenation of single-hot splits with keys."""
-    cat = lambda get: np.concatenate([get(s) for s in splits])  # noqa: E731
-    first = splits[0]
-    return Split(
-        dense=cat(lambda s: s.dense),
-        sparse={k: SparseColumn.single_hot(cat(lambda s, k=k: s.sparse[k].values)) for k in first.sparse},
-        labels={k: cat(lambda s, k=k: s.labels[k]) for k in first.labels},
-        keys={k: cat(lambda s, k=k: s.keys[k]) for k in first.keys or {}},
     )

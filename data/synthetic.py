@@ -193,11 +193,8 @@ def synthetic_names(cfg: SyntheticConfig) -> tuple[tuple[str, ...], tuple[str, .
     return tuple(names), tuple(features)
 
 
-def load_synthetic(cfg: SyntheticConfig, *, score_files: list[str] | None = None, keep_keys: bool = False) -> Dataset:
-    """Generate the dataset (deterministic for a given config). Generated rows have no
-    files to score and no key columns (`score_files`, `keep_keys` are for file sources)."""
-    if score_files:
-        raise ValueError("data.name=synthetic generates its rows: it has no files to score")
+def load_synthetic(cfg: SyntheticConfig) -> Dataset:
+    """Generate the dataset (deterministic for a given config)."""
     _check(cfg)
     names, rates = _task_setup(cfg)
     full, features, thresholds_T = _generate(cfg, rates)
