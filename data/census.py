@@ -270,6 +270,7 @@ def load_census_income(
     )
     info: dict[str, object] = {
         "dense_stats": stats,
+        "dense_transforms": ["log1p_clamped" if c in LOG1P else None for c in CONTINUOUS],
         "vocab": {name: pa.array(values.tolist(), pa.string()) for name, values in vocab.items()},
         "skipped": skips.as_dict(),
         "label_sources": LABEL_SOURCES,

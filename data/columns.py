@@ -137,9 +137,11 @@ class Dataset:
             their ids mean what they mean in training; None unless asked for.
         scored_labels: the tasks whose labels `scored` holds (the files had their
             label columns); the other tasks' labels there are zeros, not labels.
-        info: source facts; every source records `dense_stats` (`mean`, `std`) and
-            `vocab` (feature -> the train values of ids 1, 2, ... in order, id 0 =
-            missing / unseen).
+        info: source facts; every source records `dense_stats` (`mean`, `std`); the
+            file sources also `vocab` (feature -> the train values of ids 1, 2, ... in
+            order, id 0 = missing / unseen) and `dense_transforms` (per dense column,
+            what comes before the standardisation: `signed_log1p`, `log1p_clamped` or
+            None), what a scorer of raw rows needs.
     """
 
     spec: DatasetSpec

@@ -530,6 +530,7 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
     if not keep_keys:
         for split in (train, val, test):
             split.keys = None
+    info["dense_transforms"] = ["signed_log1p" if cfg.log1p_dense else None for _ in dense_names]
     info["dense_stats"] = standardize_dense(train, val, test, *([scored] if scored is not None else []))
     spec = DatasetSpec(
         name=cfg.dataset_name,

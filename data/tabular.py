@@ -460,6 +460,7 @@ def load_tabular(cfg: TabularConfig, *, score_files: list[str] | None = None, ke
     )
     info: dict[str, object] = {
         "dense_stats": stats,
+        "dense_transforms": ["signed_log1p" if c in cfg.log1p else None for c in cfg.dense],
         "vocab": vocab,
         "files": files,
         "label_sources": {

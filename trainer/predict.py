@@ -75,9 +75,9 @@ from data.build import build_dataset
 from data.columns import Dataset, Split
 from data.loader import eval_batches
 from parallel.dist import DistInfo, barrier, init_distributed, shutdown
-from trainer.config import RunConfig, build_run_config
+from trainer.config import RunConfig
 from trainer.metrics import Predictions, compute_metrics
-from trainer.restore import load_model_from, resolve_checkpoint
+from trainer.restore import load_model_from, resolve_checkpoint, run_config, run_node
 
 log = logging.getLogger("trainer.predict")
 RANK = int(os.environ.get("RANK", "0"))
@@ -113,35 +113,6 @@ class Scoring:
     labelled: tuple[str, ...]
 
 
-def run_node(run_dir: str) -> DictConfig:
-    """The run's resolved training config (`config.yaml`), as written by training."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"run_dir={run_dir!r}: no config.yaml (is it a training run directory?)")
-    node = OmegaConf.load(path)
-    assert isinstance(node, DictConfig)
-    return node
-
-
-def load_run_config(cfg: PredictConfig, node: DictConfig, *, world_size: int) -> RunConfig:
-    """The run's validated config with the predict overrides, for `world_size` ranks."""
-    if cfg.data:
-        node.data = OmegaConf.merge(node.data, cfg.data)
-    if cfg.device is not None:
-        node.trainer.device = cfg.device
-    # training-only constraints at the prediction world size: the global train batch is
-    # unused here, and experts shard over an `ep` that must divide the world
-    node.trainer.batch_size = world_size
-    ep = int(node.parallel.get("ep", 1)) if cfg.ep is None else cfg.ep
-    if cfg.ep is None and world_size % ep:
-        log.info(
-            "the run's parallel.ep=%d does not divide the world size %d: experts replicated (ep=1)", ep, world_size
-        )
-        ep = 1
-    node.parallel.ep = ep
-    return build_run_config(node)
-
-
 def output_name(cfg: PredictConfig) -> str:
     if cfg.files:
         stem = Path(cfg.files[0]).name.split(".")[0] or "scored"
@@ -156,7 +127,11 @@ def select_rows(cfg: PredictConfig, dataset: Dataset) -> Scoring:
         return Scoring(rows=rows, name=output_name(cfg), labelled=dataset.scored_labels)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}; choose one of {SPLITS} (or give files=[...])")
-    return Scoring(rows=dataset.split(cfg.split), name=cfg.split, labelled=dataset.spec.tasks)
+    rows = dataset.split(cfg.split)
+    if not isinstance(rows, Split):
+        raise ValueError(f"split={cfg.split}: the {dataset.spec.name!r} {cfg.split} split is streamed from its files; "
+                         "score split=val or split=test")  # fmt: skip
+    return Scoring(rows=rows, name=cfg.split, labelled=dataset.spec.tasks)
 
 
 def _schema(rows: Split, tasks: tuple[str, ...], labelled: tuple[str, ...]) -> pa.Schema:
@@ -308,7 +283,8 @@ def main(node: DictConfig) -> None:
         if not info.is_main:
             logging.getLogger().setLevel(logging.WARNING)
             logging.getLogger("data").setLevel(logging.ERROR)  # every rank loads the same data: rank 0 warns
-        predict(cfg, info, load_run_config(cfg, run, world_size=info.world_size))
+        config = run_config(run, world_size=info.world_size, data=cfg.data, device=cfg.device, ep=cfg.ep)
+        predict(cfg, info, config)
     except USER_ERRORS as e:
         _user_error = str(e)
         log.debug("rank %d failed", RANK, exc_info=True)

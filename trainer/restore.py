@@ -1,6 +1,8 @@
 """A trained model back from its run directory, at the current world size.
 
-Shared by `trainer.predict` and `trainer.export`: which checkpoint (`resolve_checkpoint`),
+Shared by `trainer.predict` and `trainer.export`: the run's config (`run_node`,
+`run_config`: `config.yaml` with overrides, valid at this world size), which checkpoint
+(`resolve_checkpoint`),
 and the model built, parallelised and loaded as training does it
 (`trainer.trainer.build_model`, then `checkpoint.load_model`: DCP reads the slices this
 rank's shards cover, so any world size loads a checkpoint written by any other).
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data.columns import Dataset
@@ -27,11 +30,48 @@ from parallel.dist import DistInfo
 from parallel.parallelize import ParallelModel
 from trainer import checkpoint
 from trainer.checkpoint import MARKER, TrainState
-from trainer.config import RunConfig
+from trainer.config import RunConfig, build_run_config
 from trainer.trainer import build_model
 
 log = logging.getLogger("trainer.restore")
 CHOICES = ("best", "last")
+
+
+def run_node(run_dir: str | Path) -> DictConfig:
+    """The run's resolved training config (`config.yaml`), as training wrote it."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir={str(run_dir)!r}: no config.yaml (is it a training run directory?)")
+    node = OmegaConf.load(path)
+    assert isinstance(node, DictConfig)
+    return node
+
+
+def run_config(
+    node: DictConfig,
+    *,
+    world_size: int,
+    data: dict[str, Any] | None = None,
+    device: str | None = None,
+    ep: int | None = None,
+) -> RunConfig:
+    """The run's validated config for `world_size` ranks, with `data` merged into its
+    data section and `device` / `ep` replacing its own (None = keep; the run's `ep`
+    falls back to 1 when it does not divide the world size)."""
+    node = node.copy()
+    if data:
+        node.data = OmegaConf.merge(node.data, data)
+    if device is not None:
+        node.trainer.device = device
+    # training-only constraints at this world size: the global train batch is unused
+    # here, and experts shard over an `ep` that must divide the world
+    node.trainer.batch_size = world_size
+    run_ep = int(node.parallel.get("ep", 1)) if ep is None else ep
+    if ep is None and world_size % run_ep:
+        log.info("the run's parallel.ep=%d does not divide the world size %d: experts replicated", run_ep, world_size)
+        run_ep = 1
+    node.parallel.ep = run_ep
+    return build_run_config(node)
 
 
 def resolve_checkpoint(choice: str, run_dir: Path) -> Path:
