@@ -52,7 +52,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ class SMESInference(nn.Module):
         first_M = torch.cat([key_M.new_ones(1, dtype=torch.bool), key_M[1:] != key_M[:-1]])
         pair_M = torch.cumsum(first_M, 0) - 1
         counts_E = torch.zeros(E, dtype=torch.long, device=x_BD.device).scatter_add_(0, expert_M, first_M.long())
-        num_pairs = counts_E.sum().item()  # the one data-dependent size (an unbacked SymInt)
+        num_pairs = cast(int, counts_E.sum().item())  # the one data-dependent size (an unbacked SymInt)
         torch._check(num_pairs >= 0)
         torch._check(num_pairs <= B * T * K)
         dest_M = torch.where(first_M, pair_M, num_pairs)  # duplicates go to a discarded row N

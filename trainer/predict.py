@@ -122,9 +122,9 @@ def output_name(cfg: PredictConfig) -> str:
 
 def select_rows(cfg: PredictConfig, dataset: Dataset) -> Scoring:
     if cfg.files:
-        assert dataset.scored is not None or not cfg.files
-        rows = dataset.scored if dataset.scored is not None else dataset.test.take(np.zeros(0, dtype=np.int64))
-        return Scoring(rows=rows, name=output_name(cfg), labelled=dataset.scored_labels)
+        if dataset.scored is None or len(dataset.scored) == 0:
+            raise ValueError(f"files={cfg.files}: no row to score (empty, or every row skipped as bad)")
+        return Scoring(rows=dataset.scored, name=output_name(cfg), labelled=dataset.scored_labels)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}; choose one of {SPLITS} (or give files=[...])")
     rows = dataset.split(cfg.split)

@@ -38,7 +38,6 @@ N (instance, expert) pairs, T tasks.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -194,14 +193,3 @@ class InferenceModel:
         std = torch.tensor(dense["std"], dtype=torch.float64)
         out = ((x - mean) / std).float()
         return torch.where(torch.isnan(out), torch.zeros((), dtype=out.dtype), out)
-
-
-def sigmoid(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """task -> probabilities."""
-    return {t: torch.sigmoid(z) for t, z in logits.items()}
-
-
-def finite_or_raise(x: float, what: str) -> float:
-    if not math.isfinite(x):
-        raise ValueError(f"{what} is not finite: {x}")
-    return x

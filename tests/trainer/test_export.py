@@ -136,7 +136,7 @@ def test_scorer_imports_only_torch_and_safetensors() -> None:
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "json", "math", "pathlib", "typing", "torch", "safetensors"}, roots
+    assert roots <= {"__future__", "json", "pathlib", "typing", "torch", "safetensors"}, roots
     code = (
         "import sys, trainer.serving; "
         "print([m for m in ('torchrec', 'hydra', 'omegaconf', 'data', 'model') if m in sys.modules])"
