@@ -22,13 +22,18 @@ program).
 
 Why `torch.export` and what it exports. MMoE, PLE, SharedBottom and HoME export as
 they are (their forwards have static shapes; HoME's batch norm traces in eval mode).
-The SMES layer's training forward does not trace: its routing has Python branches on
-data-dependent sizes (`if N == 0`, the padded table's width read from the batch, a
-`torch.unique` / `bincount` plan in the old layer; `if x.shape[0] == 0` in the grouped
-experts and the `.tolist()` host read of N in the reworked one), its dense mode
-specialises the batch size (`torch.full((E,), B)`), and `torch._grouped_mm`'s tracing
-rule accepts bf16 only. Tried: exporting the layer as is (fails on those guards),
-TorchScript (no `_grouped_mm`, no dataclass plan, and deprecated). Chosen: the program
+The SMES layer's training forward does not trace (tried, torch 2.13, `strict=False`,
+dynamic batch): its one host read of N (`host_ints`, `.tolist()`) traces as an
+unbacked SymInt, but the grouped experts then branch on it (`if x_ND.shape[0] == 0`:
+a guard on a data-dependent value), the dense plan specialises the batch size
+(`torch.full((E,), B)`), and `torch._grouped_mm`'s tracing rule accepts bf16 only,
+although the CPU kernel runs fp32. (The layer before the one-sync rework failed
+earlier, on `torch.unique` / `bincount` sizes and `if N == 0`.) Also tried: a
+`torch._grouped_mm` call on fp32 rows inside a traced function (rejected by its fake
+kernel), hence the custom op below. Not tried: TorchScript (deprecated in favour of
+`torch.export`; the layer's frozen-dataclass plan and keyword-only helpers would need
+rewriting for it anyway), and routing and experts as two programs (the data-dependent
+N would still sit between them, now in the serving code). Chosen: the program
 holds `SMESInference` below, the evaluation-mode formulation of the same layer with the
 same parameters: routers, Stage I / II selection by the trained `Router.select`,
 mixing weights as the softmax of the selected logits (= the probabilities renormalised
@@ -38,7 +43,8 @@ unbacked SymInt (bounded by `torch._check`), so expert compute scales with |U| p
 instance as in training. The experts are the opaque custom op
 `smes_serving::grouped_mlp` (`trainer/serving.py`); dense routing runs every expert
 as one batched matmul. The tests check every task's logits against the training
-model's on real evaluation batches (SMES progressive and dense, MMoE, HoME, PLE).
+model's on real evaluation batches: SMES progressive, independent, dense and with a
+selection bias, MMoE, HoME, PLE and SharedBottom all export and agree to 1e-5.
 
 Legend: B instances, D core input width, E experts, H width, K experts per task,
 M = B*T*K selections, N deduplicated pairs, T tasks, U max experts per instance.

@@ -27,7 +27,8 @@ vocabularies and statistics.
 The SMES program runs its experts through the custom op `smes_serving::grouped_mlp`
 (defined here, so importing this module is what makes `dense.pt2` loadable): the
 grouped matmul over expert-contiguous rows, `torch._grouped_mm` where it runs (CPU
-fp32 / bf16 with 16-byte aligned widths) and one `addmm` per active expert otherwise.
+fp32 / bf16; rows of an unaligned width are padded, an unaligned layer width is not)
+and one `addmm` per active expert otherwise.
 It is an opaque op because `torch._grouped_mm`'s tracing rule accepts bf16 only (the
 CUDA kernel's contract), although the CPU kernel takes fp32 (see `trainer/export.py`).
 
@@ -55,17 +56,23 @@ MODEL_JSON, VOCAB_JSON, TABLES, PROGRAM = "model.json", "vocab.json", "tables.sa
 def _grouped_linear(
     x_ND: torch.Tensor, w_EDH: torch.Tensor, b_EH: torch.Tensor, counts_E: torch.Tensor
 ) -> torch.Tensor:
-    """`x[n] @ w[e(n)] + b[e(n)]` for expert-contiguous rows: `[N, D] -> [N, H]`."""
-    N = x_ND.shape[0]
+    """`x[n] @ w[e(n)] + b[e(n)]` for expert-contiguous rows: `[N, D] -> [N, H]`.
+
+    The kernel wants 16-byte aligned row strides: rows of an unaligned width D are
+    copied into zero-padded `[N, D_pad]` storage and passed as its `[N, D]` view (as
+    `model.moe.experts` does); an unaligned H takes the loop."""
+    N, D = x_ND.shape
     align = 16 // x_ND.element_size()
     if (
         hasattr(torch, "_grouped_mm")
         and x_ND.device.type == "cpu"
         and x_ND.dtype in (torch.float32, torch.bfloat16)
-        and x_ND.shape[1] % align == 0
         and w_EDH.shape[2] % align == 0
-        and x_ND.data_ptr() % 16 == 0
     ):
+        if D % align or x_ND.stride(0) % align or x_ND.data_ptr() % 16 or x_ND.stride(1) != 1:
+            padded = x_ND.new_zeros(N, -(-D // align) * align)
+            padded[:, :D] = x_ND
+            x_ND = padded[:, :D]
         y_NH = torch._grouped_mm(x_ND, w_EDH, offs=torch.cumsum(counts_E, 0).to(torch.int32))
         return y_NH + b_EH.repeat_interleave(counts_E, dim=0, output_size=N)
     counts = counts_E.tolist()  # host read: the segment sizes (inside the op, not the graph)
@@ -79,7 +86,7 @@ def grouped_mlp(
 ) -> torch.Tensor:
     """The expert MLPs (Linear -> ReLU per layer, as `model.moe.experts.GroupedExperts`)
     over rows sorted by expert, `counts_E` rows each: `[N, D] -> [N, H]`."""
-    h_NH = x_ND.contiguous()
+    h_NH = x_ND
     for w_EDH, b_EH in zip(weights, biases, strict=True):
         h_NH = torch.relu(_grouped_linear(h_NH, w_EDH, b_EH, counts_E))
     return h_NH.clone() if h_NH is x_ND else h_NH

@@ -102,12 +102,13 @@ def test_artifact_logits_equal_the_models_in_eval_mode(core: str, synthetic: Dat
     assert_scores_like(model, synthetic, art, batch_size=1, rows=16)
 
 
-def test_smes_on_census_width_runs_the_loop_fallback(tmp_path: Path) -> None:
-    """Census: 32 tables of 16 + 7 dense = 519 columns, not 16-byte aligned: the experts
-    op takes its per-expert addmm path."""
+def test_smes_on_census_widths_pads_rows_or_loops(tmp_path: Path) -> None:
+    """Census: 32 tables of 16 + 7 dense = 519 input columns, not 16-byte aligned (the
+    experts op pads the rows), and a first layer 30 wide (the op loops over experts)."""
     dataset = build_dataset(CensusIncomeConfig(limit_rows=600))
     torch.manual_seed(0)
-    model = MultiTaskModel(dataset.spec, core_cfg=CORES["smes"], embedding_dim=16, tower=TowerConfig(hidden=[8]))
+    cfg = SMESConfig(num_experts=8, expert_hidden=[30, 16])
+    model = MultiTaskModel(dataset.spec, core_cfg=cfg, embedding_dim=16, tower=TowerConfig(hidden=[8]))
     model = trained_like(model, seed=2)
     write_artifact(model, dataset, {"format": serving.FORMAT, **_meta(dataset)}, tmp_path)
     art = serving.InferenceModel.load(tmp_path)
