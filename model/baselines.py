@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model.core import CoreOutput
-from model.mlp import MLP
+from model.mlp import MLP, NamedModules
 
 
 @dataclass(kw_only=True)
@@ -60,7 +60,7 @@ class SharedBottom(nn.Module):
         return CoreOutput(task_reprs={t: h_BH for t in self.tasks})
 
 
-def _mix(experts_BEH: torch.Tensor, gate: nn.Linear, x_BD: torch.Tensor) -> torch.Tensor:
+def _mix(experts_BEH: torch.Tensor, gate: nn.Module, x_BD: torch.Tensor) -> torch.Tensor:
     """Softmax-gated mixture of stacked expert outputs: `[B, E, H] -> [B, H]`."""
     w_BE = torch.softmax(gate(x_BD), dim=-1)
     return torch.einsum("be,beh->bh", w_BE, experts_BEH)
@@ -75,7 +75,7 @@ class MMoE(nn.Module):
         self.experts = nn.ModuleList(
             MLP(in_dim, cfg.expert_hidden, dropout=cfg.dropout) for _ in range(cfg.num_experts)
         )
-        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, cfg.num_experts) for t in tasks})
+        self.gates = NamedModules({t: nn.Linear(in_dim, cfg.num_experts) for t in tasks}, prefix="task_")
         self.out_dim = self.experts[0].out_dim
 
     def forward(self, x_BD: torch.Tensor) -> CoreOutput:
@@ -95,11 +95,11 @@ class CGCLevel(nn.Module):
         self.tasks, self.last = tasks, last
         make = lambda: MLP(in_dim, cfg.expert_hidden, dropout=cfg.dropout)  # noqa: E731
         self.shared = nn.ModuleList(make() for _ in range(cfg.num_shared_experts))
-        self.task_experts = nn.ModuleDict(
-            {t: nn.ModuleList(make() for _ in range(cfg.num_task_experts)) for t in tasks}
+        self.task_experts = NamedModules(
+            {t: nn.ModuleList(make() for _ in range(cfg.num_task_experts)) for t in tasks}, prefix="task_"
         )
         num_per_task = cfg.num_shared_experts + cfg.num_task_experts
-        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, num_per_task) for t in tasks})
+        self.gates = NamedModules({t: nn.Linear(in_dim, num_per_task) for t in tasks}, prefix="task_")
         num_all = cfg.num_shared_experts + len(tasks) * cfg.num_task_experts
         self.shared_gate = None if last else nn.Linear(in_dim, num_all)
         self.out_dim = self.shared[0].out_dim

@@ -22,7 +22,7 @@ from data.spec import DatasetSpec
 from model.baselines import PLE, MMoE, MMoEConfig, PLEConfig, SharedBottom, SharedBottomConfig
 from model.core import ExpertLoad
 from model.home import HoME, HoMEConfig
-from model.mlp import TaskTower
+from model.mlp import NamedModules, TaskTower
 from model.smes import SMES, SMESConfig
 
 # name -> (config dataclass, core class taking (cfg, *, in_dim, tasks))
@@ -107,8 +107,9 @@ class MultiTaskModel(nn.Module):
         self.ebc = build_ebc(spec, embedding_dim=embedding_dim, device=ebc_device)
         in_dim = len(spec.sparse) * embedding_dim + spec.num_dense
         self.core = build_core(core_cfg, in_dim=in_dim, tasks=spec.tasks)
-        self.towers = nn.ModuleDict(
-            {t: TaskTower(self.core.out_dim, tower.hidden, dropout=tower.dropout) for t in spec.tasks}
+        # keyed `task_<name>`: any task name works (see NamedModules)
+        self.towers = NamedModules(
+            {t: TaskTower(self.core.out_dim, tower.hidden, dropout=tower.dropout) for t in spec.tasks}, prefix="task_"
         )
 
     def embed(self, dense_BDn: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:

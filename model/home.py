@@ -18,7 +18,10 @@ Structure (tasks are partitioned into groups, e.g. watch-time vs interaction tas
 - Hierarchy mask: applied by construction, each gate only sees the experts its
   task/group may see (equivalent to masking the other logits to -inf).
 - Expert normalisation: each expert is `Linear (-> ReLU -> Linear ...) -> BatchNorm ->
-  Swish`, so expert outputs share one scale and no expert dominates the gates.
+  Swish`, so expert outputs share one scale and no expert dominates the gates (the
+  Linear before the norm has no bias: the norm's shift makes it redundant). The
+  norm is a `ReducibleBatchNorm1d` (one per bank, over all its experts' features):
+  `parallel.parallelize` makes its statistics those of the global batch across ranks.
 - Feature gates: expert j's input is `x * 2*sigmoid(x A_j B_j)` with low-rank
   `A_j [D, r]`, `B_j [r, D]`; `B` starts at zero so every gate starts at 1.
   `feature_gate_rank = 0` turns them off.
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.core import CoreOutput
+from model.mlp import NamedModules, ReducibleBatchNorm1d
 
 
 @dataclass(kw_only=True)
@@ -110,7 +114,8 @@ class ExpertBank(nn.Module):
     Args:
         num_experts: M (0 gives an empty bank).
         in_dim: D.
-        hidden: widths; ReLU between layers, BatchNorm + Swish after the last.
+        hidden: widths; ReLU between layers, BatchNorm + Swish after the last (which has
+            no bias: the norm's bias replaces it).
         feature_gate_rank: r of the per-expert feature gate, 0 = none.
     """
 
@@ -121,12 +126,17 @@ class ExpertBank(nn.Module):
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims, dims[1:], strict=False)
         )
-        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in hidden)
-        for w_MDH, b_MH in zip(self.weights, self.biases, strict=True):
+        # no bias on the last layer: the batch norm right after it removes any constant
+        # shift, so that bias would get a zero gradient and (under Adam) drift on float
+        # noise, moving the running mean and the eval outputs; the norm's own bias takes
+        # its place
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in hidden[:-1])
+        for i, w_MDH in enumerate(self.weights):
             bound = 1.0 / math.sqrt(w_MDH.shape[1])
             nn.init.uniform_(w_MDH, -bound, bound)
-            nn.init.uniform_(b_MH, -bound, bound)
-        self.norm = nn.BatchNorm1d(num_experts * hidden[-1]) if num_experts else None
+            if i < len(self.biases):
+                nn.init.uniform_(self.biases[i], -bound, bound)
+        self.norm = ReducibleBatchNorm1d(num_experts * hidden[-1]) if num_experts else None
         self.gate_a_MDR: nn.Parameter | None = None
         self.gate_b_MRD: nn.Parameter | None = None
         if feature_gate_rank > 0 and num_experts:
@@ -142,11 +152,9 @@ class ExpertBank(nn.Module):
             h_MBD = x_BD * 2 * torch.sigmoid(torch.bmm(low_MBR, self.gate_b_MRD))
         else:
             h_MBD = x_BD.expand(M, -1, -1)
-        last = len(self.weights) - 1
-        for i, (w_MDH, b_MH) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h_MBD = torch.baddbmm(b_MH.unsqueeze(1), h_MBD, w_MDH)
-            if i < last:
-                h_MBD = torch.relu(h_MBD)
+        for w_MDH, b_MH in zip(self.weights, self.biases, strict=False):  # hidden layers
+            h_MBD = torch.relu(torch.baddbmm(b_MH.unsqueeze(1), h_MBD, w_MDH))
+        h_MBD = torch.bmm(h_MBD, self.weights[-1])
         H = self.out_dim
         assert self.norm is not None
         h_BX = self.norm(h_MBD.transpose(0, 1).reshape(B, M * H))
@@ -187,19 +195,19 @@ class HoME(nn.Module):
         m = cfg.num_meta_experts
         # meta level
         self.meta_global = bank(m, in_dim)
-        self.meta_group = nn.ModuleDict({g: bank(m, in_dim) for g in self.groups})
+        per_group = lambda make: NamedModules({g: make() for g in self.groups}, prefix="group_")  # noqa: E731
+        per_task = lambda make: NamedModules({t: make() for t in self.tasks}, prefix="task_")  # noqa: E731
+        self.meta_group = per_group(lambda: bank(m, in_dim))
         self.meta_gate_shared = nn.Linear(in_dim, m)
-        self.meta_gate_group = nn.ModuleDict({g: nn.Linear(in_dim, 2 * m) for g in self.groups})
+        self.meta_gate_group = per_group(lambda: nn.Linear(in_dim, 2 * m))
         # task level
         self.shared = bank(cfg.num_shared_experts, H)
-        self.group_experts = nn.ModuleDict({g: bank(cfg.experts_per_group, H) for g in self.groups})
-        self.task_experts = nn.ModuleDict({t: bank(cfg.num_task_experts, H) for t in self.tasks})
+        self.group_experts = per_group(lambda: bank(cfg.experts_per_group, H))
+        self.task_experts = per_task(lambda: bank(cfg.num_task_experts, H))
         visible = cfg.num_shared_experts + cfg.experts_per_group + cfg.num_task_experts
-        self.task_gates = nn.ModuleDict({t: nn.Linear(H, visible) for t in self.tasks})
+        self.task_gates = per_task(lambda: nn.Linear(H, visible))
         use_self = cfg.self_gate and cfg.num_task_experts > 0
-        self.self_gates = (
-            nn.ModuleDict({t: nn.Linear(H, cfg.num_task_experts) for t in self.tasks}) if use_self else None
-        )
+        self.self_gates = per_task(lambda: nn.Linear(H, cfg.num_task_experts)) if use_self else None
         self.out_dim = H
 
     def forward(self, x_BD: torch.Tensor) -> CoreOutput:

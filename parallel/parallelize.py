@@ -5,7 +5,18 @@
 1. the fused sparse optimizer on the embedding tables (it must be attached before
    sharding so TorchRec fuses it into the sharded kernels);
 2. TorchRec embedding sharding (planner + `DistributedModelParallel`), which also wraps
-   every non-embedding parameter in DDP.
+   every non-embedding parameter in DDP;
+3. seeded table values (`parallel.state.init_tables_seeded`): every table's shards get
+   values that depend on the seed and the table only, so the initial model is the same
+   at any world size and plan. TorchRec's own shard initialisation runs under a forked
+   RNG, so the process RNG after `parallelize` does not depend on the plan either.
+   Dense layers and experts need nothing: they are built on every rank from the same
+   RNG state before `parallelize` (experts under `ep` are built full and sliced) and
+   DDP broadcasts rank 0's copy anyway.
+
+Batch norms with a `stats_reducer` hook (`model.mlp.ReducibleBatchNorm1d`, HoME's
+expert normalisation) get a differentiable all-reduce over all ranks, so their
+statistics, gradients and running statistics are those of the global batch.
 
 Between 1 and 2, the capacity factor and expert parallelism
 (`parallel/expert_parallel.py`): every SMES layer gets `capacity_factor` (per expert,
@@ -30,12 +41,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from model.build import MultiTaskModel
+from model.mlp import ReducibleBatchNorm1d
+from parallel import dist as pdist
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import (
     EmbeddingShardingConfig,
@@ -53,8 +67,10 @@ from parallel.expert_parallel import (
     expert_parameters,
     sync_expert_grads,
 )
+from parallel.state import init_tables_seeded
 
 EMBEDDING_PREFIX = "ebc."
+TABLE_PREFIX = "ebc.embedding_bags."  # + <table>.weight, in the DMP state dict
 
 
 @dataclass(kw_only=True)
@@ -110,30 +126,68 @@ def replicated_table_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parame
             yield name, p
 
 
+def sync_batch_norms(model: nn.Module) -> int:
+    """Make every `ReducibleBatchNorm1d` in `model` use global-batch statistics (a
+    differentiable all-reduce over all ranks; the identity in a world of one).
+    Returns how many norms were hooked."""
+    norms = [m for m in model.modules() if isinstance(m, ReducibleBatchNorm1d)]
+    for norm in norms:
+        norm.stats_reducer = pdist.all_reduce_autograd
+    return len(norms)
+
+
+def table_specs(model: MultiTaskModel) -> dict[str, tuple[int, int, float, float]]:
+    """table -> (rows, dim, init min, init max), from the unsharded EBC's configs."""
+    return {
+        c.name: (c.num_embeddings, c.embedding_dim, c.get_weight_init_min(), c.get_weight_init_max())
+        for c in model.ebc.embedding_bag_configs()
+    }
+
+
 def parallelize(
-    model: MultiTaskModel, cfg: ParallelConfig, info: DistInfo, *, dense_engine: str = "native"
+    model: MultiTaskModel,
+    cfg: ParallelConfig,
+    info: DistInfo,
+    *,
+    dense_engine: str = "native",
+    seed: int | None = None,
 ) -> ParallelModel:
     """Shard `model` (embedding tables built on `meta`) over the default process group.
 
-    `dense_engine`: "native" (DDP + `after_backward`) or "deepspeed" (no DDP, no expert
-    gradient sync here: the DeepSpeed engine does both).
+    Args:
+        model: the plain model, its dense part built on every rank from the same RNG state.
+        cfg: the `parallel` config.
+        info: this rank.
+        dense_engine: "native" (DDP + `after_backward`) or "deepspeed" (no DDP, no
+            expert gradient sync here: the DeepSpeed engine does both).
+        seed: seed of the embedding tables' values (pass `trainer.seed`). None takes
+            rank 0's `torch.initial_seed()`, i.e. the last `torch.manual_seed` (the
+            trainer seeds with `trainer.seed` before building the model).
     """
     native = dense_engine == "native"
+    if seed is None:
+        seed = int(pdist.broadcast_object(torch.initial_seed()))
+    tables = table_specs(model)
+    sync_batch_norms(model)
     apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
     apply_capacity_factor(model, cfg.capacity_factor)
     mesh = build_mesh(cfg.ep, device_type=info.device.type)
     expert_names = apply_expert_parallel(model, mesh)
     feature_to_table = {f: f"t_{f}" for f in model.spec.sparse_names}
-    dmp, plan = shard_embeddings(
-        model,
-        ebc=model.ebc,
-        cfg=cfg.embedding,
-        feature_to_table=feature_to_table,
-        embedding_dim=model.embedding_dim,
-        device=info.device,
-        ddp_ignore=expert_names,
-        ddp=native,
-    )
+    on_device = info.device.type != "cpu"
+    rng_devices = [info.device.index or 0] if on_device else []
+    with torch.random.fork_rng(devices=rng_devices, device_type=info.device.type if on_device else None):
+        dmp, plan = shard_embeddings(
+            model,
+            ebc=model.ebc,
+            cfg=cfg.embedding,
+            feature_to_table=feature_to_table,
+            embedding_dim=model.embedding_dim,
+            device=info.device,
+            ddp_ignore=expert_names,
+            ddp=native,
+        )
+    init_tables_seeded(dmp, tables, seed=seed, prefix=TABLE_PREFIX)
     replicated = dict(replicated_table_parameters(dmp))
     table_opt = None
     if replicated and not native:  # their gradients would need DDP's all-reduce

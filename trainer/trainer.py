@@ -80,7 +80,8 @@ def build_model(run: RunConfig, dataset: Dataset, info: DistInfo) -> tuple[Multi
         tower=run.model.tower,
         ebc_device="meta",
     )
-    return model, parallelize(model, run.parallel, info, dense_engine=run.trainer.engine)
+    # tables are filled from (seed, table, row block) generators: the same model at any world size
+    return model, parallelize(model, run.parallel, info, dense_engine=run.trainer.engine, seed=run.trainer.seed)
 
 
 def build_data(run: RunConfig, info: DistInfo) -> Dataset:

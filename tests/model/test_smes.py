@@ -329,15 +329,18 @@ def auc(score_N: torch.Tensor, label_N: torch.Tensor) -> float:
     return float((ranks[pos].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
 
 
-def train_core(core: torch.nn.Module, tasks: tuple[str, ...], *, steps: int = 120) -> tuple[float, float, list]:
-    """Train core + linear towers with Adam; returns (first loss, last loss, train AUCs)."""
+def train_core(
+    core: torch.nn.Module, tasks: tuple[str, ...], *, steps: int = 120, num_train: int = 4096
+) -> tuple[float, float, list]:
+    """Train core + linear towers with Adam on the first `num_train` rows; returns
+    (first loss, last loss, AUCs on the 2048 held-out rows after them)."""
     torch.manual_seed(0)
-    x_ND, y_NT = skewed_tasks(len(tasks))
+    x_ND, y_NT = skewed_tasks(len(tasks), n=num_train + 2048)
     towers = torch.nn.ModuleDict({t: TaskTower(core.out_dim, []) for t in tasks})
     opt = torch.optim.Adam([*core.parameters(), *towers.parameters()], lr=3e-3)
     losses = []
     for _ in range(steps):
-        idx = torch.randint(0, x_ND.shape[0], (256,))
+        idx = torch.randint(0, num_train, (256,))
         out = core(x_ND[idx])
         task_loss = sum(
             torch.nn.functional.binary_cross_entropy_with_logits(towers[t](out.task_reprs[t]), y_NT[idx, i])
@@ -352,8 +355,9 @@ def train_core(core: torch.nn.Module, tasks: tuple[str, ...], *, steps: int = 12
         losses.append(task_loss.item())
     core.eval()
     with torch.no_grad():
-        out = core(x_ND)
-        aucs = [auc(towers[t](out.task_reprs[t]), y_NT[:, i]) for i, t in enumerate(tasks)]
+        held_x_ND, held_y_NT = x_ND[num_train:], y_NT[num_train:]
+        out = core(held_x_ND)
+        aucs = [auc(towers[t](out.task_reprs[t]), held_y_NT[:, i]) for i, t in enumerate(tasks)]
     return sum(losses[:10]) / 10, sum(losses[-10:]) / 10, aucs
 
 
@@ -363,4 +367,5 @@ def test_smes_trains_on_eight_skewed_tasks(extra: dict) -> None:
     core = SMES(SMESConfig(num_experts=16, expert_hidden=[32], **extra), in_dim=16, tasks=tasks)
     first, last, aucs = train_core(core, tasks)
     assert last < 0.8 * first, (first, last)
-    assert min(aucs) > 0.85, aucs
+    # held-out rows; the rarest task has ~40 positives there (min over init seeds 0-3: 0.82)
+    assert min(aucs) > 0.8, aucs

@@ -2,7 +2,10 @@
 
 Same initial weights, same global batches: per-step losses, embedding tables (gathered
 from their shards) and dense weights must match a plain single-process model trained
-with the equivalent non-fused optimizers, for every sharding type.
+with the equivalent non-fused optimizers, for every sharding type. Two optimizer
+setups: Adagrad tables + Adam dense (the defaults), and SGD for both, since Adagrad and
+Adam are invariant to a constant gradient scale and would pass a gradient that is W
+times too large (e.g. sparse gradients summed instead of averaged over ranks).
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ SPEC = DatasetSpec(
 )
 GLOBAL_BATCH, STEPS, LR = 16, 3, 0.1
 TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
+# (sparse optimizer, dense optimizer, dense lr)
+OPTIMIZERS = {"adagrad_adam": ("adagrad", "adam", LR / 10), "sgd": ("sgd", "sgd", LR)}
+
+
+def dense_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
 
 
 def tiny_split() -> Split:
@@ -64,13 +73,17 @@ def build(device: str) -> MultiTaskModel:
     )
 
 
-def reference() -> tuple[dict[str, torch.Tensor], list[float], dict[str, torch.Tensor]]:
+def reference(opts: str) -> tuple[dict[str, torch.Tensor], list[float], dict[str, torch.Tensor]]:
+    sparse_name, dense_name, dense_lr = OPTIMIZERS[opts]
     model = build("cpu")
     init = {k: v.clone() for k, v in model.state_dict().items()}
     emb = [p for n, p in model.named_parameters() if n.startswith("ebc.")]
     dense = [p for n, p in model.named_parameters() if not n.startswith("ebc.")]
-    emb_opt = torch.optim.Adagrad(emb, lr=LR, eps=1e-8)
-    dense_opt = torch.optim.Adam(dense, lr=LR / 10)
+    if sparse_name == "adagrad":
+        emb_opt: torch.optim.Optimizer = torch.optim.Adagrad(emb, lr=LR, eps=1e-8)
+    else:
+        emb_opt = torch.optim.SGD(emb, lr=LR)
+    dense_opt = dense_optimizer(dense_name, dense, dense_lr)
     loader = TrainLoader(tiny_split(), spec=SPEC, batch_size=GLOBAL_BATCH, shuffle=False, prefetch=0)
     losses = []
     for _, batch in zip(range(STEPS), loader, strict=False):
@@ -88,50 +101,57 @@ def reference() -> tuple[dict[str, torch.Tensor], list[float], dict[str, torch.T
 def sharded_worker(rank: int, world: int, init: dict[str, torch.Tensor]) -> dict[str, object]:
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
     results = {}
-    for stype in TYPES:
-        cfg = ParallelConfig(
-            embedding=EmbeddingShardingConfig(sharding_type=stype),
-            sparse_optimizer=SparseOptimizerConfig(name="adagrad", lr=LR, eps=1e-8),
-        )
-        pm = parallelize(build("meta"), cfg, info)
-        load_full_state(pm.dmp, init)
-        dense_opt = torch.optim.Adam([p for _, p in dense_parameters(pm.dmp)], lr=LR / 10)
-        # data_parallel tables are plain replicated tensors with their own optimizer
-        optimizers = [dense_opt] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
-        loader = TrainLoader(
-            tiny_split(), spec=SPEC, batch_size=GLOBAL_BATCH // world, rank=rank, world_size=world,
-            shuffle=False, prefetch=0,
-        )  # fmt: skip
-        losses = []
-        for _, batch in zip(range(STEPS), loader, strict=False):
-            out = pm.dmp(batch)
-            loss = sum(task_losses(out, batch, SPEC.tasks).values())
-            for opt in optimizers:
-                opt.zero_grad()
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            losses.append(mean.item() / world)
-        results[stype] = {"plan": pm.plan, "losses": losses, "state": gather_full_state(pm.dmp)}
+    for opts, (sparse_name, dense_name, dense_lr) in OPTIMIZERS.items():
+        for stype in TYPES:
+            cfg = ParallelConfig(
+                embedding=EmbeddingShardingConfig(sharding_type=stype),
+                sparse_optimizer=SparseOptimizerConfig(name=sparse_name, lr=LR, eps=1e-8),
+            )
+            pm = parallelize(build("meta"), cfg, info)
+            load_full_state(pm.dmp, init)
+            dense_opt = dense_optimizer(dense_name, [p for _, p in dense_parameters(pm.dmp)], dense_lr)
+            # data_parallel tables are plain replicated tensors with their own optimizer
+            optimizers = [dense_opt] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
+            loader = TrainLoader(
+                tiny_split(), spec=SPEC, batch_size=GLOBAL_BATCH // world, rank=rank, world_size=world,
+                shuffle=False, prefetch=0,
+            )  # fmt: skip
+            losses = []
+            for _, batch in zip(range(STEPS), loader, strict=False):
+                out = pm.dmp(batch)
+                loss = sum(task_losses(out, batch, SPEC.tasks).values())
+                for opt in optimizers:
+                    opt.zero_grad()
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+                mean = loss.detach().clone()
+                dist.all_reduce(mean)
+                losses.append(mean.item() / world)
+            results[(opts, stype)] = {"plan": pm.plan, "losses": losses, "state": gather_full_state(pm.dmp)}
     return results
 
 
 @pytest.mark.slow
 def test_sharded_training_matches_single_process() -> None:
-    init, ref_losses, ref_state = reference()
+    refs = {opts: reference(opts) for opts in OPTIMIZERS}
+    init = refs["sgd"][0]
+    for opts in OPTIMIZERS:  # every setup starts from the same weights
+        for key, value in refs[opts][0].items():
+            assert torch.equal(value, init[key]), key
     per_rank = run_ranks(sharded_worker, 2, init)
-    for stype in TYPES:
-        got = per_rank[0][stype]
-        assert all(v.startswith(stype) for v in got["plan"].values()), got["plan"]
-        np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-5, atol=1e-6, err_msg=stype)
-        for key, ref in ref_state.items():
-            torch.testing.assert_close(got["state"][key], ref, rtol=1e-4, atol=1e-5, msg=f"{stype}: {key}")
-        # training moved every table, so the comparison is not trivially initial == initial
-        for key in ref_state:
-            if key.startswith("ebc."):
-                assert not torch.equal(ref_state[key], init[key]), key
+    for opts, (_, ref_losses, ref_state) in refs.items():
+        for stype in TYPES:
+            got = per_rank[0][(opts, stype)]
+            msg = f"{opts}/{stype}"
+            assert all(v.startswith(stype) for v in got["plan"].values()), got["plan"]
+            np.testing.assert_allclose(got["losses"], ref_losses, rtol=1e-5, atol=1e-6, err_msg=msg)
+            for key, ref in ref_state.items():
+                torch.testing.assert_close(got["state"][key], ref, rtol=1e-4, atol=1e-5, msg=f"{msg}: {key}")
+            # training moved every table, so the comparison is not trivially initial == initial
+            for key in ref_state:
+                if key.startswith("ebc."):
+                    assert not torch.equal(ref_state[key], init[key]), key
     # both ranks hold identical replicas of the dense weights
-    for key, value in per_rank[1]["row_wise"]["state"].items():
-        torch.testing.assert_close(value, per_rank[0]["row_wise"]["state"][key])
+    for key, value in per_rank[1][("sgd", "row_wise")]["state"].items():
+        torch.testing.assert_close(value, per_rank[0][("sgd", "row_wise")]["state"][key])

@@ -54,6 +54,10 @@ def test_torchrun_smoke(tmp_path: Path) -> None:
     assert set(summary["eval"]) == {"income", "never_married"}
     for m in summary["eval"].values():
         assert 0.0 <= m["auc"] <= 1.0 and m["gauc"] is None and m["ne"] > 0
+    # training moved the metric: never_married has a strong signal (age nearly decides
+    # it); measured 0.94 after these 6 steps, 0.77 with the same weights untrained
+    # (random features already correlate with age); income is still near chance
+    assert summary["eval"]["never_married"]["auc"] > 0.85, summary["eval"]
     assert summary["experts"] is None  # MMoE has no sparse routing
     assert all(v == "table_wise/fused" for v in summary["embedding_plan"].values())
 
@@ -61,6 +65,9 @@ def test_torchrun_smoke(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss/total" in r]
     assert steps == [2, 4, 6]
+    window_loss = [r["loss/total"] for r in records if "loss/total" in r]
+    # and the loss: 1.423 -> 1.339 measured; untrained, the windows differ by < 0.01
+    assert window_loss[-1] < window_loss[0] - 0.015, window_loss
     assert any("val/income/auc" in r for r in records) and any("test/income/auc" in r for r in records)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb")), "W&B offline run missing"
