@@ -136,6 +136,13 @@ class BadRows:
                 row += 1
         return row
 
+    def file_rows(self, indices_N: np.ndarray) -> np.ndarray:
+        """`file_row` of many table rows at once: `[N]` int64 row numbers in the file."""
+        rows_N = self.row_offset + np.asarray(indices_N, dtype=np.int64) + 1
+        for dropped in self._dropped:  # ascending, as `file_row` walks them
+            rows_N = rows_N + (rows_N >= dropped)
+        return rows_N
+
     def keep(self) -> np.ndarray:
         """`[N]` rows to keep; records the skipped ones (each row once, under its first reason)."""
         for column, reason, new_N, message in self._pending:

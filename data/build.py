@@ -1,7 +1,10 @@
 """Source registry: `data.name` in the config picks the loader.
 
 Each source module defines a config dataclass (with a `name` field) and a function
-`cfg -> Dataset`; registering both here makes it selectable as `data=<name>`.
+`cfg -> Dataset`; registering both here makes it selectable as `data=<name>`. The file
+sources in `SCORABLE` also take `score_files` (other files with the source's schema,
+encoded like its train split: `Dataset.scored`) and `keep_keys` (keep the rows' key
+columns, `Split.keys`); both serve `trainer.predict`.
 `build_train_loader` is the one way to batch a dataset's train split: in memory
 (`data.loader.TrainLoader`) or streamed (`data.stream_loader.StreamLoader`), both
 `data.loader.TrainBatches`.
@@ -22,13 +25,14 @@ from data.synthetic import SyntheticConfig, load_synthetic, synthetic_names
 from data.tabular import TabularConfig, load_tabular, tabular_names
 
 # name -> (config dataclass, loader)
-SOURCES: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
+SOURCES: dict[str, tuple[type, Callable[..., Dataset]]] = {
     "census_income": (CensusIncomeConfig, load_census_income),
     "kuairand": (KuaiRandConfig, load_kuairand),
     "parquet_stream": (ParquetStreamConfig, load_parquet_stream),
     "synthetic": (SyntheticConfig, load_synthetic),
     "tabular": (TabularConfig, load_tabular),
 }
+SCORABLE = ("census_income", "kuairand", "tabular")  # sources that can encode other files
 
 
 # name -> cfg -> (tasks, sparse feature names) the source can produce, without reading data
@@ -49,14 +53,20 @@ def declared_names(cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return NAMES[cfg.name](cfg)
 
 
-def build_dataset(cfg: Any) -> Dataset:
+def build_dataset(cfg: Any, *, score_files: list[str] | None = None, keep_keys: bool = False) -> Dataset:
+    """The source's `Dataset`, checked (`check_dataset`); see the module doc for the options."""
     name = getattr(cfg, "name", None)
     if name not in SOURCES:
         raise ValueError(f"data.name={name!r} is not a known source; choose one of {sorted(SOURCES)}")
     config_cls, load = SOURCES[name]
     if not isinstance(cfg, config_cls):
         raise ValueError(f"data config for {name!r} must be a {config_cls.__name__}, got {type(cfg).__name__}")
-    dataset = load(cfg)
+    if name in SCORABLE:
+        dataset = load(cfg, score_files=score_files, keep_keys=keep_keys)
+    elif score_files:
+        raise ValueError(f"data.name={name!r} cannot score other files; sources that can: {list(SCORABLE)}")
+    else:  # no key columns: predictions number the rows
+        dataset = load(cfg)
     check_dataset(dataset, getattr(cfg, "on_bad_row", "error"))
     return dataset
 

@@ -12,6 +12,9 @@ Choices, following the MMoE / PLE papers' setup:
   train split (after the validation carve-out), id 0 = unseen / missing.
 
 The official test file is the test split; validation is a seeded fraction of train.
+Other files in the same 42-column format can be scored (`score_files`, for
+`trainer.predict files=`): they are encoded with the vocabularies and dense statistics
+of this train split (`Dataset.scored`; the format always carries both labels).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from data.bad_rows import BadRows, SkipLog, first_ragged_line
-from data.columns import Dataset, SparseColumn, Split, standardize_dense, validation_rows
+from data.columns import Dataset, SparseColumn, Split, concat_splits, standardize_dense, validation_rows
+from data.parse import file_keys
 from data.spec import DatasetSpec, SparseFeature
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "files" / "census-income"
@@ -185,16 +189,25 @@ def _labels(table: pa.Table, bad: BadRows) -> dict[str, np.ndarray]:
     }
 
 
-def _parse(
-    path: Path, limit_rows: int, skips: SkipLog
-) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, np.ndarray]]:
+@dataclass(slots=True)
+class _Parsed:
+    """One file's kept rows: dense `[N, 7]`, categorical strings, labels, keys."""
+
+    dense: np.ndarray
+    cats: dict[int, np.ndarray]
+    labels: dict[str, np.ndarray]
+    keys: dict[str, np.ndarray]
+
+
+def _parse(path: Path, limit_rows: int, skips: SkipLog) -> _Parsed:
     table = read_raw(path, limit_rows=limit_rows, skips=skips)
     bad = skips.file(path, table.num_rows)
     dense = np.stack([_numeric(table, c, bad) for c in CONTINUOUS], axis=1).astype(np.float32)
     labels = _labels(table, bad)
     keep_N = bad.keep()
     cats = {c: _strings(table, c)[keep_N] for c in CATEGORICAL}
-    return dense[keep_N], cats, {k: v[keep_N] for k, v in labels.items()}
+    keys = file_keys(path, bad.file_rows(np.flatnonzero(keep_N)))
+    return _Parsed(dense[keep_N], cats, {k: v[keep_N] for k, v in labels.items()}, keys)
 
 
 def _encode(vocab: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -210,31 +223,44 @@ def census_names(cfg: CensusIncomeConfig) -> tuple[tuple[str, ...], tuple[str, .
     return ("income", "never_married"), tuple(CATEGORICAL.values())
 
 
-def load_census_income(cfg: CensusIncomeConfig) -> Dataset:
-    """Parse, encode and split Census-Income into train / val / test."""
+def load_census_income(
+    cfg: CensusIncomeConfig, *, score_files: list[str] | None = None, keep_keys: bool = False
+) -> Dataset:
+    """Parse, encode and split Census-Income into train / val / test.
+
+    Args:
+        cfg: the source config.
+        score_files: other Census-Income files to encode as `Dataset.scored`.
+        keep_keys: keep `Split.keys` (`file`, `row`).
+    """
     root = Path(cfg.root) if cfg.root else DEFAULT_DIR
     skips = SkipLog(cfg.on_bad_row)
-    train_dense, train_cats, train_labels = _parse(root / "census-income.data.gz", cfg.limit_rows, skips)
-    test_dense, test_cats, test_labels = _parse(root / "census-income.test.gz", cfg.limit_rows, skips)
+    train_file = _parse(root / "census-income.data.gz", cfg.limit_rows, skips)
+    test_file = _parse(root / "census-income.test.gz", cfg.limit_rows, skips)
+    scored = [_parse(Path(p), 0, skips) for p in score_files or []]
 
     # carve validation on row indices first so vocabularies see only the train rows
-    tr_rows, va_rows = validation_rows(len(train_dense), fraction=cfg.val_fraction, seed=cfg.seed)
-
-    features, sparse_train, sparse_val, sparse_test = [], {}, {}, {}
+    tr_rows, va_rows = validation_rows(len(train_file.dense), fraction=cfg.val_fraction, seed=cfg.seed)
+    parts = [(train_file, tr_rows), (train_file, va_rows), (test_file, None), *((p, None) for p in scored)]
+    features, vocab = [], {}
+    sparse_parts: list[dict[str, SparseColumn]] = [{} for _ in parts]
     for col, name in CATEGORICAL.items():
-        vocab = np.unique(train_cats[col][tr_rows])
-        features.append(SparseFeature(name=name, num_embeddings=len(vocab) + 1))
-        sparse_train[name] = SparseColumn.single_hot(_encode(vocab, train_cats[col][tr_rows]))
-        sparse_val[name] = SparseColumn.single_hot(_encode(vocab, train_cats[col][va_rows]))
-        sparse_test[name] = SparseColumn.single_hot(_encode(vocab, test_cats[col]))
+        vocab[name] = np.unique(train_file.cats[col][tr_rows])
+        features.append(SparseFeature(name=name, num_embeddings=len(vocab[name]) + 1))
+        for sparse, (p, rows) in zip(sparse_parts, parts, strict=True):
+            values = p.cats[col] if rows is None else p.cats[col][rows]
+            sparse[name] = SparseColumn.single_hot(_encode(vocab[name], values))
 
-    def labels(src: dict[str, np.ndarray], rows: np.ndarray | None) -> dict[str, np.ndarray]:
-        return {k: (v if rows is None else v[rows]) for k, v in src.items()}
+    def split(i: int) -> Split:
+        p, rows = parts[i]
+        pick = lambda v: v if rows is None else v[rows]  # noqa: E731
+        keys = {k: pick(v) for k, v in p.keys.items()} if keep_keys or i > 2 else None
+        labels = {k: pick(v) for k, v in p.labels.items()}
+        return Split(dense=pick(p.dense), sparse=sparse_parts[i], labels=labels, keys=keys)
 
-    train = Split(dense=train_dense[tr_rows], sparse=sparse_train, labels=labels(train_labels, tr_rows))
-    val = Split(dense=train_dense[va_rows], sparse=sparse_val, labels=labels(train_labels, va_rows))
-    test = Split(dense=test_dense, sparse=sparse_test, labels=labels(test_labels, None))
-    stats = standardize_dense(train, val, test)
+    train, val, test = split(0), split(1), split(2)
+    extra = concat_splits([split(3 + i) for i in range(len(scored))]) if scored else None
+    stats = standardize_dense(train, val, test, *([extra] if extra is not None else []))
     spec = DatasetSpec(
         name="census_income",
         sparse=tuple(features),
@@ -242,5 +268,20 @@ def load_census_income(cfg: CensusIncomeConfig) -> Dataset:
         tasks=("income", "never_married"),
         has_user_id=False,
     )
-    info: dict[str, object] = {"dense_stats": stats, "skipped": skips.as_dict(), "label_sources": LABEL_SOURCES}
-    return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info)
+    info: dict[str, object] = {
+        "dense_stats": stats,
+        "dense_transforms": ["log1p_clamped" if c in LOG1P else None for c in CONTINUOUS],
+        "vocab": {name: pa.array(values.tolist(), pa.string()) for name, values in vocab.items()},
+        "skipped": skips.as_dict(),
+        "label_sources": LABEL_SOURCES,
+    }
+    return Dataset(
+        spec=spec,
+        train=train,
+        val=val,
+        test=test,
+        skipped_rows=skips.total,
+        info=info,
+        scored=extra,
+        scored_labels=spec.tasks if extra is not None else (),
+    )

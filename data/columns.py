@@ -21,6 +21,7 @@ from data.spec import DatasetSpec
 log = logging.getLogger("data")
 
 TRAIN, VAL, TEST = 0, 1, 2  # split codes of rows before they are partitioned (`split_rows`)
+SCORED = 3  # rows of files scored with the train split's encoding (`trainer.predict files=`)
 
 
 @dataclass(slots=True)
@@ -74,12 +75,16 @@ class Split:
         sparse: feature name -> ids.
         labels: task name -> `[N]` float32 in {0, 1}.
         user_id: `[N]` int64 or None.
+        keys: column -> `[N]` raw values identifying each row (e.g. user_id, video_id;
+            `file` / `row` for scored files), kept only when a source is asked to
+            (`keep_keys`, for predictions); None otherwise. Never a model input.
     """
 
     dense: np.ndarray
     sparse: dict[str, SparseColumn]
     labels: dict[str, np.ndarray]
     user_id: np.ndarray | None = None
+    keys: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.dense)
@@ -90,6 +95,7 @@ class Split:
             sparse={k: v.take(rows_N) for k, v in self.sparse.items()},
             labels={k: v[rows_N] for k, v in self.labels.items()},
             user_id=None if self.user_id is None else self.user_id[rows_N],
+            keys=None if self.keys is None else {k: v[rows_N] for k, v in self.keys.items()},
         )
 
 
@@ -104,11 +110,13 @@ def concat_splits(parts: list[Split]) -> Split:
         offsets = np.concatenate([[0]] + [c.offsets[1:] + s for c, s in zip(cols, shifts, strict=True)])
         sparse[name] = SparseColumn(values=np.concatenate([c.values for c in cols]), offsets=offsets.astype(np.int64))
     users = [p.user_id for p in parts]
+    keys = [p.keys for p in parts]
     return Split(
         dense=np.concatenate([p.dense for p in parts]),
         sparse=sparse,
         labels={t: np.concatenate([p.labels[t] for p in parts]) for t in parts[0].labels},
         user_id=None if users[0] is None else np.concatenate(users),  # type: ignore[arg-type]
+        keys=None if keys[0] is None else {k: np.concatenate([ks[k] for ks in keys]) for k in keys[0]},  # type: ignore[index]
     )
 
 
@@ -121,7 +129,20 @@ class StreamedSplit(Protocol):
 
 @dataclass(slots=True)
 class Dataset:
-    """A source's output: the schema plus its three splits (train may be streamed)."""
+    """A source's output: the schema plus its three splits (train may be streamed).
+
+    Attributes:
+        scored: rows of other files with the same schema, encoded with this data set's
+            train vocabularies and dense statistics (the source's `score_files`), so
+            their ids mean what they mean in training; None unless asked for.
+        scored_labels: the tasks whose labels `scored` holds (the files had their
+            label columns); the other tasks' labels there are zeros, not labels.
+        info: source facts; every source records `dense_stats` (`mean`, `std`); the
+            file sources also `vocab` (feature -> the train values of ids 1, 2, ... in
+            order, id 0 = missing / unseen) and `dense_transforms` (per dense column,
+            what comes before the standardisation: `signed_log1p`, `log1p_clamped` or
+            None), what a scorer of raw rows needs.
+    """
 
     spec: DatasetSpec
     train: Split | StreamedSplit
@@ -129,6 +150,8 @@ class Dataset:
     test: Split
     skipped_rows: int = 0
     info: dict[str, object] = field(default_factory=dict)
+    scored: Split | None = None
+    scored_labels: tuple[str, ...] = ()
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -181,11 +204,18 @@ def carve_splits(num_rows: int, *, val_fraction: float, test_fraction: float, se
 
 
 def split_rows(full: Split, split_N: np.ndarray) -> tuple[Split, Split, Split]:
-    """Partition a whole-data `Split` into (train, val, test) by the `[N]` split codes."""
+    """Partition a whole-data `Split` into (train, val, test) by the `[N]` split codes
+    (rows coded `SCORED` belong to none of them: `scored_rows`)."""
     train, val, test = (full.take(np.flatnonzero(split_N == k)) for k in (TRAIN, VAL, TEST))
     if len(train) == 0:
         raise ValueError("the train split is empty")
     return train, val, test
+
+
+def scored_rows(full: Split, split_N: np.ndarray) -> Split | None:
+    """The rows coded `SCORED`, in order, or None when there are none coded so."""
+    rows = np.flatnonzero(split_N == SCORED)
+    return full.take(rows) if len(rows) else None
 
 
 def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
@@ -201,12 +231,12 @@ def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
     with a warning for a split holding one class (`label_stats`).
     """
     check_policy(on_bad_row)
-    for split_name in ("train", "val", "test"):
-        if not isinstance(ds.split(split_name), Split):  # streamed: checked as its rows are read
+    for split_name in ("train", "val", "test", *(("scored",) if ds.scored is not None else ())):
+        if not isinstance(getattr(ds, split_name), Split):  # streamed: checked as its rows are read
             continue
         bad_N, reasons = _check_split(ds, split_name, on_bad_row)
         if bad_N.any():
-            setattr(ds, split_name, ds.split(split_name).take(np.flatnonzero(~bad_N)))
+            setattr(ds, split_name, getattr(ds, split_name).take(np.flatnonzero(~bad_N)))
             ds.skipped_rows += int(bad_N.sum())
             default: dict = {"policy": on_bad_row, "rows": 0, "by_reason": {}}
             skipped: dict = ds.info.setdefault("skipped", default)  # type: ignore[assignment]
@@ -245,7 +275,7 @@ def label_stats(ds: Dataset) -> dict[str, dict[str, dict[str, object]]]:
 
 def _check_split(ds: Dataset, split_name: str, on_bad_row: str) -> tuple[np.ndarray, dict[str, int]]:
     """`[N]` rows of one split that break an invariant (raises under the error policy)."""
-    split = ds.split(split_name)
+    split = getattr(ds, split_name)
     n = len(split)
     where = f"{ds.spec.name}/{split_name}"
     bad_N = np.zeros(n, dtype=bool)
@@ -280,7 +310,7 @@ def _check_split(ds: Dataset, split_name: str, on_bad_row: str) -> tuple[np.ndar
             rows_N = np.zeros(n, dtype=bool)
             rows_N[rows] = True
             found(rows_N, "id outside its table", message)
-    for task in ds.spec.tasks:
+    for task in ds.spec.tasks if split_name != "scored" else ds.scored_labels:
         labels = split.labels.get(task)
         if labels is None or len(labels) != n:
             raise ValueError(f"{where}: labels of task {task!r} missing or misaligned")

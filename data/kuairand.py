@@ -43,6 +43,12 @@ Choices:
   (yyyymmdd), else as text. Split `fraction`: seeded `val_fraction` and
   `test_fraction` of all rows (needed when the log has no `date`, like the sample).
 - `Batch.user_id` is the log's user_id (GAUC groups by it).
+- Scoring other logs (`score_files`, for `trainer.predict files=`): logs in the format
+  of `log_files` (their outcome columns may be absent: those tasks are unlabelled
+  there) are read after the configured logs, joined with the same feature tables and
+  encoded with the train rows' vocabularies, imputation means and dense statistics
+  (`Dataset.scored`); the split of the configured logs is computed before and without
+  them, so training's splits are unchanged.
 
 Legend: N log rows.
 """
@@ -56,7 +62,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.bad_rows import SkipLog
-from data.columns import TEST, TRAIN, VAL, Dataset, SparseColumn, Split, carve_splits, split_rows, standardize_dense
+from data.columns import (
+    SCORED,
+    TEST,
+    TRAIN,
+    VAL,
+    Dataset,
+    SparseColumn,
+    Split,
+    carve_splits,
+    scored_rows,
+    split_rows,
+    standardize_dense,
+)
 from data.kuairand_schema import (
     DEFAULT_LOG_CATEGORICAL,
     DEFAULT_LOG_DENSE,
@@ -73,21 +91,26 @@ from data.kuairand_schema import (
 from data.parse import (
     binary_labels,
     category_codes,
+    category_dictionary,
+    concat_keys,
     csv_delimiter,
     delimiter_hint,
     file_columns,
     file_format,
+    file_keys,
     floats,
     group_ids,
+    key_values,
     read_columns,
     signed_log1p,
     split_lists,
     strings,
-    train_vocab_ids,
+    train_vocab,
 )
 from data.spec import DatasetSpec, SparseFeature
 
 SPLITS = ("date", "fraction")
+KEY_COLUMNS = ("user_id", "video_id")  # log columns written out with predictions
 _KIND_KEY = {"cat": "categorical", "dense": "dense", "multi": "multi_hot"}
 
 
@@ -290,6 +313,7 @@ class _Read:
     text: dict[str, pa.ChunkedArray]
     numbers: dict[str, np.ndarray]
     file_rows: list[int]
+    rows: list[np.ndarray] = field(default_factory=list)  # per file: file row number of each kept row
 
 
 def _read(
@@ -306,7 +330,7 @@ def _read(
     skips = skips or SkipLog()
     text: dict[str, list[pa.ChunkedArray]] = {c: [] for c in text_cols}
     numbers: dict[str, list[np.ndarray]] = {c: [] for c in number_cols}
-    file_rows = []
+    file_rows, rows = [], []
     for path in source.paths:
         table = read_columns(
             path,
@@ -325,6 +349,7 @@ def _read(
             table = table.filter(pa.array(keep_N))
             parsed = {c: v[keep_N] for c, v in parsed.items()}
         file_rows.append(table.num_rows)
+        rows.append(bad.file_rows(np.flatnonzero(keep_N)))
         for c in text_cols:
             text[c].append(strings(table.column(c)))
         for c in number_cols:
@@ -333,6 +358,7 @@ def _read(
         text={c: pa.chunked_array([ch for a in v for ch in a.chunks], pa.string()) for c, v in text.items()},
         numbers={c: np.concatenate(v) for c, v in numbers.items()},
         file_rows=file_rows,
+        rows=rows,
     )
 
 
@@ -446,8 +472,14 @@ def kuairand_names(cfg: KuaiRandConfig) -> tuple[tuple[str, ...], tuple[str, ...
     return tasks, tuple(dict.fromkeys(features))
 
 
-def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
-    """Read the logs, join the feature tables, derive labels, encode and split."""
+def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, keep_keys: bool = False) -> Dataset:
+    """Read the logs, join the feature tables, derive labels, encode and split.
+
+    Args:
+        cfg: the source config.
+        score_files: other logs to encode as `Dataset.scored` (see the module doc).
+        keep_keys: keep `Split.keys` (`file`, `row`, `user_id`, `video_id`).
+    """
     sources = _sources(cfg)
     log = sources["log"]
     tasks = _tasks(cfg, log)
@@ -459,10 +491,19 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
         by_source.setdefault(f.source, []).append(f)
 
     skips = SkipLog(cfg.on_bad_row)
-    read = _read_log(cfg, sources, tasks, by_source.get("log", []), skips)
-    num_rows = len(read.text["user_id"])
+    key_cols = [c for c in KEY_COLUMNS if c in log.columns] if keep_keys or score_files else []
+    read = _read_log(cfg, sources, tasks, by_source.get("log", []), skips, key_cols)
     labels = _labels(cfg, log, tasks, read)
-    split_N, info = _split_codes(cfg, read.text.get("date"), num_rows)
+    split_N, info = _split_codes(cfg, read.text.get("date"), len(read.text["user_id"]))
+    paths = list(log.paths)
+    scored_labels: tuple[str, ...] = ()
+    if score_files:
+        extra, extra_labels, scored_labels = _read_scored(cfg, sources, tasks, by_source.get("log", []), skips,
+                                                          list(score_files), key_cols)  # fmt: skip
+        read = _concat_reads(read, extra)
+        labels = {t: np.concatenate([v, extra_labels[t]]) for t, v in labels.items()}
+        split_N = np.concatenate([split_N, np.full(len(extra.text["user_id"]), SCORED, dtype=np.int8)])
+        paths += list(score_files)
     is_train = split_N == TRAIN
 
     text = dict(read.text)
@@ -476,12 +517,21 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
             else:
                 info["rows_without_video_features"][",".join(source.paths)] = missing
 
-    specs, sparse = _sparse_columns(features, text, is_train)
+    specs, sparse, info["vocab"] = _sparse_columns(features, text, is_train)
     dense_names = [f.column for f in features if f.kind == "dense"]
     dense_ND, info["imputed_dense"] = _dense_matrix(dense_names, dense, is_train, log1p=cfg.log1p_dense)
-    full = Split(dense=dense_ND, sparse=sparse, labels=labels, user_id=group_ids(read.text["user_id"]))
+    keys = None
+    if key_cols:
+        keys = concat_keys([file_keys(p, r) for p, r in zip(paths, read.rows, strict=True)])
+        keys.update({c: key_values(read.text[c]) for c in key_cols})
+    full = Split(dense=dense_ND, sparse=sparse, labels=labels, user_id=group_ids(read.text["user_id"]), keys=keys)
     train, val, test = split_rows(full, split_N)
-    info["dense_stats"] = standardize_dense(train, val, test)
+    scored = scored_rows(full, split_N)
+    if not keep_keys:
+        for split in (train, val, test):
+            split.keys = None
+    info["dense_transforms"] = ["signed_log1p" if cfg.log1p_dense else None for _ in dense_names]
+    info["dense_stats"] = standardize_dense(train, val, test, *([scored] if scored is not None else []))
     spec = DatasetSpec(
         name=cfg.dataset_name,
         sparse=tuple(specs),
@@ -495,7 +545,46 @@ def load_kuairand(cfg: KuaiRandConfig) -> Dataset:
     info["feature_sources"] = {f.column: f.source for f in features}
     info["positive_rates"] = {t: float(train.labels[t].mean()) for t in spec.tasks}
     info["skipped"] = skips.as_dict()
-    return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info)
+    return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info,
+                   scored=scored, scored_labels=scored_labels)  # fmt: skip
+
+
+def _read_scored(
+    cfg: KuaiRandConfig,
+    sources: dict[str, _Source],
+    tasks: list[tuple[str, bool]],
+    own: list[_Feature],
+    skips: SkipLog,
+    files: list[str],
+    key_cols: list[str],
+) -> tuple[_Read, dict[str, np.ndarray], tuple[str, ...]]:
+    """The logs to score: their columns (those of the configured logs but `date` and the
+    outcomes they lack), every task's labels (zeros where unlabelled) and the labelled tasks."""
+    log = sources["log"]
+    headers = [file_columns(p, fmt=log.fmt, delimiter=log.delimiter) for p in files]
+    common = [c for c in headers[0] if all(c in h for h in headers[1:])]
+    src = _Source(name="scored", paths=files, columns=common, key=None, fmt=log.fmt, delimiter=log.delimiter)
+    labelled = [(t, d) for t, d in tasks if (all(c in common for c in LONG_VIEW_INPUTS) if d else t in common)]
+    keys = [s.key for s in sources.values() if s.key]
+    text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense"), *key_cols]
+    numbers = [t for t, derived in labelled if not derived]
+    numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in labelled) else []
+    numbers += [f.column for f in own if f.kind == "dense"]
+    label_cols = tuple(t for t, derived in labelled if not derived)
+    read = _read(src, list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), skips=skips, label_cols=label_cols)
+    labels = _labels(cfg, src, labelled, read)
+    n = len(read.text["user_id"])
+    return read, {t: labels.get(t, np.zeros(n, dtype=np.float32)) for t, _ in tasks}, tuple(t for t, _ in labelled)
+
+
+def _concat_reads(first: _Read, second: _Read) -> _Read:
+    """Rows of `second` after those of `first`, for the columns `second` has."""
+    return _Read(
+        text={c: pa.chunked_array([*first.text[c].chunks, *v.chunks], pa.string()) for c, v in second.text.items()},
+        numbers={c: np.concatenate([first.numbers[c], v]) for c, v in second.numbers.items() if c in first.numbers},
+        file_rows=[*first.file_rows, *second.file_rows],
+        rows=[*first.rows, *second.rows],
+    )
 
 
 def _read_log(
@@ -504,10 +593,12 @@ def _read_log(
     tasks: list[tuple[str, bool]],
     own: list[_Feature],
     skips: SkipLog,
+    key_cols: list[str],
 ) -> _Read:
-    """The log columns needed: join keys, user_id, date, label inputs, its own features."""
+    """The log columns needed: join keys, user_id, date, label inputs, its own features
+    (and `key_cols`, kept for predictions)."""
     keys = [s.key for s in sources.values() if s.key]
-    text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense")]
+    text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense"), *key_cols]
     text += ["date"] if cfg.split == "date" and "date" in sources["log"].columns else []
     numbers = [t for t, derived in tasks if not derived]
     numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in tasks) else []
@@ -524,25 +615,26 @@ def _read_log(
 
 def _sparse_columns(
     features: list[_Feature], text: dict[str, pa.ChunkedArray], is_train: np.ndarray
-) -> tuple[list[SparseFeature], dict[str, SparseColumn]]:
-    """Encode the categorical and multi-hot columns with train-only vocabularies."""
-    specs, sparse = [], {}
+) -> tuple[list[SparseFeature], dict[str, SparseColumn], dict[str, pa.Array]]:
+    """Encode the categorical and multi-hot columns with train-only vocabularies
+    (returned too: feature -> values of ids 1, 2, ...)."""
+    specs, sparse, vocab = [], {}, {}
     for f in features:
         if f.kind == "cat":
-            codes, k = category_codes(text[f.column])
-            ids, size = train_vocab_ids(codes, k, is_train)
+            codes, dictionary = category_dictionary(text[f.column])
+            ids, size, vocab[f.column] = train_vocab(codes, dictionary, is_train)
             sparse[f.column] = SparseColumn.single_hot(ids)
         elif f.kind == "multi":
             lengths, tokens = split_lists(text[f.column], f.sep)
-            codes, k = category_codes(tokens)
-            ids, size = train_vocab_ids(codes, k, np.repeat(is_train, lengths))
+            codes, dictionary = category_dictionary(tokens)
+            ids, size, vocab[f.column] = train_vocab(codes, dictionary, np.repeat(is_train, lengths))
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
             sparse[f.column] = SparseColumn(values=ids, offsets=offsets)
         else:
             continue
         specs.append(SparseFeature(name=f.column, num_embeddings=size, multi_hot=f.kind == "multi"))
-    return specs, sparse
+    return specs, sparse, vocab
 
 
 def _dense_matrix(

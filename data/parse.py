@@ -264,9 +264,24 @@ def binary_labels(values_N: np.ndarray, *, path: str | Path, column: str, bad: B
 
 def category_codes(arr: pa.ChunkedArray) -> tuple[np.ndarray, int]:
     """Dictionary codes of a string column: `[N]` int64 in `[-1, K)` (-1 = null), and K."""
+    codes, dictionary = category_dictionary(arr)
+    return codes, len(dictionary)
+
+
+def category_dictionary(arr: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """`category_codes` with the dictionary itself: `[N]` codes and the `[K]` values."""
     encoded = pc.dictionary_encode(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
     codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return codes, len(encoded.dictionary)
+    return codes, encoded.dictionary
+
+
+def train_vocab(codes: np.ndarray, dictionary: pa.Array, train_mask: np.ndarray) -> tuple[np.ndarray, int, pa.Array]:
+    """`train_vocab_ids`, plus the vocabulary: the values of ids 1..V in order (what a
+    scorer needs to encode new rows as training did)."""
+    ids, size = train_vocab_ids(codes, len(dictionary), train_mask)
+    seen = np.zeros(len(dictionary), dtype=bool)
+    seen[codes[train_mask & (codes >= 0)]] = True
+    return ids, size, dictionary.take(pa.array(np.flatnonzero(seen)))
 
 
 def split_lists(arr: pa.ChunkedArray, sep: str, *, text: bool = True) -> tuple[np.ndarray, pa.Array]:
@@ -316,6 +331,32 @@ def group_ids(arr: pa.ChunkedArray) -> np.ndarray:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return category_codes(text)[0]
     return np.asarray(pc.fill_null(values, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def key_values(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """`[N]` values of a key column (e.g. user_id) as written out with predictions:
+    int64 when every cell is an integer, else the trimmed strings (None = empty)."""
+    text = strings(arr)
+    try:
+        values = pc.cast(text, pa.int64())
+        if values.null_count == 0:
+            return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.int64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    return np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def file_keys(path: str | Path, rows_N: np.ndarray) -> dict[str, np.ndarray]:
+    """`file` (the path, as given) and `row` (row number in it, from 1, header excluded,
+    as in data errors) of `[N]` rows read from one file."""
+    name = np.empty(len(rows_N), dtype=object)
+    name[:] = str(path)
+    return {"file": name, "row": np.asarray(rows_N, dtype=np.int64)}
+
+
+def concat_keys(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Row-wise concatenation of per-file key dicts (same keys in each)."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
 def feature_name(column: str) -> str:

@@ -13,6 +13,11 @@ tasks. Choices:
   seeded fractions of the train rows are carved out instead (disjoint, reproducible).
 - Vocabularies come from the train split only (after the carve-out); id 0 = empty cell
   or a value never seen in train. Ids follow the order of first appearance.
+- Scoring other files (`score_files`, for `trainer.predict files=`): they are parsed
+  like the configured ones and appended after them as `Dataset.scored`, so the
+  train split, its carve-out, vocabularies and dense statistics are exactly the
+  training run's. A task whose label column is missing from any of them is unlabelled
+  there; so is the user id (no GAUC).
 - Dense values must be finite numbers (an empty cell, NaN or Inf is a bad row: impute
   upstream); bad rows raise, or are skipped and counted with `data.on_bad_row=skip`
   (`data/bad_rows.py`); `log1p` columns get `sign(x) * log1p(|x|)`; all dense columns are then
@@ -31,6 +36,7 @@ Legend: N rows, Dn dense columns, nnz ids of a multi-hot column.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,21 +46,37 @@ import numpy as np
 import pyarrow as pa
 
 from data.bad_rows import BadRows, SkipLog
-from data.columns import TEST, TRAIN, VAL, Dataset, SparseColumn, Split, carve_splits, split_rows, standardize_dense
+from data.columns import (
+    SCORED,
+    TEST,
+    TRAIN,
+    VAL,
+    Dataset,
+    SparseColumn,
+    Split,
+    carve_splits,
+    scored_rows,
+    split_rows,
+    standardize_dense,
+)
 from data.parse import (
     bad_rows_for,
     binary_labels,
-    category_codes,
+    category_dictionary,
+    concat_keys,
     csv_delimiter,
     feature_name,
+    file_columns,
+    file_keys,
     finite_dense,
     floats,
     group_ids,
+    key_values,
     read_columns,
     signed_log1p,
     split_lists,
     strings,
-    train_vocab_ids,
+    train_vocab,
 )
 from data.spec import DatasetSpec, SparseFeature
 
@@ -240,23 +262,26 @@ def role_columns(cfg: ColumnRoles, tasks: list[Task]) -> list[str]:
 
 @dataclass(slots=True)
 class Parsed:
-    """One file's columns after per-role conversion (checked there, where rows are known)."""
+    """One file's columns after per-role conversion (checked there, where rows are known).
+
+    `rows`: the file row number (from 1, header excluded) of each kept row."""
 
     dense: np.ndarray
     labels: dict[str, np.ndarray]
     cats: dict[str, pa.ChunkedArray]
     multi: dict[str, tuple[np.ndarray, pa.Array]]
     user: pa.ChunkedArray | None
+    rows: np.ndarray
 
 
-def _parse_file(path: str, cfg: TabularConfig, tasks: list[Task], skips: SkipLog) -> Parsed:
+def _parse_file(path: str, cfg: TabularConfig, tasks: list[Task], skips: SkipLog, *, limit_rows: int) -> Parsed:
     table = read_columns(
         path,
         columns=role_columns(cfg, tasks),
         fmt=cfg.format,
         delimiter=csv_delimiter(cfg.delimiter),
         column_names=cfg.column_names,
-        limit_rows=cfg.limit_rows,
+        limit_rows=limit_rows,
         skips=skips,
     )
     return parse_table(table, path=path, cfg=cfg, tasks=tasks, skips=skips)
@@ -307,7 +332,25 @@ def parse_table(
         cats={c: table.column(c) if raw_ids else strings(table.column(c)) for c in cfg.categorical},
         multi={c: split_lists(table.column(c), sep, text=not raw_ids) for c, sep in cfg.multi_hot.items()},
         user=user,
+        rows=bad.file_rows(np.flatnonzero(keep_N)),
     )
+
+
+def _scored_parts(
+    cfg: TabularConfig, tasks: list[Task], files: list[str], skips: SkipLog
+) -> tuple[list[Parsed], tuple[str, ...]]:
+    """Parse the files to score; returns them (every task's labels, zeros where
+    unlabelled) and the tasks all of them label. Without the user id column in all of
+    them, none gets user ids."""
+    read = {"fmt": cfg.format, "delimiter": csv_delimiter(cfg.delimiter), "column_names": cfg.column_names}
+    headers = [set(file_columns(path, **read)) for path in files]  # type: ignore[arg-type]
+    labelled = [t for t in tasks if all(t[1] in h for h in headers)]
+    if cfg.user_id is not None and not all(cfg.user_id in h for h in headers):
+        cfg = dataclasses.replace(cfg, user_id=None)
+    parts = [_parse_file(path, cfg, labelled, skips, limit_rows=0) for path in files]
+    for p in parts:
+        p.labels = {name: p.labels.get(name, np.zeros(len(p.dense), dtype=np.float32)) for name, _, _ in tasks}
+    return parts, tuple(name for name, _, _ in labelled)
 
 
 def _check_config(cfg: TabularConfig) -> None:
@@ -346,18 +389,32 @@ def tabular_names(cfg: TabularConfig) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(name for name, _, _ in parse_tasks(cfg)), tuple(features)
 
 
-def load_tabular(cfg: TabularConfig) -> Dataset:
-    """Read the configured files, carve missing splits, encode, standardise."""
+def load_tabular(cfg: TabularConfig, *, score_files: list[str] | None = None, keep_keys: bool = False) -> Dataset:
+    """Read the configured files, carve missing splits, encode, standardise.
+
+    Args:
+        cfg: the source config.
+        score_files: other files with the same columns to encode as `Dataset.scored`
+            (see the module doc); None = none.
+        keep_keys: keep `Split.keys` (`file`, `row`, and the user id column).
+    """
     _check_config(cfg)
     tasks = parse_tasks(cfg)
     skips = SkipLog(cfg.on_bad_row)
     files = {"train": _paths(cfg.train), "val": _paths(cfg.val), "test": _paths(cfg.test)}
-    parsed, split_parts = [], []
+    parsed, split_parts, paths = [], [], []
     for code, key in ((TRAIN, "train"), (VAL, "val"), (TEST, "test")):
         for path in files[key]:
-            p = _parse_file(path, cfg, tasks, skips)
+            p = _parse_file(path, cfg, tasks, skips, limit_rows=cfg.limit_rows)
             parsed.append(p)
+            paths.append(path)
             split_parts.append(np.full(len(p.dense), code, dtype=np.int8))
+    scored_labels: tuple[str, ...] = ()
+    if score_files:
+        scored, scored_labels = _scored_parts(cfg, tasks, list(score_files), skips)
+        parsed += scored
+        paths += list(score_files)
+        split_parts += [np.full(len(p.dense), SCORED, dtype=np.int8) for p in scored]
     split_N = np.concatenate(split_parts)
     train_rows = np.flatnonzero(split_N == TRAIN)
     carved = carve_splits(
@@ -367,35 +424,33 @@ def load_tabular(cfg: TabularConfig) -> Dataset:
         seed=cfg.seed,
     )
     split_N[train_rows] = carved
-    is_train = split_N == TRAIN
-
-    features, sparse = [], {}
-    for c in cfg.categorical:
-        codes, k = category_codes(pa.chunked_array([ch for p in parsed for ch in p.cats[c].chunks], pa.string()))
-        ids, size = train_vocab_ids(codes, k, is_train)
-        features.append(SparseFeature(name=feature_name(c), num_embeddings=size))
-        sparse[feature_name(c)] = SparseColumn.single_hot(ids)
-    for c in cfg.multi_hot:
-        lengths = np.concatenate([p.multi[c][0] for p in parsed])
-        tokens = pa.chunked_array([p.multi[c][1] for p in parsed], pa.string())
-        codes, k = category_codes(tokens)
-        ids, size = train_vocab_ids(codes, k, np.repeat(is_train, lengths))
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        features.append(SparseFeature(name=feature_name(c), num_embeddings=size, multi_hot=True))
-        sparse[feature_name(c)] = SparseColumn(values=ids, offsets=offsets)
-
-    user = None
+    features, sparse, vocab = _encode(cfg, parsed, split_N == TRAIN)
+    user = keys = None
     if cfg.user_id:
-        user = group_ids(pa.chunked_array([ch for p in parsed for ch in p.user.chunks], pa.string()))  # type: ignore[union-attr]
+        nulls = lambda p: pa.chunked_array([pa.nulls(len(p.dense), pa.string())])  # noqa: E731
+        users = pa.chunked_array([ch for p in parsed for ch in (p.user or nulls(p)).chunks], pa.string())
+        user = group_ids(users)
+    if keep_keys or score_files:
+        keys = concat_keys([file_keys(path, p.rows) for path, p in zip(paths, parsed, strict=True)])
+        if cfg.user_id:
+            keys[cfg.user_id] = key_values(users)
     full = Split(
         dense=np.concatenate([p.dense for p in parsed]).astype(np.float32),
         sparse=sparse,
         labels={name: np.concatenate([p.labels[name] for p in parsed]) for name, _, _ in tasks},
         user_id=user,
+        keys=keys,
     )
     train, val, test = split_rows(full, split_N)
-    stats = standardize_dense(train, val, test)
+    extra = scored_rows(full, split_N)
+    if extra is not None and cfg.user_id and any(p.user is None for p in parsed):
+        extra.user_id = None  # the scored files lack the user id column
+        assert extra.keys is not None
+        extra.keys.pop(cfg.user_id)
+    if not keep_keys:
+        for s in (train, val, test):
+            s.keys = None
+    stats = standardize_dense(train, val, test, *([extra] if extra is not None else []))
     spec = DatasetSpec(
         name=dataset_name(cfg),
         sparse=tuple(features),
@@ -405,6 +460,8 @@ def load_tabular(cfg: TabularConfig) -> Dataset:
     )
     info: dict[str, object] = {
         "dense_stats": stats,
+        "dense_transforms": ["signed_log1p" if c in cfg.log1p else None for c in cfg.dense],
+        "vocab": vocab,
         "files": files,
         "label_sources": {
             name: _label_source(col, task.get("rule")) for (name, col, _), task in zip(tasks, cfg.tasks, strict=True)
@@ -412,4 +469,37 @@ def load_tabular(cfg: TabularConfig) -> Dataset:
         "positive_rates": {t: float(train.labels[t].mean()) for t in spec.tasks},
         "skipped": skips.as_dict(),
     }
-    return Dataset(spec=spec, train=train, val=val, test=test, skipped_rows=skips.total, info=info)
+    return Dataset(
+        spec=spec,
+        train=train,
+        val=val,
+        test=test,
+        skipped_rows=skips.total,
+        info=info,
+        scored=extra,
+        scored_labels=scored_labels,
+    )
+
+
+def _encode(
+    cfg: TabularConfig, parsed: list[Parsed], is_train: np.ndarray
+) -> tuple[list[SparseFeature], dict[str, SparseColumn], dict[str, pa.Array]]:
+    """Sparse features with train-only vocabularies: specs, columns and vocabularies."""
+    features, sparse, vocab = [], {}, {}
+    for c in cfg.categorical:
+        codes, dictionary = category_dictionary(
+            pa.chunked_array([ch for p in parsed for ch in p.cats[c].chunks], pa.string())
+        )
+        ids, size, vocab[feature_name(c)] = train_vocab(codes, dictionary, is_train)
+        features.append(SparseFeature(name=feature_name(c), num_embeddings=size))
+        sparse[feature_name(c)] = SparseColumn.single_hot(ids)
+    for c in cfg.multi_hot:
+        lengths = np.concatenate([p.multi[c][0] for p in parsed])
+        tokens = pa.chunked_array([p.multi[c][1] for p in parsed], pa.string())
+        codes, dictionary = category_dictionary(tokens)
+        ids, size, vocab[feature_name(c)] = train_vocab(codes, dictionary, np.repeat(is_train, lengths))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        features.append(SparseFeature(name=feature_name(c), num_embeddings=size, multi_hot=True))
+        sparse[feature_name(c)] = SparseColumn(values=ids, offsets=offsets)
+    return features, sparse, vocab

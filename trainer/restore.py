@@ -1,0 +1,160 @@
+"""A trained model back from its run directory, at the current world size.
+
+Shared by `trainer.predict` and `trainer.export`: the run's config (`run_node`,
+`run_config`: `config.yaml` with overrides, valid at this world size), which checkpoint
+(`resolve_checkpoint`),
+and the model built, parallelised and loaded as training does it
+(`trainer.trainer.build_model`, then `checkpoint.load_model`: DCP reads the slices this
+rank's shards cover, so any world size loads a checkpoint written by any other).
+
+Before loading, the checkpoint's tensor shapes are compared with the model's: a table
+whose size changed (other data files, another `data.limit_rows`) would otherwise fail
+deep inside DCP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from data.columns import Dataset
+from parallel.dist import DistInfo
+from parallel.parallelize import ParallelModel
+from trainer import checkpoint
+from trainer.checkpoint import MARKER, TrainState
+from trainer.config import RunConfig, build_run_config
+from trainer.trainer import build_model
+
+log = logging.getLogger("trainer.restore")
+CHOICES = ("best", "last")
+
+
+def run_node(run_dir: str | Path) -> DictConfig:
+    """The run's resolved training config (`config.yaml`), as training wrote it."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir={str(run_dir)!r}: no config.yaml (is it a training run directory?)")
+    node = OmegaConf.load(path)
+    assert isinstance(node, DictConfig)
+    return node
+
+
+def run_config(
+    node: DictConfig,
+    *,
+    world_size: int,
+    data: dict[str, Any] | None = None,
+    device: str | None = None,
+    ep: int | None = None,
+) -> RunConfig:
+    """The run's validated config for `world_size` ranks, with `data` merged into its
+    data section and `device` / `ep` replacing its own (None = keep; the run's `ep`
+    falls back to 1 when it does not divide the world size)."""
+    node = node.copy()
+    if data:
+        node.data = OmegaConf.merge(node.data, data)
+    if device is not None:
+        node.trainer.device = device
+    # training-only constraints at this world size: the global train batch is unused
+    # here, and experts shard over an `ep` that must divide the world
+    node.trainer.batch_size = world_size
+    run_ep = int(node.parallel.get("ep", 1)) if ep is None else ep
+    if ep is None and world_size % run_ep:
+        log.info("the run's parallel.ep=%d does not divide the world size %d: experts replicated", run_ep, world_size)
+        run_ep = 1
+    node.parallel.ep = run_ep
+    return build_run_config(node)
+
+
+def resolve_checkpoint(choice: str, run_dir: Path) -> Path:
+    """The checkpoint folder meant by `checkpoint=`: best | last | a folder.
+
+    `best` is the model whose test metrics `summary.json` reports (`best_step`): its
+    `best_step_<N>` folder, or `step_<N>` when model selection was off (the last step is
+    reported); without a summary (a run still training), the newest best so far.
+    `last` is the newest complete periodic checkpoint.
+    """
+    root = run_dir / "checkpoints"
+    if choice == "last":
+        done = checkpoint.complete_checkpoints(root)
+        if not done:
+            raise ValueError(f"checkpoint=last: no complete checkpoint under {root}")
+        return done[-1]
+    if choice != "best":
+        path = Path(choice)
+        if not (path / MARKER).exists():
+            raise ValueError(f"checkpoint={choice!r} is not a complete checkpoint folder (no {MARKER} marker)")
+        return path
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        step = json.loads(summary.read_text()).get("best_step")
+        if step is not None:
+            for path in (checkpoint.best_dir(root, int(step)), checkpoint.step_dir(root, int(step))):
+                if (path / MARKER).exists():
+                    return path
+            raise ValueError(
+                f"checkpoint=best: the reported step {step} (summary.json best_step) has no complete checkpoint "
+                f"under {root}; use checkpoint=last or a checkpoint folder"
+            )
+    best = [d for d in sorted(root.glob("best_step_*")) if (d / MARKER).exists()]
+    if not best:
+        raise ValueError(f"checkpoint=best: {run_dir} has no summary.json best_step and no best checkpoint; "
+                         "use checkpoint=last or a checkpoint folder")  # fmt: skip
+    log.warning("no summary.json in %s (still training?): using the best checkpoint so far, %s", run_dir, best[-1])
+    return best[-1]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(pickle.loads((path / "meta.pkl").read_bytes())["step"])
+
+
+def _global_shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Tensor) or hasattr(value, "size"):
+        return tuple(value.size())
+    return None
+
+
+def check_shapes(model_state: dict[str, Any], path: Path) -> None:
+    """ValueError naming the first tensor whose shape differs from the checkpoint's."""
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for name, value in model_state.items():
+        meta = stored.get(f"model.{name}")
+        shape = _global_shape(value)
+        size = getattr(meta, "size", None)
+        if shape is None or size is None or tuple(size) == shape:
+            continue
+        raise ValueError(
+            f"{path}: {name} has shape {tuple(size)} in the checkpoint but {shape} in the model built from the "
+            "data: the data (files, data.* overrides, data.limit_rows) differ from the run's"
+        )
+
+
+def load_model_from(run: RunConfig, dataset: Dataset, info: DistInfo, path: Path) -> tuple[nn.Module, int]:
+    """The run's model, parallelised over this world, with the weights at `path`
+    (collective). Returns the DMP and the checkpoint's step."""
+    _, pm = build_model(run, dataset, info)
+    load_into(pm, path)
+    return pm.dmp, checkpoint_step(path)
+
+
+def load_into(pm: ParallelModel, path: Path) -> None:
+    """`checkpoint.load_model` into a freshly parallelised model (collective)."""
+    check_shapes(pm.dmp.state_dict(), path)
+    state = TrainState(
+        model=pm.dmp,
+        sparse_optim=None,  # type: ignore[arg-type]  # load_model reads the model only
+        dense_optim=None,
+        table_optim=None,
+        scheduler=None,  # type: ignore[arg-type]
+        loader=None,
+        expert_mesh=pm.mesh,
+    )
+    checkpoint.load_model(state, path)
