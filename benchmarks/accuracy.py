@@ -29,7 +29,8 @@ again (`--rerun` forces it): an interrupted benchmark continues where it stopped
 
 Output (`--out`): `accuracy.json` (`config`, `runs`: one record per run with its
 command, return code and figures; `rows`: the aggregated table) and `accuracy.md`;
-run directories under `<out>/runs/<label>/seed<seed>/`.
+run directories under `<out>/runs/<label>/seed<seed>/` (label with other characters than
+letters, digits, `_.-` replaced by `_`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -68,6 +70,11 @@ class Variant:
 
     label: str
     overrides: tuple[str, ...]
+
+
+def slug(label: str) -> str:
+    """A label as a folder name (Hydra overrides take no spaces or `=` in a path)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
 
 def experiment_exists(name: str) -> bool:
@@ -240,7 +247,7 @@ def run_grid(
     records = []
     for v in variants:
         for seed in seeds:
-            run_dir = (out / "runs" / v.label / f"seed{seed}").resolve()
+            run_dir = (out / "runs" / slug(v.label) / f"seed{seed}").resolve()
             cmd, env = run_command(v, seed, extra, run_dir, nproc)
             if (run_dir / "summary.json").exists() and not rerun:
                 code, wall = 0, None
