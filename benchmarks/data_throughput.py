@@ -1,7 +1,17 @@
-"""Data pipeline throughput: rows/s that one rank's `TrainLoader` delivers.
+"""Data pipeline throughput: rows/s that one rank's train loader delivers.
 
     python -m benchmarks.data_throughput --out bench_out/data_throughput.json \
-        [--source census_income|synthetic] [--batch-size 2048] [--steps 200] [--repeats 3]
+        [--source census_income|synthetic|parquet_stream] [--batch-size 2048] [--steps 200] [--repeats 3] \
+        [data overrides, e.g. 'train=[DIR/train/*.parquet]' ...]
+
+The loader is `data.build.build_train_loader`'s, as in the trainer: the in-memory
+`TrainLoader`, or the streaming `StreamLoader` for `parquet_stream` (its config is
+`conf/data/parquet_stream.yaml`, which reads the folder written by `python -m
+data.generate --out outputs/data/kuairand_synth`; the trailing `key=value` overrides
+change it, e.g. to another folder). The streaming loader reads a whole shuffle window
+(`data.shuffle_buffer` rows plus a row group) before its first batch, so give it
+`--steps` spanning several windows (e.g. 1000 at the default batch) or the figures
+mostly time the first window.
 
 The loader is built as rank 0 of a world of 2 (`--batch-size` is the global batch, as
 `trainer.batch_size`; the rank builds half of it per step), then drained by a consumer
@@ -27,22 +37,33 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from data.build import build_dataset
+from data.build import build_dataset, build_train_loader
 from data.census import CensusIncomeConfig
 from data.columns import Dataset
-from data.loader import TrainLoader
+from data.stream import ParquetStreamConfig
 from data.synthetic import SyntheticConfig
 
 WORLD_SIZE, RANK = 2, 0
-SOURCES = {"census_income": CensusIncomeConfig, "synthetic": SyntheticConfig}
+SOURCES = {"census_income": CensusIncomeConfig, "parquet_stream": ParquetStreamConfig, "synthetic": SyntheticConfig}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(source: str, overrides: list[str]) -> object:
+    """The source's config: `conf/data/<source>.yaml` over its dataclass, then `overrides`."""
+    node = OmegaConf.merge(
+        OmegaConf.structured(SOURCES[source]),
+        OmegaConf.load(ROOT / "conf" / "data" / f"{source}.yaml"),
+        OmegaConf.from_dotlist(overrides),
+    )
+    return OmegaConf.to_object(node)
 
 
 def _drain(dataset: Dataset, *, local_batch: int, prefetch: int, steps: int, seed: int) -> tuple[float, float]:
     """(delivered rows/s, built rows per build-second) for one pass of `steps` batches."""
-    loader = TrainLoader(
-        dataset.train,
-        spec=dataset.spec,
+    loader = build_train_loader(
+        dataset,
         batch_size=local_batch,
         rank=RANK,
         world_size=WORLD_SIZE,
@@ -58,11 +79,13 @@ def _drain(dataset: Dataset, *, local_batch: int, prefetch: int, steps: int, see
     return rows / elapsed, loader.built_rows / max(loader.build_s, 1e-12)
 
 
-def run(*, source: str, batch_size: int, steps: int, repeats: int) -> dict[str, object]:
+def run(
+    *, source: str, batch_size: int, steps: int, repeats: int, overrides: list[str] | None = None
+) -> dict[str, object]:
     if batch_size % WORLD_SIZE:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the world size {WORLD_SIZE}")
     start = time.perf_counter()
-    dataset = build_dataset(SOURCES[source]())
+    dataset = build_dataset(_config(source, overrides or []))
     load_s = time.perf_counter() - start
     local_batch = batch_size // WORLD_SIZE
     result: dict[str, object] = {
@@ -103,8 +126,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--batch-size", type=int, default=2048, help="global batch (split over 2 ranks)")
     parser.add_argument("--steps", type=int, default=200, help="timed batches per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
+    parser.add_argument("overrides", nargs="*", help="data config overrides (key=value) over conf/data/<source>.yaml")
     args = parser.parse_args(argv)
-    result = run(source=args.source, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats)
+    result = run(
+        source=args.source, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, overrides=args.overrides
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

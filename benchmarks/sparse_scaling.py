@@ -34,7 +34,6 @@ import time
 import torch
 from torch import nn
 
-from model.moe.experts import _use_grouped_mm
 from model.smes import SMES, SMESConfig
 
 
@@ -106,9 +105,7 @@ def grouped_vs_ideal(args: argparse.Namespace, core: SMES, x_BD: torch.Tensor) -
         out[name] = statistics.median(samples)
     out["grouped_fraction_of_ideal"] = float(out["ideal_ms"]) / float(out["grouped_ms"])
     out["num_pairs"] = plan.num_pairs
-    out["grouped_backend"] = (
-        "grouped_mm" if _use_grouped_mm(routed_x_ND, layer.experts.weights[0], args.backend) else "loop"
-    )
+    out["grouped_backend"] = "loop" if layer.experts.kernel_dtype(routed_x_ND) is None else "grouped_mm"
     return out
 
 

@@ -68,8 +68,9 @@ class SkipLog:
             self.examples.append(example)
             log.warning("data.on_bad_row=skip: skipping %d row(s), e.g. %s", count, example)
 
-    def file(self, path: str | Path, num_rows: int) -> BadRows:
-        return BadRows(self, str(path), num_rows)
+    def file(self, path: str | Path, num_rows: int, *, row_offset: int = 0) -> BadRows:
+        """Bad rows of `num_rows` table rows of `path`, the first being file row `row_offset + 1`."""
+        return BadRows(self, str(path), num_rows, row_offset=row_offset)
 
     def ragged_line_handler(self, path: str | Path, *, header: bool = True) -> Callable[[Any], str]:
         """pyarrow CSV `invalid_row_handler`: skip and count lines with a wrong field count."""
@@ -92,8 +93,8 @@ class SkipLog:
 class BadRows:
     """Bad rows of one file: `flag` raises (policy error) or marks them (policy skip)."""
 
-    def __init__(self, skips: SkipLog, path: str, num_rows: int) -> None:
-        self.skips, self.path = skips, path
+    def __init__(self, skips: SkipLog, path: str, num_rows: int, *, row_offset: int = 0) -> None:
+        self.skips, self.path, self.row_offset = skips, path, row_offset
         self.bad_N = np.zeros(num_rows, dtype=bool)
         self._dropped = sorted(skips.ragged_rows.get(str(Path(path)), []))
         self._pending: list[tuple[str, str, np.ndarray, str]] = []
@@ -129,7 +130,7 @@ class BadRows:
     def file_row(self, index: int) -> int:
         """Row number in the file (from 1, header excluded) of table row `index`, counting
         the lines the reader already dropped."""
-        row = index + 1
+        row = self.row_offset + index + 1
         for dropped in self._dropped:
             if dropped <= row:
                 row += 1

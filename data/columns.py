@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -92,12 +93,38 @@ class Split:
         )
 
 
+def concat_splits(parts: list[Split]) -> Split:
+    """Rows of `parts` one after the other (same columns in every part)."""
+    if len(parts) == 1:
+        return parts[0]
+    sparse = {}
+    for name in parts[0].sparse:
+        cols = [p.sparse[name] for p in parts]
+        shifts = np.cumsum([0] + [len(c.values) for c in cols[:-1]])
+        offsets = np.concatenate([[0]] + [c.offsets[1:] + s for c, s in zip(cols, shifts, strict=True)])
+        sparse[name] = SparseColumn(values=np.concatenate([c.values for c in cols]), offsets=offsets.astype(np.int64))
+    users = [p.user_id for p in parts]
+    return Split(
+        dense=np.concatenate([p.dense for p in parts]),
+        sparse=sparse,
+        labels={t: np.concatenate([p.labels[t] for p in parts]) for t in parts[0].labels},
+        user_id=None if users[0] is None else np.concatenate(users),  # type: ignore[arg-type]
+    )
+
+
+class StreamedSplit(Protocol):
+    """A split a source does not hold in memory (`data.stream.StreamTrain`): a row count
+    from metadata, and batches only through its own loader (`data.build.build_train_loader`)."""
+
+    def __len__(self) -> int: ...
+
+
 @dataclass(slots=True)
 class Dataset:
-    """A source's output: the schema plus its three splits."""
+    """A source's output: the schema plus its three splits (train may be streamed)."""
 
     spec: DatasetSpec
-    train: Split
+    train: Split | StreamedSplit
     val: Split
     test: Split
     skipped_rows: int = 0
@@ -175,6 +202,8 @@ def check_dataset(ds: Dataset, on_bad_row: str = "error") -> None:
     """
     check_policy(on_bad_row)
     for split_name in ("train", "val", "test"):
+        if not isinstance(ds.split(split_name), Split):  # streamed: checked as its rows are read
+            continue
         bad_N, reasons = _check_split(ds, split_name, on_bad_row)
         if bad_N.any():
             setattr(ds, split_name, ds.split(split_name).take(np.flatnonzero(~bad_N)))
@@ -197,6 +226,8 @@ def label_stats(ds: Dataset) -> dict[str, dict[str, dict[str, object]]]:
     stats: dict[str, dict[str, dict[str, object]]] = {}
     for split_name in ("train", "val", "test"):
         split = ds.split(split_name)
+        if not isinstance(split, Split):  # streamed: its labels are not in memory
+            continue
         stats[split_name] = {}
         for task in ds.spec.tasks:
             n = len(split)

@@ -6,6 +6,12 @@ Training order is a seeded global permutation per epoch; global batch i holds ro
 batch whatever the world size, which is what the parity tests and checkpoint resharding
 rely on. Incomplete global batches at the end of an epoch are dropped.
 
+The epoch's permutation is computed once per epoch and cached (under a lock: the
+prefetch thread builds while the consumer may start a new iterator); each batch then
+costs O(B). With `pin_memory=True` batches are pinned in host memory where they are
+built (the prefetch thread, when on), so the trainer can copy them to the GPU with
+`non_blocking=True`; that needs CUDA.
+
 Evaluation covers every row exactly once: rank r takes a contiguous chunk of
 `ceil(N / world)` rows; every rank runs the same number of batches (sharded embeddings
 run collectives), so the last ones are padded with weight-0 rows that metrics ignore.
@@ -20,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +35,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import Batch
 from data.columns import Split
 from data.spec import DatasetSpec
+
+T = TypeVar("T")
 
 
 def make_batch(split: Split, rows_B: np.ndarray, spec: DatasetSpec, num_valid: int | None = None) -> Batch:
@@ -54,6 +63,43 @@ def make_batch(split: Split, rows_B: np.ndarray, spec: DatasetSpec, num_valid: i
     )
 
 
+class TrainBatches(Protocol):
+    """What the trainer needs from a training loader (`TrainLoader`, `data.stream_loader.StreamLoader`).
+
+    Attributes:
+        num_rows: train rows over all ranks (known without reading the data).
+        built_rows, build_s: rows this rank built and the seconds spent building them.
+        skipped_rows, skipped_by_reason: train rows this rank's loader dropped as bad
+            (`data.on_bad_row=skip`); always 0 / {} for in-memory splits, whose bad rows
+            are counted once in `Dataset.skipped_rows` at load time.
+    """
+
+    num_rows: int
+    built_rows: int
+    build_s: float
+
+    @property
+    def skipped_rows(self) -> int: ...
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's own state, written by a run of the same world size."""
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Every rank's state from a run of another world size (each loader's policy)."""
+
+
+def check_pin_memory(pin_memory: bool) -> None:
+    if pin_memory and not torch.cuda.is_available():
+        raise ValueError("pin_memory=True needs CUDA (pinned host memory is for non_blocking copies to a GPU)")
+
+
 class TrainLoader:
     """Endless, resumable iterator of this rank's training batches.
 
@@ -64,6 +110,7 @@ class TrainLoader:
         rank: this rank; world_size: number of data-parallel ranks.
         seed: base seed for the per-epoch permutation.
         prefetch: batches built ahead in a background thread (0 = synchronous).
+        pin_memory: pin each batch in host memory as it is built (needs CUDA).
     """
 
     def __init__(
@@ -77,10 +124,18 @@ class TrainLoader:
         seed: int = 0,
         shuffle: bool = True,
         prefetch: int = 4,
+        pin_memory: bool = False,
     ) -> None:
+        if not isinstance(split, Split):
+            raise TypeError(
+                f"TrainLoader batches an in-memory Split, got {type(split).__name__}; build the loader with "
+                "data.build.build_train_loader(dataset, ...), which picks the streaming loader for streaming sources"
+            )
+        check_pin_memory(pin_memory)
         self.split, self.spec = split, spec
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
+        self.seed, self.shuffle, self.prefetch, self.pin_memory = seed, shuffle, prefetch, pin_memory
+        self.num_rows = len(split)
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = len(split) // self.global_batch
         if self.batches_per_epoch == 0:
@@ -92,6 +147,10 @@ class TrainLoader:
         # time spent building batches and rows built (loader throughput, with or without
         # the prefetch thread); read by the trainer for `loader_samples_per_s`
         self.build_s, self.built_rows = 0.0, 0
+        self.skipped_rows = 0  # bad rows were dropped (and counted) at load time
+        self.skipped_by_reason: dict[str, int] = {}
+        self._perm_lock = threading.Lock()
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "global_batch": self.global_batch}
@@ -104,11 +163,20 @@ class TrainLoader:
             )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
-    def _rows(self, epoch: int, index: int) -> np.ndarray:
+    def load_resharded(self, states: list[dict[str, int]]) -> None:
+        """The position is global (every rank holds the same one): any world size resumes it."""
+        self.load_state_dict(states[0])
+
+    def _epoch_permutation(self, epoch: int) -> np.ndarray:
         if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
-        else:
-            perm = np.arange(len(self.split))
+            return np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+        return np.arange(len(self.split))
+
+    def _rows(self, epoch: int, index: int) -> np.ndarray:
+        with self._perm_lock:  # one permutation per epoch, shared by the builder threads
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (epoch, self._epoch_permutation(epoch))
+            perm = self._perm[1]
         start = index * self.global_batch + self.rank * self.batch_size
         return perm[start : start + self.batch_size]
 
@@ -123,6 +191,8 @@ class TrainLoader:
     def _build(self, epoch: int, index: int) -> Batch:
         start = time.perf_counter()
         batch = make_batch(self.split, self._rows(epoch, index), self.spec)
+        if self.pin_memory:
+            batch = batch.pin_memory()
         self.build_s += time.perf_counter() - start
         self.built_rows += batch.batch_size
         return batch
@@ -143,32 +213,43 @@ class TrainLoader:
             self.epoch, self.index = epoch + 1, 0
 
     def _prefetched(self, positions: Iterator[tuple[int, int]]) -> Iterator[Batch]:
-        q: queue.Queue[tuple[int, int, Batch] | BaseException] = queue.Queue(self.prefetch)
-        stop = threading.Event()
+        built = ((epoch, index, self._build(epoch, index)) for epoch, index in positions)
+        for epoch, index, batch in prefetched(built, self.prefetch, "batch-prefetch"):
+            self._advance(epoch, index)
+            yield batch
 
-        def work() -> None:
-            try:
-                for epoch, index in positions:
-                    if stop.is_set():
-                        return
-                    q.put((epoch, index, self._build(epoch, index)))
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
 
-        thread = threading.Thread(target=work, daemon=True, name="batch-prefetch")
-        thread.start()
+def prefetched(items: Iterator[T], depth: int, name: str) -> Iterator[T]:
+    """`items` produced by a background thread, up to `depth` ahead; its errors re-raise here.
+
+    Closing the returned generator stops the thread after the item it is producing.
+    """
+    q: queue.Queue[tuple[T] | BaseException] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def work() -> None:
         try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                epoch, index, batch = item
-                self._advance(epoch, index)
-                yield batch
-        finally:
-            stop.set()
-            while not q.empty():  # unblock a producer waiting on a full queue
-                q.get_nowait()
+            while not stop.is_set():  # checked before producing: nothing is built after close
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                q.put((item,))
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name=name)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if isinstance(got, BaseException):
+                raise got
+            yield got[0]
+    finally:
+        stop.set()
+        while not q.empty():  # unblock a producer waiting on a full queue
+            q.get_nowait()
 
 
 def eval_batches(

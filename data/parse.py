@@ -269,16 +269,18 @@ def category_codes(arr: pa.ChunkedArray) -> tuple[np.ndarray, int]:
     return codes, len(encoded.dictionary)
 
 
-def split_lists(arr: pa.ChunkedArray, sep: str) -> tuple[np.ndarray, pa.Array]:
+def split_lists(arr: pa.ChunkedArray, sep: str, *, text: bool = True) -> tuple[np.ndarray, pa.Array]:
     """Cells holding `sep`-separated tokens (or a list column) -> (`[N]` lengths, `[nnz]` tokens).
 
-    Empty tokens and null cells contribute nothing.
+    Empty tokens and null cells contribute nothing. `text=False` keeps the tokens of an
+    integer list column as integers (no string conversion).
     """
     combined = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if not (pa.types.is_list(combined.type) or pa.types.is_large_list(combined.type)):
         combined = pc.split_pattern(strings(combined).combine_chunks(), sep)
     lengths = pc.fill_null(pc.list_value_length(combined), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    tokens = strings(pc.list_flatten(combined)).combine_chunks()
+    flat = pc.list_flatten(combined)
+    tokens = flat if not text and pa.types.is_integer(flat.type) else strings(flat).combine_chunks()
     keep = np.asarray(tokens.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     if not keep.all():
         rows = np.repeat(np.arange(len(lengths)), lengths)

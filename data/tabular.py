@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -188,7 +188,21 @@ def apply_rule(
 # ------------------------------------------------------------------------------ source
 
 
-def _tasks(cfg: TabularConfig) -> list[tuple[str, str, Rule | None]]:
+class ColumnRoles(Protocol):
+    """The column-role fields a source config shares with `TabularConfig` (see its docs)."""
+
+    categorical: list[str]
+    multi_hot: dict[str, str]
+    dense: list[str]
+    log1p: list[str]
+    user_id: str | None
+    tasks: list[dict[str, Any]]
+
+
+Task = tuple[str, str, Rule | None]  # (name, column, rule)
+
+
+def parse_tasks(cfg: ColumnRoles) -> list[Task]:
     if not cfg.tasks:
         raise ValueError("data.tasks is empty; give at least one {name, column, rule}")
     out = []
@@ -217,8 +231,15 @@ def _paths(value: list[str] | str | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def role_columns(cfg: ColumnRoles, tasks: list[Task]) -> list[str]:
+    """Every column the roles read, each once, in role order."""
+    columns = [*cfg.categorical, *cfg.multi_hot, *cfg.dense, *(c for _, c, _ in tasks)]
+    columns += [cfg.user_id] if cfg.user_id else []
+    return list(dict.fromkeys(columns))
+
+
 @dataclass(slots=True)
-class _Parsed:
+class Parsed:
     """One file's columns after per-role conversion (checked there, where rows are known)."""
 
     dense: np.ndarray
@@ -228,19 +249,38 @@ class _Parsed:
     user: pa.ChunkedArray | None
 
 
-def _parse_file(path: str, cfg: TabularConfig, tasks: list[tuple[str, str, Rule | None]], skips: SkipLog) -> _Parsed:
-    columns = [*cfg.categorical, *cfg.multi_hot, *cfg.dense, *(c for _, c, _ in tasks)]
-    columns += [cfg.user_id] if cfg.user_id else []
+def _parse_file(path: str, cfg: TabularConfig, tasks: list[Task], skips: SkipLog) -> Parsed:
     table = read_columns(
         path,
-        columns=columns,
+        columns=role_columns(cfg, tasks),
         fmt=cfg.format,
         delimiter=csv_delimiter(cfg.delimiter),
         column_names=cfg.column_names,
         limit_rows=cfg.limit_rows,
         skips=skips,
     )
-    bad = skips.file(path, table.num_rows)
+    return parse_table(table, path=path, cfg=cfg, tasks=tasks, skips=skips)
+
+
+def parse_table(
+    table: pa.Table,
+    *,
+    path: str,
+    cfg: ColumnRoles,
+    tasks: list[Task],
+    skips: SkipLog,
+    row_offset: int = 0,
+    raw_ids: bool = False,
+) -> Parsed:
+    """Convert each role's columns of `table`; bad rows raise or are dropped (`skips` policy).
+
+    Args:
+        path: how messages name the rows' origin (a file, or a file and row group).
+        row_offset: file rows before the table's first row (messages number rows from 1).
+        raw_ids: keep categorical, multi-hot (integer lists) and user id columns as read
+            instead of as trimmed strings (`data.hashing` hashes integers' text directly).
+    """
+    bad = skips.file(path, table.num_rows, row_offset=row_offset)
     dense_cols = []
     for c in cfg.dense:
         x = finite_dense(floats(table.column(c), path=path, column=c, bad=bad), path=path, column=c, bad=bad)
@@ -258,18 +298,27 @@ def _parse_file(path: str, cfg: TabularConfig, tasks: list[tuple[str, str, Rule 
         table = table.filter(pa.array(keep_N))
         dense_ND = dense_ND[keep_N]
         labels = {k: v[keep_N] for k, v in labels.items()}
-    return _Parsed(
+    user = None
+    if cfg.user_id:
+        user = table.column(cfg.user_id) if raw_ids else strings(table.column(cfg.user_id))
+    return Parsed(
         dense=dense_ND,
         labels=labels,
-        cats={c: strings(table.column(c)) for c in cfg.categorical},
-        multi={c: split_lists(table.column(c), sep) for c, sep in cfg.multi_hot.items()},
-        user=strings(table.column(cfg.user_id)) if cfg.user_id else None,
+        cats={c: table.column(c) if raw_ids else strings(table.column(c)) for c in cfg.categorical},
+        multi={c: split_lists(table.column(c), sep, text=not raw_ids) for c, sep in cfg.multi_hot.items()},
+        user=user,
     )
 
 
 def _check_config(cfg: TabularConfig) -> None:
     if not _paths(cfg.train):
         raise ValueError("data.train names no file")
+    check_roles(cfg)
+    csv_delimiter(cfg.delimiter)
+
+
+def check_roles(cfg: ColumnRoles) -> None:
+    """Config errors of the column roles (ValueError naming the key)."""
     features = [*cfg.categorical, *cfg.multi_hot]
     names = [feature_name(c) for c in features]
     if len(set(names)) != len(names):
@@ -281,7 +330,6 @@ def _check_config(cfg: TabularConfig) -> None:
         raise ValueError(f"data.log1p names columns that are not in data.dense: {sorted(unknown)}")
     if len(set(cfg.dense)) != len(cfg.dense):
         raise ValueError(f"data.dense lists a column twice: {cfg.dense}")
-    csv_delimiter(cfg.delimiter)
 
 
 def dataset_name(cfg: TabularConfig) -> str:
@@ -295,13 +343,13 @@ def tabular_names(cfg: TabularConfig) -> tuple[tuple[str, ...], tuple[str, ...]]
     """(tasks, sparse features) from the config alone (see `data.build.declared_names`)."""
     _check_config(cfg)
     features = [feature_name(c) for c in (*cfg.categorical, *cfg.multi_hot)]
-    return tuple(name for name, _, _ in _tasks(cfg)), tuple(features)
+    return tuple(name for name, _, _ in parse_tasks(cfg)), tuple(features)
 
 
 def load_tabular(cfg: TabularConfig) -> Dataset:
     """Read the configured files, carve missing splits, encode, standardise."""
     _check_config(cfg)
-    tasks = _tasks(cfg)
+    tasks = parse_tasks(cfg)
     skips = SkipLog(cfg.on_bad_row)
     files = {"train": _paths(cfg.train), "val": _paths(cfg.val), "test": _paths(cfg.test)}
     parsed, split_parts = [], []

@@ -31,6 +31,15 @@ Hooks for `parallel/` and the trainer (model/ never imports torch.distributed):
   capacity of the batch this process routes, see `model.moe.router.apply_capacity`.
   Not a model config key: `parallel/` sets it from `parallel.capacity_factor`, since
   under expert parallelism it bounds what every source rank may send to an expert.
+  It applies in training mode only: evaluation (`eval()`) is dropless, so that a
+  row's evaluation output never depends on the batch it is evaluated in (the
+  weight-0 padding rows of the last evaluation batch cannot take capacity).
+
+Host syncs: one per layer and step, the router's read of the pair count N through
+the dispatcher's `plan_sizes` (with the all-to-all split sizes under expert
+parallelism), see `model.moe.host`. Nothing else in forward, backward, the load
+statistics or `update_bias` reads a device value on the host; `ExpertLoad` holds
+device tensors.
 
 `CoreOutput.load` is an `ExpertLoad` with *local* counts (the trainer all-reduces
 for its logs); `active_sum` / `active_max` count the pairs actually executed.
@@ -125,7 +134,8 @@ def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
     Sparse plans: the pair rows are copied once into a padded per-instance table
     `[B, U, H]` (U = `plan.num_slots`, at most K_s + T*K_a for progressive routing) and
-    every task's weights are scattered into `[B, T, U]`; one batched matmul mixes. This
+    every task's weights are scattered into `[B, T, U]`; one batched matmul mixes (U is
+    the router's static bound, so the table's shape needs no host read). This
     moves `N*H` values instead of gathering `B*T*K*H` and scatter-adding them back in
     backward. Dense plans mix `y_NH` viewed as `[E, B, H]` with one einsum.
     """
@@ -198,7 +208,8 @@ class SMESLayer(nn.Module):
 
     def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], ExpertLoad]:
         """`x_BD -> (out_BTH, aux_losses (weighted), ExpertLoad)`."""
-        plan = self.router(x_BD, self.expert_bias_E if self.bias_balance else None)
+        read_sizes = getattr(self.dispatcher, "plan_sizes", None)  # the step's one host read
+        plan = self.router(x_BD, self.expert_bias_E if self.bias_balance else None, read_sizes=read_sizes)
         y_NH = self.dispatcher(x_BD, plan)
         out_BTH = mix_tasks(y_NH, plan)
         with torch.no_grad():
@@ -214,16 +225,20 @@ class SMESLayer(nn.Module):
 
     @torch.no_grad()
     def _load(self, plan: RoutingPlan, counts_TE: torch.Tensor) -> ExpertLoad:
-        B, device = plan.probs_BTE.shape[0], counts_TE.device
-        if plan.dense or plan.num_pairs == 0:
-            active_max = torch.tensor(float(self.num_experts if plan.dense else 0), device=device)
-        else:
-            active_max = torch.bincount(plan.pair_instance_N, minlength=B).max().float()
+        """Device tensors only (no host read): the trainer accumulates them on the device."""
+        B = plan.probs_BTE.shape[0]
+        if plan.dense or B == 0:
+            active_max = counts_TE.new_full((), float(self.num_experts if plan.dense else 0))
+        else:  # pairs per instance: a scatter-add (bincount would sync on CUDA)
+            per_instance_B = counts_TE.new_zeros(B).index_add_(
+                0, plan.pair_instance_N, counts_TE.new_ones(plan.num_pairs)
+            )
+            active_max = per_instance_B.max()
         return ExpertLoad(
             counts_TE=counts_TE,
-            active_sum=torch.tensor(float(plan.num_pairs), device=device),
+            active_sum=counts_TE.new_full((), float(plan.num_pairs)),
             active_max=active_max,
-            num_instances=torch.tensor(float(B), device=device),
+            num_instances=counts_TE.new_full((), float(B)),
             dropped_pairs=plan.num_dropped.float(),
         )
 
@@ -233,8 +248,8 @@ class SMESLayer(nn.Module):
         if not self.bias_balance:
             return
         counts_E = self._reduced(self.bias_counts_E)
-        if float(counts_E.sum()) > 0:
-            self.expert_bias_E += bias_update(counts_E, rate=self.bias_update_rate).to(self.expert_bias_E)
+        # no `if counts.sum() > 0` (a host sync): with no counts, sign(mean - c) = 0 anyway
+        self.expert_bias_E += bias_update(counts_E, rate=self.bias_update_rate).to(self.expert_bias_E)
         self.bias_counts_E.zero_()
 
 

@@ -10,12 +10,14 @@ Mesh (DESIGN section 5). World W, expert-parallel size `ep` (divides W and E):
 
 Dispatch (`AllToAllDispatcher`, replacing `LocalDispatcher` on every SMES layer): the
 routing plan's deduplicated pairs are already expert-contiguous, hence sorted by owner.
-Per step: exchange per-expert pair counts (one small all-to-all), send the pair rows
-with an uneven `all_to_all_single`, reorder the received rows to expert-contiguous order,
-run the local experts as one grouped matmul, undo the reordering, send the outputs back
-with the reverse all-to-all. Both all-to-alls are the autograd versions
-(`torch.distributed.nn.functional.all_to_all_single`), so gradients flow back through
-them to the source ranks.
+Per step: exchange per-expert pair counts (one small all-to-all, as the router's size
+reader `plan_sizes`), read the send and receive split sizes on the host in one copy
+(the step's one host sync per layer; N, the rows of the plan, is their send sum), send
+the pair rows with an uneven `all_to_all_single`, reorder the received rows to
+expert-contiguous order, run the local experts as one grouped matmul, undo the
+reordering, send the outputs back with the reverse all-to-all. Both all-to-alls are
+the autograd versions (`torch.distributed.nn.functional.all_to_all_single`), so
+gradients flow back through them to the source ranks.
 
 Capacity (`parallel.capacity_factor`, None = dropless): a per-expert limit on each
 source rank's *local* batch, decided by that rank's router before dispatch. With N_r
@@ -26,7 +28,8 @@ the deduplicated pairs of rank r's batch, rank r sends expert e at most
 share of its EP group's pairs. No collective is involved, so every rank drops exactly
 what one process would drop on that rank's batch, for any ep (and ep = 1). Dropped
 pairs are counted per rank in `ExpertLoad.dropped_pairs`; the trainer sums them over
-all ranks for `experts/dropped_pairs`.
+all ranks for `experts/dropped_pairs`. Capacity applies in training only: evaluation
+is dropless (`model.moe.router`), so padding rows never take capacity.
 
 Traffic accounting (`A2AStats`): `bytes_sent` counts the pair rows this rank puts on
 the wire (rows kept on the rank itself are not counted), forward and backward. Summed
@@ -59,7 +62,8 @@ from torch import nn
 
 from model.moe.dispatch import LocalDispatcher
 from model.moe.experts import GroupedExperts
-from model.moe.router import RoutingPlan
+from model.moe.host import host_ints
+from model.moe.router import PlanSizes, RoutingPlan
 from model.smes import SMESLayer
 from parallel import dist as pdist
 
@@ -196,6 +200,16 @@ class _CountBytes(torch.autograd.Function):
         return grad, None, None
 
 
+@dataclass(frozen=True, slots=True)
+class _Splits:
+    """Host split sizes of one step's all-to-all (`plan_sizes`), and the received
+    per-(source rank, local expert) counts, still on the device."""
+
+    send: list[int]
+    recv: list[int]
+    recv_counts_PL: torch.Tensor
+
+
 class AllToAllDispatcher(nn.Module):
     """`dispatcher(x_BD, plan) -> y_NH` with this rank's L experts and all-to-all moves.
 
@@ -217,33 +231,56 @@ class AllToAllDispatcher(nn.Module):
     def _stamp(self, x: torch.Tensor, on: bool, *marks: tuple[str, int]) -> torch.Tensor:
         return _Stamp.apply(x, self.stats, marks) if on else x
 
+    def plan_sizes(self, counts_E: torch.Tensor) -> PlanSizes:
+        """The step's one host read: exchange the per-expert counts, then read this
+        rank's send and receive split sizes (and N, their send sum) in one copy.
+
+        The router calls it (as its size reader) before it builds the plan; the splits
+        come back to `forward` in `plan.sizes.dispatch`.
+        """
+        t0 = time.perf_counter()
+        P, L = self.mesh.ep, self.num_local
+        send_counts_PL = counts_E.view(P, L).to(torch.int64)
+        recv_counts_PL = torch.empty_like(send_counts_PL)
+        pdist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.mesh.ep_group)
+        self.stats.meta_bytes_sent += (P - 1) * L * send_counts_PL.element_size()
+        splits = host_ints(torch.cat([send_counts_PL.sum(1), recv_counts_PL.sum(1)]))  # the one host sync
+        sizes = _Splits(send=splits[:P], recv=splits[P:], recv_counts_PL=recv_counts_PL)
+        if self.stats.time_phases:
+            self.stats.add_time("dispatch_fwd_s", time.perf_counter() - t0)
+        return PlanSizes(num_pairs=sum(sizes.send), dispatch=sizes)
+
     def forward(self, x_BD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         P, L = self.mesh.ep, self.num_local
         group = self.mesh.ep_group
         me = self.mesh.ep_rank
+        # 1. split sizes: read with the plan's N (a plan built without this reader, e.g.
+        # a dense one, pays the exchange and the read here)
+        sizes = plan.sizes.dispatch
+        if not isinstance(sizes, _Splits):
+            sizes = self.plan_sizes(plan.counts_E).dispatch
         t0 = time.perf_counter()
         # phase stamps for backward, only when the whole path is differentiated
         on = self.stats.time_phases and torch.is_grad_enabled() and x_BD.requires_grad
         x_BD = self._stamp(x_BD, on, ("dispatch_bwd_s", 1))
-        # 1. how many pairs go to each (owner, local expert); owners learn what arrives
-        send_counts_PL = plan.counts_E.view(P, L).to(torch.int64)
-        recv_counts_PL = torch.empty_like(send_counts_PL)
-        pdist.all_to_all_single(recv_counts_PL, send_counts_PL, group=group)
-        self.stats.meta_bytes_sent += (P - 1) * L * send_counts_PL.element_size()
-        send_splits = send_counts_PL.sum(1).tolist()
-        recv_splits = recv_counts_PL.sum(1).tolist()
+        send_splits, recv_splits = sizes.send, sizes.recv
         # 2. pair rows to their owners (expert-contiguous = owner-contiguous)
         x_ND = x_BD.index_select(0, plan.pair_instance_N)
         x_MD = self._exchange(x_ND, recv_splits, send_splits, group, me)
         # 3. received rows are [source][expert]-ordered; make them expert-contiguous
-        expert_of_row = torch.arange(L, device=x_BD.device).repeat(P).repeat_interleave(recv_counts_PL.flatten())
+        expert_of_row = (
+            torch.arange(L, device=x_BD.device)
+            .repeat(P)
+            .repeat_interleave(sizes.recv_counts_PL.flatten(), output_size=sum(recv_splits))
+        )
         order_M = torch.argsort(expert_of_row, stable=True)
-        x_sorted = self._stamp(x_MD.index_select(0, order_M), on, ("experts_bwd_s", 1), ("dispatch_bwd_s", -1))
+        x_sorted = self.experts.input_rows(x_MD, order_M)  # in the experts' layout (padded if unaligned)
+        x_sorted = self._stamp(x_sorted, on, ("experts_bwd_s", 1), ("dispatch_bwd_s", -1))
         t1 = time.perf_counter()
-        y_sorted = self.experts(x_sorted, recv_counts_PL.sum(0))
+        y_sorted = self.experts(x_sorted, sizes.recv_counts_PL.sum(0))
         t2 = time.perf_counter()
         y_sorted = self._stamp(y_sorted, on, ("combine_bwd_s", 1), ("experts_bwd_s", -1))
-        y_MH = torch.empty_like(y_sorted).index_copy(0, order_M, y_sorted)
+        y_MH = y_sorted.new_empty(y_sorted.shape).index_copy(0, order_M, y_sorted)
         # 4. outputs back to the source ranks, in plan pair order
         y_NH = self._stamp(self._exchange(y_MH, send_splits, recv_splits, group, me), on, ("combine_bwd_s", -1))
         if self.stats.time_phases:

@@ -9,8 +9,11 @@ A checkpoint is a folder `<run_dir>/checkpoints/step_<N>/` holding DCP shards of
   `trainer.engine=deepspeed`, the ZeRO-partitioned state gathered per parameter into
   the same layout, see `parallel.deepspeed_engine.ZeroDenseOptimizer`),
   `optim/tables`: the optimizer of tables sharded `data_parallel`, if any;
-- `meta`: step, scheduler, loader position (global: epoch and batch index), counters,
-  and every rank's RNG states (pickled, written once).
+- `meta`: step, scheduler, every rank's loader state (`data.loader.TrainBatches`: the
+  in-memory loader's is global, the streaming loader's per rank), counters, and every
+  rank's RNG states (pickled, written once). At the same world size each rank loads its
+  own loader state; at another, every loader gets all old states (`load_resharded`, its
+  documented policy).
 
 DCP stores each tensor with its global shape, so a checkpoint written by W ranks loads
 on any other number of ranks: every rank reads the slices its own shards cover.
@@ -168,7 +171,7 @@ def save(state: TrainState, root: Path, *, keep_last: int, best: bool = False) -
         "step": state.step,
         "skipped_steps": state.skipped_steps,
         "scheduler": state.scheduler.state_dict(),
-        "loader": state.loader.state_dict(),
+        "loader": all_gather_object(state.loader.state_dict()),  # per rank (streaming positions differ)
         "world_size": world,
         "rng": rngs,
         "selection": None if state.selection is None else state.selection.state_dict(),
@@ -235,6 +238,15 @@ def load_model(state: TrainState, path: Path) -> None:
     state.model.load_state_dict(state.model.state_dict() if sharded_experts else tensors["model"])
 
 
+def _load_loader(loader: Any, saved: Any, *, saved_world: int, rank: int, world: int) -> None:
+    """Each rank its own loader state at the same world size; all of them otherwise."""
+    states = [saved] * saved_world if isinstance(saved, dict) else saved  # older checkpoints: one global state
+    if saved_world == world:
+        loader.load_state_dict(states[rank])
+    else:
+        loader.load_resharded(states)
+
+
 def load(state: TrainState, path: Path) -> None:
     """Restore `state` in place from the checkpoint at `path` (collective)."""
     rank, world = _world()
@@ -266,7 +278,7 @@ def load(state: TrainState, path: Path) -> None:
     # without this the first resumed step would run at the lr of step 0 (warmup, cosine)
     for group, lr in zip(state.scheduler.optimizer.param_groups, state.scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
-    state.loader.load_state_dict(meta["loader"])
+    _load_loader(state.loader, meta["loader"], saved_world=meta["world_size"], rank=rank, world=world)
     if meta["world_size"] == world:
         _set_rng_state(meta["rng"][rank])
     else:  # resharded: RNG streams cannot map one to one; reseed deterministically

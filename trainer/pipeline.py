@@ -93,6 +93,11 @@ class LoaderCursor:
         assert self._it is None, "position the loader before iterating"
         self.loader.load_state_dict(state)
 
+    def load_resharded(self, states: list[Any]) -> None:
+        """Resume from every rank's saved state of a run at another world size."""
+        assert self._it is None, "position the loader before iterating"
+        self.loader.load_resharded(states)
+
 
 class _ZeroGrad:
     """The `optimizer` TorchRec's pipeline holds: it only zeroes gradients through the

@@ -56,12 +56,32 @@ def _task_view(metrics: Metrics | None) -> dict[str, dict[str, float | None]]:
     return {task: {k: m[k] for k in RECORD_KEYS if k in m} for task, m in (metrics or {}).items()}
 
 
+def _skips(tr: Trainer, streamed: list[dict[str, int]]) -> tuple[int, dict[str, int]]:
+    """Rows dropped by `data.on_bad_row=skip`: at load time (in-memory splits) plus what
+    every rank's streaming loader dropped so far."""
+    by_reason = dict((tr.dataset.info.get("skipped") or {}).get("by_reason", {}))  # type: ignore[union-attr]
+    total = tr.dataset.skipped_rows
+    for rank_skips in streamed:
+        for reason, n in rank_skips.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+            total += n
+    return total, by_reason
+
+
 def summary(
-    tr: Trainer, *, test: Metrics, test_last: Metrics, val: Metrics | None, loader_samples_per_s: float
+    tr: Trainer,
+    *,
+    test: Metrics,
+    test_last: Metrics,
+    val: Metrics | None,
+    loader_samples_per_s: float,
+    streamed_skips: list[dict[str, int]],
 ) -> dict[str, Any]:
     """The `summary.json` dict (identical on every rank). `test` / `val`: the reported
-    (best) model's metrics; `test_last`: the last step's."""
+    (best) model's metrics; `test_last`: the last step's; `streamed_skips`: every rank's
+    streaming-loader skip counts by reason."""
     run, t, info, state = tr.run, tr.cfg, tr.info, tr.state
+    skipped_rows, skipped_by_reason = _skips(tr, streamed_skips)
     experts = tr.run_meter.compute(tr.spec.tasks)
     run_steps = state.step - tr.start_step
     done_steps = state.step - state.skipped_steps
@@ -90,8 +110,8 @@ def summary(
         if experts is None
         else {k: v for k, v in experts.items() if k != "selection_fraction_per_task"},
         "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-        "skipped_rows": tr.dataset.skipped_rows,
-        "skipped_rows_by_reason": dict((tr.dataset.info.get("skipped") or {}).get("by_reason", {})),  # type: ignore[union-attr]
+        "skipped_rows": skipped_rows,
+        "skipped_rows_by_reason": skipped_by_reason,
         "skipped_steps": state.skipped_steps,
         "label_stats": tr.dataset.info.get("label_stats"),
         "resumed_from": None if tr.resumed_from is None else str(tr.resumed_from),

@@ -40,11 +40,11 @@ import torch
 from tqdm import tqdm
 
 from data.batch import Batch
-from data.build import build_dataset
+from data.build import build_dataset, build_train_loader
 from data.columns import Dataset, Split
-from data.loader import TrainLoader, eval_batches
+from data.loader import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
-from parallel.dist import DistInfo, all_reduce, all_reduce_mean, init_distributed
+from parallel.dist import DistInfo, all_gather_object, all_reduce, all_reduce_mean, init_distributed
 from parallel.parallelize import ParallelModel, parallelize
 from trainer import checkpoint, report
 from trainer.checkpoint import TrainState
@@ -149,16 +149,18 @@ class Trainer:
 
     # -- build helpers ---------------------------------------------------------------
 
-    def _train_loader(self) -> TrainLoader:
+    def _train_loader(self) -> TrainBatches:
+        """In-memory or streaming, per the data source; pinned batches on CUDA so the
+        host-to-device copy can run asynchronously."""
         t, info = self.cfg, self.info
-        return TrainLoader(
-            self.dataset.train,
-            spec=self.spec,
+        return build_train_loader(
+            self.dataset,
             batch_size=t.batch_size // info.world_size,
             rank=info.rank,
             world_size=info.world_size,
             seed=t.seed,
             prefetch=t.prefetch,
+            pin_memory=info.device.type == "cuda",
         )
 
     def _build_logger(self) -> MetricLogger | None:
@@ -396,7 +398,14 @@ class Trainer:
         loader = self.cursor.loader
         loader_rate = torch.tensor([loader.built_rows / max(1e-9, loader.build_s)], dtype=torch.float64)
         all_reduce(loader_rate)  # sum of per-rank rates = global loader throughput
-        summary = report.summary(self, test=test, test_last=test_last, val=val, loader_samples_per_s=float(loader_rate))
+        summary = report.summary(
+            self,
+            test=test,
+            test_last=test_last,
+            val=val,
+            loader_samples_per_s=float(loader_rate),
+            streamed_skips=all_gather_object(loader.skipped_by_reason),
+        )
         if self.logger is not None:
             report.write(self, summary, test)
         return summary

@@ -1,8 +1,13 @@
 """Dispatch: run the plan's deduplicated (instance, expert) pairs through the experts.
 
-The SMES layer only ever calls `layer.dispatcher(x_BD, plan) -> y_NH`, whose rows are
-aligned with the plan's pairs (`plan.pair_instance_N`, `plan.pair_expert_N`,
-expert-contiguous). Mixing per task happens in the layer, not here.
+The SMES layer calls `layer.dispatcher(x_BD, plan) -> y_NH`, whose rows are aligned
+with the plan's pairs (`plan.pair_instance_N`, `plan.pair_expert_N`,
+expert-contiguous). Mixing per task happens in the layer, not here. Before that, it
+hands `layer.dispatcher.plan_sizes` to the router as its size reader: the one host
+read of the step (`model.moe.host`), `counts_E -> PlanSizes`. The local dispatcher
+reads N; the all-to-all one exchanges the counts first and reads N and the split
+sizes in one copy, which come back to it in `plan.sizes.dispatch`. A dispatcher
+without `plan_sizes` gets plans sized by `read_local_sizes`.
 
 `LocalDispatcher` is the single-process implementation: gather the rows, one grouped
 matmul, done. Expert parallelism (`parallel/`) replaces it by assigning another module
@@ -34,13 +39,15 @@ import torch
 from torch import nn
 
 from model.moe.experts import GroupedExperts
-from model.moe.router import RoutingPlan
+from model.moe.router import PlanSizes, RoutingPlan, read_local_sizes
 
 
 class Dispatcher(Protocol):
     """What `SMESLayer` needs from its `dispatcher` attribute."""
 
     experts: GroupedExperts
+
+    def plan_sizes(self, counts_E: torch.Tensor) -> PlanSizes: ...
 
     def __call__(self, x_BD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor: ...
 
@@ -56,9 +63,15 @@ class LocalDispatcher(nn.Module):
         super().__init__()
         self.experts = experts
 
+    def plan_sizes(self, counts_E: torch.Tensor) -> PlanSizes:
+        """The step's one host read: N, the pairs this process runs."""
+        return read_local_sizes(counts_E)
+
     def dispatch(self, x_BD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Gather the pair rows: `(routed_x_ND, counts_E, metadata=None)`."""
-        return x_BD.index_select(0, plan.pair_instance_N), plan.counts_E, None
+        """Gather the pair rows: `(routed_x_ND, counts_E, metadata=None)`; the rows are in the
+        experts' layout (`GroupedExperts.input_rows`: zero-padded columns when D is not
+        16-byte aligned, so that the kernel reads the gather's output as it is)."""
+        return self.experts.input_rows(x_BD, plan.pair_instance_N), plan.counts_E, None
 
     def combine(self, y_NH: torch.Tensor, metadata: Any) -> torch.Tensor:
         """Identity: rows are already in plan pair order."""

@@ -6,27 +6,68 @@ only the slice `[e0:e0+E_local]` of each and build a `GroupedExperts` of E_local
 experts from it (`from_stacked`). Each layer is `Linear -> ReLU` like `model.mlp.MLP`,
 so an expert has the same function as an MMoE expert with the same `hidden`.
 
-Grouped execution (`grouped_linear`): the rows of `x_ND` are sorted by expert and
-`counts_E` says how many rows each expert owns. Backends, measured on the 2-core CPU
-box (torch 2.13, 2 threads, N ~ 24k rows, D = H = 256, forward + backward):
+Grouped execution: the rows of `x_ND` are sorted by expert and `counts_E` says how
+many rows each expert owns. The kernel is `torch._grouped_mm(x_ND, w_EDH, offs)`
+(forward, and the two grouped GEMMs of its backward), plus the bias expanded per row.
+No host sync: the group offsets stay on the device.
 
-- `grouped_mm` (default on CPU): `torch._grouped_mm(x_ND, w_EDH, offs=cumsum(counts))`,
-  which in torch 2.13 runs on CPU for fp32/bf16/fp16 with autograd (zero-row groups
-  allowed), plus the bias expanded per row. Needs 16-byte aligned rows (D, H
-  multiples of 4 in fp32); other shapes fall back to `loop`. No host sync. Reaches
-  0.95 of one `[N, D] @ [D, H]` matmul of the same rows at E = 8 and about 0.7-0.8 at
-  E = 128 (~190 rows per expert; the CPU kernel runs one GEMM per group, and small
-  GEMMs with a fresh weight each are less efficient): see
-  `benchmarks/sparse_scaling.py`, `grouped_fraction_of_ideal`.
+Alignment and where the padding lives. The kernel (CPU and CUDA) wants every row
+stride 16-byte aligned: the row stride of `x_ND` and of the gradient rows (a multiple
+of 4 elements in fp32, of 8 in bf16) and the row stride of `w_EDH`; it checks strides,
+not sizes. Census-Income's expert input is 32*16+7 = 519 wide, so its rows are not
+aligned as they come. The padding lives in the *activations*, never in the parameters:
+
+- Unaligned input width D: the dispatchers gather the pair rows through
+  `GroupedExperts.input_rows`, which zero-pads the B instance rows to D_pad (a multiple
+  of 8) before the gather, so the gather itself writes `[N, D_pad]` rows and the kernel
+  reads their `[N, D]` view (row stride D_pad) with the `[E, D, H]` weight as it is.
+  Backward hands back dense `[N, D_pad]` input-gradient rows (a strided index_add is
+  ~5x slower on CPU): the GEMM against the weight padded with zero rows when that copy
+  (`E*D*H`) is smaller than the rows, else the GEMM output padded (`N*D`). So: no
+  parameter shape changes (checkpoints, DCP, the expert-parallel DTensor slices
+  `[E/ep, ...]` along dim 0, resharding and `from_stacked` are untouched), no wasted
+  FLOPs, a copy of B rows per step instead of N. Rows handed over as plain `[N, D]`
+  (direct callers) are padded inside, in one copy with any cast, and their gradient
+  made dense (a second copy).
+  Cost on CPU (fp32, Census widths D = 519, hidden [128, 64], B = 4096, T = 2,
+  N ~ 16k pairs, gather + experts forward + backward, 1 thread, process CPU time on
+  the shared 2-core box, two runs): the padded kernel takes 0.96-1.17x the time of the
+  same kernel on D = 520 rows that need no padding, and runs at 0.87-1.07x the speed
+  of the per-expert loop it replaces, at E = 8, 16, 32, 64, without its host sync.
+  `OMP_NUM_THREADS=1 python -m benchmarks.gpu --device cpu --precision fp32 --in-dim 519
+  --hidden 128,64 --tasks 2 --batch 4096 --experts 8,16,32,64 --modes progressive
+  --threads 1 --cpu-timer process --warmup 2 --iters 15 --config-s 30 --budget-s 900
+  --matmul-size 1024 --out FILE` (`padding_cost`, `grouped_speedup_over_loop`).
+  Padding the N rows inside the experts instead (two fresh N*D_pad buffers per step,
+  forward rows and dense gradient) measured 1.11-1.35x. Storing the first weight
+  padded (`[E, D_pad, H]`) would save nothing here and change parameter shapes.
+- Unaligned layer width H (no shipped config has one): the weight and bias are
+  padded with zero columns per step (`[E, D, H_pad]`, a copy of the weight), the
+  layer computes `[N, H_pad]` whose padded columns are exactly zero (zero weight,
+  zero bias, ReLU(0) = 0), and the next layer reads its `[N, H]` view (row stride
+  H_pad) without another copy. Storing padded parameters instead would save that
+  copy but change parameter shapes; a width of 8k elements avoids both.
+
+Precision and backends (`backend`, model key `model.grouped_backend`):
+
+- `auto` (default), `grouped_mm`: the kernel. Its dtype is the autocast dtype when
+  autocast is enabled for the device (`torch._grouped_mm` is not autocast-registered,
+  so inputs, weights and bias are cast here; fp32 master weights get their gradient
+  back in fp32 through the cast), else the promoted dtype of input and weight. CPU
+  runs fp32, bf16 and fp16. CUDA runs the kernel in bf16 only (its fast path is bf16
+  on sm90 / sm100; every other case falls back inside torch to a loop behind a host
+  sync): for fp32 on CUDA, `auto` takes the exact fp32 `loop` (and warns), while an
+  explicit `grouped_mm` runs the kernel in bf16 (the rows and weights are rounded
+  to bf16, outputs cast back to fp32 by the layers that follow).
 - `loop`: one `addmm` per *active* expert over its contiguous segment (a Python loop
-  over experts, never over instances). Needs `counts.tolist()` (a host sync). Within
-  noise of `grouped_mm` at E = 8, 5-15% slower at E = 128 in the training step. Used
-  for dtypes `_grouped_mm` rejects (fp64) and, under `auto`, on CUDA for fp32, where
-  `_grouped_mm` wants bf16.
-- A padded `bmm` over `[E, max_count, D]` was tried and was no faster than either
-  at E = 8 or 128 (with balanced counts; it wastes FLOPs when counts are skewed).
-
-`auto` (default) picks `grouped_mm` where it is supported, else `loop`.
+  over experts, never over instances); needs the segment sizes on the host (one
+  `host_ints` read per call). Chosen explicitly, or the fallback for what the kernel
+  cannot run: fp64, fp16 or fp32 under `auto` on CUDA, CUDA devices without the fast
+  path, devices other than CPU and CUDA, a torch without `_grouped_mm`.
+- Every fallback to the loop is reported once per reason with a
+  `GroupedFallbackWarning` naming the reason, shapes and dtype (model/ does not log).
+- A padded `bmm` over `[E, max_count, D]` was tried and was no faster than either at
+  E = 8 or 128 (with balanced counts; it wastes FLOPs when counts are skewed).
 
 Legend: N routed rows (pairs), E experts (local), D input width, H layer width,
 B instances.
@@ -35,23 +76,185 @@ B instances.
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from model.moe.host import host_ints
+
 GROUPED_BACKENDS = ("auto", "grouped_mm", "loop")
+_PAD_TO = 8  # elements: 16-byte rows for every kernel dtype (fp32: 4, bf16 / fp16: 8)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_grouped_mm(x_ND: torch.Tensor, w_EDH: torch.Tensor, backend: str) -> bool:
-    if backend == "loop" or not hasattr(torch, "_grouped_mm"):
-        return False
-    if x_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if backend == "auto" and not (x_ND.device.type == "cpu" or x_ND.dtype == torch.bfloat16):
-        return False
-    # the kernel wants 16-byte aligned rows and base pointers (D, H multiples of 4 in fp32)
-    align = 16 // x_ND.element_size()
-    return x_ND.shape[1] % align == 0 and w_EDH.shape[2] % align == 0 and x_ND.data_ptr() % 16 == 0
+class GroupedFallbackWarning(UserWarning):
+    """The grouped experts ran the per-expert loop (host sync) instead of `torch._grouped_mm`."""
+
+
+_WARNED_REASONS: set[str] = set()
+
+
+def _warn_fallback(reason: str, detail: str) -> None:
+    """Warn once per distinct reason (a step runs this per layer and per call)."""
+    if reason in _WARNED_REASONS:
+        return
+    _WARNED_REASONS.add(reason)
+    msg = f"grouped experts fall back to the per-expert loop (a host sync per call): {reason}; {detail}"
+    warnings.warn(msg, GroupedFallbackWarning, stacklevel=4)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    """How a grouped layer runs: `dtype` of the kernel, or None for the loop (then
+    `reason` says why when it is a fallback, None when the loop was asked for)."""
+
+    dtype: torch.dtype | None
+    reason: str | None = None
+
+
+def kernel_choice(x_ND: torch.Tensor, w_EDH: torch.Tensor, backend: str) -> KernelChoice:
+    """The kernel dtype for `x_ND @ w_EDH` under `backend`, or the loop and why."""
+    if backend == "loop":
+        return KernelChoice(None)
+    if not hasattr(torch, "_grouped_mm"):
+        return KernelChoice(None, f"torch {torch.__version__} has no torch._grouped_mm")
+    device = x_ND.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(x_ND.dtype, w_EDH.dtype)
+    if dtype not in _KERNEL_DTYPES:
+        return KernelChoice(None, f"{dtype} has no grouped kernel (float32, bfloat16, float16 only)")
+    if device == "cpu":
+        return KernelChoice(dtype)
+    if device != "cuda":
+        return KernelChoice(None, f"device {device}: the grouped kernel is used on cpu and cuda only")
+    index = x_ND.device.index if x_ND.device.index is not None else torch.cuda.current_device()
+    return cuda_choice(dtype, backend, torch.cuda.get_device_capability(index))
+
+
+def cuda_choice(dtype: torch.dtype, backend: str, capability: tuple[int, int]) -> KernelChoice:
+    """The CUDA part of `kernel_choice` (a pure function of dtype, backend, capability)."""
+    if capability[0] not in (9, 10):  # torch's grouped kernel; elsewhere it loops behind offs.cpu()
+        return KernelChoice(
+            None, f"CUDA sm{capability[0]}{capability[1]}: torch._grouped_mm's kernel needs sm90 or sm100"
+        )
+    if dtype == torch.bfloat16:
+        return KernelChoice(dtype)
+    if backend == "grouped_mm":  # explicit opt-in: run the fp32 / fp16 model's experts in bf16
+        return KernelChoice(torch.bfloat16)
+    return KernelChoice(
+        None,
+        f"{dtype} on CUDA: the grouped kernel is bf16 only; enable bf16 autocast (trainer.precision=bf16) "
+        "or set model.grouped_backend=grouped_mm to run the experts in bf16",
+    )
+
+
+def _alignment(dtype: torch.dtype) -> int:
+    return 16 // dtype.itemsize
+
+
+def _to_aligned_rows(x_ND: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x_ND` in `dtype` with 16-byte aligned rows: itself when it already is, else one
+    copy (cast included) into the `[N, D]` view of a buffer with zero-padded rows."""
+    N, D = x_ND.shape
+    align = _alignment(dtype)
+    stride = x_ND.stride(0)
+    dense_rows = x_ND.stride(1) == 1 and (stride >= D or N <= 1)
+    if x_ND.dtype == dtype and dense_rows and stride % align == 0 and x_ND.data_ptr() % 16 == 0:
+        return x_ND
+    D_pad = -(-D // align) * align
+    buf_ND = x_ND.new_empty((N, D_pad), dtype=dtype)
+    buf_ND[:, D:].zero_()
+    return buf_ND[:, :D].copy_(x_ND)
+
+
+class _GroupedMM(torch.autograd.Function):
+    """`torch._grouped_mm(x_ND[:, :D], w_EDH, offs)` in `w_EDH`'s dtype, for rows of any
+    width and dtype.
+
+    `x_ND` is `[N, D]`, or `[N, D_pad]` with zero columns past D (`GroupedExperts.input_rows`).
+    Rows the kernel cannot read as they are get cast and padded in one copy
+    (`_to_aligned_rows`); the gradient rows handed to the kernel are made dense (autograd
+    may pass an expanded or strided gradient); the input gradient comes back dense, in
+    the input's dtype and width (for padded rows it is computed against the weight padded
+    with zero rows, or padded after the GEMM when that weight would be the bigger copy).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.x_dtype, ctx.x_width = x_ND.dtype, x_ND.shape[1]
+        D = w_EDH.shape[1]
+        x_ND = _to_aligned_rows(x_ND, w_EDH.dtype)[:, :D]
+        ctx.save_for_backward(x_ND, w_EDH, offs_E)
+        return torch._grouped_mm(x_ND, w_EDH, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_NH: torch.Tensor):  # type: ignore[override]
+        x_ND, w_EDH, offs_E = ctx.saved_tensors
+        grad_NH = _to_aligned_rows(grad_NH, w_EDH.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(grad_NH, w_EDH, offs_E, ctx.x_width).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:  # 2d x 2d: one [D, H] block per expert group of rows
+            grad_w = torch._grouped_mm(x_ND.transpose(0, 1), grad_NH, offs=offs_E)
+        return grad_x, grad_w, None
+
+
+def _input_grad(grad_NH: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor, width: int) -> torch.Tensor:
+    """Dense `[N, width]` input gradient (zero columns past D)."""
+    (E, D, H), N = w_EDH.shape, grad_NH.shape[0]
+    if width > D and E * H <= N:  # the weight padded with zero rows is the smaller copy
+        w_EDH = F.pad(w_EDH, (0, 0, 0, width - D))
+        return torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offs_E)
+    grad_ND = torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offs_E)
+    if width > D:
+        return F.pad(grad_ND, (0, width - D))
+    # dense rows for the consumer (an index_add from row-padded rows is ~5x slower on CPU)
+    return grad_ND.contiguous()
+
+
+def _kernel_linear(
+    x_ND: torch.Tensor, w_EDH: torch.Tensor, b_EH: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """One grouped layer on the kernel: `[N, D] -> [N, H_pad]` in `dtype` (zero columns past H)."""
+    N, H = x_ND.shape[0], w_EDH.shape[-1]
+    align = _alignment(dtype)
+    w_EDH, b_EH = w_EDH.to(dtype).contiguous(), b_EH.to(dtype)
+    if H % align:  # zero columns: the padded outputs are exactly 0 (see the module doc)
+        H_pad = -(-H // align) * align
+        w_EDH, b_EH = F.pad(w_EDH, (0, H_pad - H)), F.pad(b_EH, (0, H_pad - H))
+    y_NH = _GroupedMM.apply(x_ND, w_EDH, offs_E)
+    return y_NH + b_EH.repeat_interleave(counts_E, dim=0, output_size=N)
+
+
+def _loop_linear(x_ND: torch.Tensor, w_EDH: torch.Tensor, b_EH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    counts = host_ints(counts_E)  # host sync: the loop's segment sizes (loop backend only)
+    xs = torch.split(x_ND, counts)
+    # unbind once: indexing w_EDH[e] per expert would allocate a full [E, D, H]
+    # gradient per expert in backward.
+    ws, bs = w_EDH.unbind(0), b_EH.unbind(0)
+    outs = [torch.addmm(bs[e], xs[e], ws[e]) for e, c in enumerate(counts) if c > 0]
+    if not outs:
+        return _no_rows(x_ND, w_EDH.shape[-1])
+    return torch.cat(outs)
+
+
+def _no_rows(x_ND: torch.Tensor, width: int) -> torch.Tensor:
+    # keep the result attached to x_ND: an all-to-all upstream must see a backward.
+    return x_ND.new_zeros(0, width) + 0 * x_ND.sum()
+
+
+def _resolve(x_ND: torch.Tensor, w_EDH: torch.Tensor, backend: str) -> torch.dtype | None:
+    choice = kernel_choice(x_ND, w_EDH, backend)
+    if choice.reason is not None:
+        detail = f"x {tuple(x_ND.shape)} {x_ND.dtype}, w {tuple(w_EDH.shape)} {w_EDH.dtype} on {x_ND.device.type}"
+        _warn_fallback(choice.reason, detail)
+    return choice.dtype
 
 
 def grouped_linear(
@@ -62,23 +265,18 @@ def grouped_linear(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """`y[n] = x[n] @ w[e(n)] + b[e(n)]` for expert-contiguous rows: `[N, D] -> [N, H]`."""
-    N = x_ND.shape[0]
-    x_ND = x_ND.contiguous()
-    if _use_grouped_mm(x_ND, w_EDH, backend):
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        y_NH = torch._grouped_mm(x_ND, w_EDH, offs=offs_E)
-        return y_NH + b_EH.repeat_interleave(counts_E, dim=0, output_size=N)
-    counts = counts_E.tolist()  # host sync: segment sizes for the loop
-    xs = torch.split(x_ND, counts)
-    # unbind once: indexing w_EDH[e] per expert would allocate a full [E, D, H]
-    # gradient per expert in backward.
-    ws, bs = w_EDH.unbind(0), b_EH.unbind(0)
-    outs = [torch.addmm(bs[e], xs[e], ws[e]) for e, c in enumerate(counts) if c > 0]
-    if not outs:
-        # keep the result attached to x_ND: an all-to-all upstream must see a backward.
-        return x_ND.new_zeros(0, w_EDH.shape[-1]) + 0 * x_ND.sum()
-    return torch.cat(outs)
+    """`y[n] = x[n] @ w[e(n)] + b[e(n)]` for expert-contiguous rows: `[N, D] -> [N, H]`.
+
+    The output is in the kernel dtype (the autocast dtype under autocast); with an
+    unaligned H it is a view of a padded buffer (see the module doc).
+    """
+    dtype = _resolve(x_ND, w_EDH, backend)
+    if x_ND.shape[0] == 0:
+        return _no_rows(x_ND, w_EDH.shape[-1])
+    if dtype is None:
+        return _loop_linear(x_ND, w_EDH, b_EH, counts_E)
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    return _kernel_linear(x_ND, w_EDH, b_EH, counts_E, offs_E, dtype)[:, : w_EDH.shape[-1]]
 
 
 class GroupedExperts(nn.Module):
@@ -122,11 +320,42 @@ class GroupedExperts(nn.Module):
                 p.copy_(src)
         return out
 
+    def kernel_dtype(self, x_ND: torch.Tensor) -> torch.dtype | None:
+        """The dtype `forward` runs the kernel in for this input, None for the loop."""
+        return kernel_choice(x_ND, self.weights[0], self.backend).dtype
+
+    def input_rows(self, x_BD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
+        """The rows `x_BD[index_N]` in the layout `forward` reads without a copy.
+
+        When the kernel will run and D is not 16-byte aligned, the rows are gathered from
+        `x_BD` zero-padded to `D_pad` (a copy of the B instance rows instead of the N pair
+        rows, in forward and backward): `[N, D_pad]`, zero columns past D. Else the plain
+        gather `[N, D]`.
+        """
+        dtype = kernel_choice(x_BD, self.weights[0], self.backend).dtype
+        D = x_BD.shape[1]
+        if dtype is None or D % _alignment(dtype) == 0:
+            return x_BD.index_select(0, index_N)
+        return F.pad(x_BD, (0, -(-D // _PAD_TO) * _PAD_TO - D)).index_select(0, index_N)
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Grouped forward over expert-contiguous rows: `[N, D] -> [N, out_dim]`."""
+        """Grouped forward over expert-contiguous rows: `[N, D] -> [N, out_dim]`.
+
+        `x_ND` may also be `[N, D_pad]` with zero columns past D (`input_rows`).
+        """
+        dtype = _resolve(x_ND, self.weights[0], self.backend)
+        if x_ND.shape[0] == 0:
+            return _no_rows(x_ND, self.out_dim)
+        if dtype is None:
+            h = x_ND[:, : self.in_dim]
+            for w_EDH, b_EH in zip(self.weights, self.biases, strict=True):
+                h = torch.relu(_loop_linear(h, w_EDH, b_EH, counts_E))
+            return h
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)  # shared by every layer
         h = x_ND
         for w_EDH, b_EH in zip(self.weights, self.biases, strict=True):
-            h = torch.relu(grouped_linear(h, w_EDH, b_EH, counts_E, backend=self.backend))
+            # ReLU on the padded width, then the [N, H] view (aligned row stride) for the next layer
+            h = torch.relu(_kernel_linear(h, w_EDH, b_EH, counts_E, offs_E, dtype))[:, : w_EDH.shape[-1]]
         return h
 
     def forward_dense(self, x_BD: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,36 @@ Selection modes (DESIGN section 3):
   baseline: the union can reach `min(E, T * (K_s + K_a))`).
 - `dense`: every task mixes all E experts (MMoE-like); the plan holds all B*E pairs.
 
-Mixing weights are the router probabilities renormalised over each task's set. An
-optional selection bias `bias_E` (auxiliary-loss-free balancing, DeepSeek-V3) is added
-to the scores used for *selection only*; it never enters the mixing weights.
+Mixing weights: a softmax over each task's selected logits, `softmax_{e in K_t} z_{t,e}`.
+It equals the probabilities renormalised over the set, `p_{t,e} / sum_{K_t} p`, but stays
+finite when the selected probabilities underflow (0/0), e.g. for experts that only a
+large selection bias put in the set. An optional selection bias `bias_E`
+(auxiliary-loss-free balancing, DeepSeek-V3) is added to the scores used for
+*selection only*; it never enters the mixing weights.
 
-Deduplication: the union `U` over tasks is built by `torch.unique` on the key
-`expert * B + instance`, which sorts the pairs expert-major (instance ascending inside
-an expert) and gives, for every (instance, task, slot), the index of its pair. This
-costs O(B*T*K log), independent of E.
+Deduplication with static shapes and one host read. Every selection (b, t, k) is keyed
+`expert * B + instance` and the M = B*T*K keys are sorted: the first key of each run is
+a pair, and its rank among first keys is the pair's row, expert-major with instances
+ascending inside an expert (the order of `torch.unique(sorted=True)`, which the plan
+always had). Per-expert counts are a scatter-add over first keys; the slot of a pair
+inside its instance's union U is its rank among the instance's distinct experts (a
+row-wise sort of the instance's T*K selections). The host needs one value, N, the
+number of pairs to execute, to size the pair tensors: the router reads it once per
+step through the `read_sizes` callable it is given (the dispatcher's: under expert
+parallelism that read also brings the all-to-all split sizes, see `model.moe.host`),
+then writes every pair's fields to its row with one index-copy (duplicate keys and
+dropped pairs go to a discarded row N). No `unique`, `bincount`, `nonzero` or boolean
+indexing (each a host sync on CUDA). Cost: O(M log M) for the sort, independent of E.
+
+The layer's per-instance table has the static width `max_union(...)` (`num_slots`):
+min(E, K_s + T*K_a) for `progressive`, min(E, T*(K_s + K_a)) for `independent`, E for
+`dense`, plus one slot (the one dropped pairs point at) when a capacity limit applies.
+
+Capacity (`capacity_factor`, see `apply_capacity`) applies in training only. In
+evaluation (module not in training mode) routing is dropless whatever the factor:
+this is the documented policy, so that evaluation outputs of a row do not depend on
+the evaluation batch it lands in, and the weight-0 padding rows of the last
+evaluation batch can never take capacity from real rows.
 
 Legend: B instances, D input width, E experts, T tasks, K experts per task
 (K_s + K_a, or E for dense), N deduplicated (instance, expert) pairs.
@@ -29,13 +51,39 @@ Legend: B instances, D input width, E experts, T tasks, K experts per task
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from model.moe.host import host_ints
+
 ROUTING_MODES = ("progressive", "independent", "dense")
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSizes:
+    """What the step's one host read returned.
+
+    Attributes:
+        num_pairs: N, the pairs this process executes (after any capacity drop).
+        dispatch: whatever the dispatcher read in the same copy (the all-to-all split
+            sizes under expert parallelism), handed back to it through the plan;
+            None for the local dispatcher and for plans built without its reader.
+    """
+
+    num_pairs: int
+    dispatch: Any = None
+
+
+SizeReader = Callable[[torch.Tensor], PlanSizes]
+
+
+def read_local_sizes(counts_E: torch.Tensor) -> PlanSizes:
+    """Single-process size reader: N = the sum of the per-expert pair counts."""
+    return PlanSizes(num_pairs=host_ints(counts_E.sum())[0])  # the step's one host sync
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +95,7 @@ class RoutingPlan:
         probs_BTE: `softmax(logits)` (with grad; balance loss).
         experts_BTK: long, experts selected per (instance, task); for `progressive` the
             first K_s columns are the shared subset S.
-        weights_BTK: mixing weights, probabilities renormalised over the K slots (grad).
+        weights_BTK: mixing weights, the softmax of the selected logits (grad).
         pair_instance_N: long, instance of each deduplicated pair, expert-contiguous.
         pair_expert_N: long, expert of each pair (non-decreasing).
         counts_E: long, pairs per expert (the traffic the grouped matmul sees), after
@@ -58,10 +106,11 @@ class RoutingPlan:
             layer scatters `y_NH` into a padded `[B, num_slots, H]` table with it).
         slot_BTK: long, that position for every selection; `num_slots - 1` (a slot
             no pair fills) for a dropped pair.
-        num_slots: max |U| over the batch (+1 when a capacity limit is on).
+        num_slots: static bound on |U| (`max_union`), +1 when a capacity limit applied.
         num_dropped: long scalar, pairs dropped by the capacity limit (0 = dropless).
         dense: True when the plan holds all B*E pairs in `[E, B]` order, so that
             `y_NH.view(E, B, H)` is valid and the layer mixes with one einsum.
+        sizes: the host read that sized the plan (`sizes.num_pairs == N`).
     """
 
     logits_BTE: torch.Tensor
@@ -77,6 +126,7 @@ class RoutingPlan:
     num_slots: int
     num_dropped: torch.Tensor
     dense: bool
+    sizes: PlanSizes
 
     @property
     def num_experts(self) -> int:
@@ -85,6 +135,15 @@ class RoutingPlan:
     @property
     def num_pairs(self) -> int:
         return self.pair_instance_N.shape[0]
+
+
+def max_union(routing: str, *, num_experts: int, num_tasks: int, num_shared: int, num_adaptive: int) -> int:
+    """Static bound on the distinct experts of one instance, |U| (see the module doc)."""
+    if routing == "progressive":
+        return min(num_experts, num_shared + num_tasks * num_adaptive)
+    if routing == "independent":
+        return min(num_experts, num_tasks * (num_shared + num_adaptive))
+    return num_experts
 
 
 def select_progressive(
@@ -110,10 +169,13 @@ def select_independent(scores_BTE: torch.Tensor, *, k: int) -> torch.Tensor:
     return scores_BTE.topk(k, dim=-1).indices
 
 
-def renormalised_weights(probs_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor:
-    """`p_{t,e}` over each task's selected set, renormalised to sum to 1 (with grad)."""
-    picked_BTK = probs_BTE.gather(-1, experts_BTK)
-    return picked_BTK / picked_BTK.sum(-1, keepdim=True)
+def renormalised_weights(experts_BTK: torch.Tensor, *, logits_BTE: torch.Tensor) -> torch.Tensor:
+    """Each task's mixing weights over its selected set: `softmax` of the selected logits.
+
+    Equal to `p_{t,e} / sum_{e' in K_t} p_{t,e'}` with `p = softmax(logits)`, without
+    the 0/0 when the selected probabilities underflow (with grad).
+    """
+    return torch.softmax(logits_BTE.gather(-1, experts_BTK), dim=-1)
 
 
 def selection_counts(experts_BTK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -124,36 +186,84 @@ def selection_counts(experts_BTK: torch.Tensor, num_experts: int) -> torch.Tenso
     return counts_TE.scatter_add_(1, experts_TN, torch.ones(experts_TN.shape, device=experts_BTK.device))
 
 
+@dataclass(frozen=True, slots=True)
+class SortedSelections:
+    """Every selection `(b, t, k)` keyed `expert * B + instance`, sorted (static shapes).
+
+    Attributes:
+        order_M: position in `experts_BTK.flatten()` of each sorted key.
+        instance_M: long, instance of each sorted key.
+        expert_M: long, expert of each sorted key (non-decreasing).
+        first_M: bool, the first key of its (instance, expert) pair.
+        pair_M: long, the pair's row among all deduplicated pairs (expert-major).
+        counts_E: long, deduplicated pairs per expert.
+    """
+
+    order_M: torch.Tensor
+    instance_M: torch.Tensor
+    expert_M: torch.Tensor
+    first_M: torch.Tensor
+    pair_M: torch.Tensor
+    counts_E: torch.Tensor
+
+
+def sort_selections(experts_BTK: torch.Tensor, num_experts: int) -> SortedSelections:
+    """Deduplicate the selections into expert-contiguous pairs, no host sync (module doc)."""
+    B = experts_BTK.shape[0]
+    instance_B11 = torch.arange(B, device=experts_BTK.device).view(B, 1, 1)
+    key_M, order_M = (experts_BTK * B + instance_B11).reshape(-1).sort(stable=True)
+    expert_M = torch.div(key_M, B, rounding_mode="floor")
+    first_M = torch.ones_like(key_M, dtype=torch.bool)
+    first_M[1:] = key_M[1:] != key_M[:-1]
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=key_M.device)
+    counts_E.scatter_add_(0, expert_M, first_M.long())
+    return SortedSelections(
+        order_M=order_M,
+        instance_M=key_M - expert_M * B,
+        expert_M=expert_M,
+        first_M=first_M,
+        pair_M=torch.cumsum(first_M, 0) - 1,
+        counts_E=counts_E,
+    )
+
+
+def instance_slots(experts_BTK: torch.Tensor) -> torch.Tensor:
+    """`slot_BTK`: rank of each selected expert among its instance's distinct experts."""
+    B, T, K = experts_BTK.shape
+    sorted_BJ, order_BJ = experts_BTK.reshape(B, T * K).sort(dim=1, stable=True)
+    new_BJ = torch.ones_like(sorted_BJ, dtype=torch.bool)
+    new_BJ[:, 1:] = sorted_BJ[:, 1:] != sorted_BJ[:, :-1]
+    rank_BJ = torch.cumsum(new_BJ, 1) - 1
+    return torch.empty_like(rank_BJ).scatter_(1, order_BJ, rank_BJ).view(B, T, K)
+
+
+def gather_pairs(
+    sel: SortedSelections, row_M: torch.Tensor, fields: list[torch.Tensor], num_pairs: int
+) -> list[torch.Tensor]:
+    """Per-pair copies `[N]` of per-key `fields` (`[M]`, sorted order), written to `row_M`.
+
+    Only the first key of a pair with a row below N writes; the others (duplicates,
+    dropped pairs) go to a discarded row N, so no compaction (host sync) is needed.
+    """
+    dest_M = torch.where(sel.first_M, row_M, num_pairs)
+    fields_FM = torch.stack(fields)
+    out_FN = fields_FM.new_empty(len(fields), num_pairs + 1).index_copy_(1, dest_M, fields_FM)
+    return list(out_FN[:, :num_pairs].unbind(0))
+
+
 def deduplicate(
     experts_BTK: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Union of every instance's task sets as expert-contiguous pairs.
+    """Dropless union of every instance's task sets as expert-contiguous pairs (reads N once).
 
     Returns:
         `(pair_instance_N, pair_expert_N, counts_E, pair_index_BTK)`, see `RoutingPlan`.
     """
-    B = experts_BTK.shape[0]
-    instance_B11 = torch.arange(B, device=experts_BTK.device).view(B, 1, 1)
-    key_BTK = experts_BTK * B + instance_B11
-    # sorted=True orders by expert, then instance: the expert-contiguous layout.
-    key_N, pair_index = torch.unique(key_BTK.reshape(-1), sorted=True, return_inverse=True)
-    pair_expert_N = torch.div(key_N, B, rounding_mode="floor")
-    counts_E = torch.bincount(pair_expert_N, minlength=num_experts)
-    return key_N - pair_expert_N * B, pair_expert_N, counts_E, pair_index.view_as(experts_BTK)
-
-
-def instance_slots(pair_instance_N: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
-    """Rank of every pair among its instance's pairs, and the max pairs per instance."""
-    N = pair_instance_N.shape[0]
-    if N == 0:
-        return pair_instance_N.clone(), 0
-    order_N = torch.argsort(pair_instance_N, stable=True)
-    counts_B = torch.bincount(pair_instance_N, minlength=B)
-    start_B = torch.cumsum(counts_B, 0) - counts_B
-    slot_N = torch.empty_like(pair_instance_N)
-    inst_sorted_N = pair_instance_N[order_N]
-    slot_N[order_N] = torch.arange(N, device=pair_instance_N.device) - start_B[inst_sorted_N]
-    return slot_N, int(counts_B.max())  # host sync: the padded table's width
+    sel = sort_selections(experts_BTK, num_experts)
+    num_pairs = read_local_sizes(sel.counts_E).num_pairs
+    inst_N, exp_N = gather_pairs(sel, sel.pair_M, [sel.instance_M, sel.expert_M], num_pairs)
+    index = torch.empty_like(sel.pair_M).scatter_(0, sel.order_M, sel.pair_M)
+    return inst_N, exp_N, sel.counts_E, index.view_as(experts_BTK)
 
 
 def dense_pairs(
@@ -174,17 +284,14 @@ def dense_pairs(
 
 
 def apply_capacity(
-    pair_expert_N: torch.Tensor,
-    counts_E: torch.Tensor,
-    pair_index_BTK: torch.Tensor,
-    *,
-    capacity_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep at most `ceil(capacity_factor * N / E)` pairs per expert.
+    sel: SortedSelections, *, capacity_factor: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep at most `ceil(capacity_factor * N / E)` pairs per expert (training only).
 
     N is the number of deduplicated pairs of the batch this router sees, so the limit
     is per batch and per expert: under expert parallelism it is every source rank's
-    own local decision, taken before dispatch (`parallel.capacity_factor`).
+    own local decision, taken before dispatch (`parallel.capacity_factor`). The limit is
+    computed on the device in float64, the same value as Python's `math.ceil`.
 
     Inside an expert the pairs with the lowest instance index are kept (the order the
     plan already has). Slots of dropped pairs point at row N_kept, which the layer
@@ -192,17 +299,18 @@ def apply_capacity(
     weights are not renormalised, as in Switch).
 
     Returns:
-        `(keep_N, pair_index_BTK, num_dropped)`: the mask of kept pairs, the slot ->
-        kept-row index (N_kept for dropped pairs), and the number dropped.
+        `(row_M, counts_E, num_kept, num_dropped)`: the kept row of every sorted key
+        (N_kept for a dropped pair), the kept pairs per expert, and the 0-dim counts.
     """
-    N, E = pair_expert_N.shape[0], counts_E.shape[0]
-    capacity = math.ceil(capacity_factor * N / E)
-    start_E = torch.cumsum(counts_E, 0) - counts_E
-    rank_N = torch.arange(N, device=counts_E.device) - start_E[pair_expert_N]
-    keep_N = rank_N < capacity
-    num_kept = keep_N.sum()
-    new_index_N = torch.where(keep_N, torch.cumsum(keep_N, 0) - 1, num_kept)
-    return keep_N, new_index_N[pair_index_BTK], N - num_kept
+    counts_E = sel.counts_E
+    num_pairs = counts_E.sum()
+    capacity = torch.ceil(num_pairs.double() * capacity_factor / counts_E.shape[0])
+    rank_M = sel.pair_M - (torch.cumsum(counts_E, 0) - counts_E)[sel.expert_M]
+    kept_E = torch.minimum(counts_E, capacity.long())
+    num_kept = kept_E.sum()
+    kept_start_E = torch.cumsum(kept_E, 0) - kept_E
+    row_M = torch.where(rank_M < capacity, kept_start_E[sel.expert_M] + rank_M, num_kept)
+    return row_M, kept_E, num_kept, num_pairs - num_kept
 
 
 class Router(nn.Module):
@@ -216,7 +324,8 @@ class Router(nn.Module):
         num_adaptive: K_a (Stage II, per task).
         routing: one of `ROUTING_MODES`.
         task_weights: Stage I weights w_t (length T).
-        capacity_factor: None for dropless, else see `apply_capacity`.
+        capacity_factor: None for dropless, else see `apply_capacity`; applies in
+            training mode only (evaluation is dropless, see the module doc).
     """
 
     def __init__(
@@ -256,46 +365,57 @@ class Router(nn.Module):
             return select_independent(scores_BTE, k=k)
         raise ValueError(f"model.routing={self.routing!r} has no sparse selection")
 
-    def forward(self, x_BD: torch.Tensor, bias_E: torch.Tensor | None = None) -> RoutingPlan:
+    @property
+    def max_union(self) -> int:
+        """Static bound on |U|, the width of the layer's per-instance table."""
+        return max_union(
+            self.routing,
+            num_experts=self.num_experts,
+            num_tasks=self.num_tasks,
+            num_shared=self.num_shared,
+            num_adaptive=self.num_adaptive,
+        )
+
+    def forward(
+        self, x_BD: torch.Tensor, bias_E: torch.Tensor | None = None, *, read_sizes: SizeReader | None = None
+    ) -> RoutingPlan:
+        """The routing plan of `x_BD`.
+
+        Args:
+            x_BD: router input.
+            bias_E: selection-only bias (None = none).
+            read_sizes: the step's one host read, `counts_E -> PlanSizes` (the
+                dispatcher's `plan_sizes`; default `read_local_sizes`). Not called
+                for dense plans, whose N = B*E is known.
+
+        The capacity factor applies in training mode only; evaluation is dropless.
+        """
         logits_BTE = self.gating(x_BD)
         probs_BTE = torch.softmax(logits_BTE, dim=-1)
         B, T, E = probs_BTE.shape
-        zero = torch.zeros((), dtype=torch.long, device=x_BD.device)
         if self.routing == "dense":
-            experts_BTK, inst_N, exp_N, counts_E, index_BTK = dense_pairs(B, T, E, x_BD.device)
-            return RoutingPlan(
-                logits_BTE=logits_BTE,
-                probs_BTE=probs_BTE,
-                experts_BTK=experts_BTK,
-                weights_BTK=probs_BTE,
-                pair_instance_N=inst_N,
-                pair_expert_N=exp_N,
-                counts_E=counts_E,
-                pair_index_BTK=index_BTK,
-                pair_slot_N=exp_N,
-                slot_BTK=experts_BTK,
-                num_slots=E,
-                num_dropped=zero,
-                dense=True,
-            )
+            return self._dense_plan(logits_BTE, probs_BTE)
         experts_BTK = self.select(probs_BTE, bias_E)
-        inst_N, exp_N, counts_E, index_BTK = deduplicate(experts_BTK, E)
-        slot_N, num_slots = instance_slots(inst_N, B)
-        slot_BTK = slot_N[index_BTK]
-        num_dropped = zero
-        if self.capacity_factor is not None:
-            keep_N, index_BTK, num_dropped = apply_capacity(
-                exp_N, counts_E, index_BTK, capacity_factor=self.capacity_factor
-            )
-            slot_BTK = slot_BTK.masked_fill(index_BTK == int(keep_N.sum()), num_slots)
+        sel = sort_selections(experts_BTK, E)
+        slot_BTK = instance_slots(experts_BTK)
+        capacity_factor = self.capacity_factor if self.training else None
+        if capacity_factor is None:
+            row_M, counts_E, num_dropped = sel.pair_M, sel.counts_E, sel.counts_E.new_zeros(())
+        else:
+            row_M, counts_E, _, num_dropped = apply_capacity(sel, capacity_factor=capacity_factor)
+        sizes = (read_sizes or read_local_sizes)(counts_E)  # the step's one host sync
+        N, num_slots = sizes.num_pairs, self.max_union
+        slot_M = slot_BTK.reshape(-1).index_select(0, sel.order_M)
+        inst_N, exp_N, slot_N = gather_pairs(sel, row_M, [sel.instance_M, sel.expert_M, slot_M], N)
+        index_BTK = torch.empty_like(row_M).scatter_(0, sel.order_M, row_M).view(B, T, -1)
+        if capacity_factor is not None:
+            slot_BTK = slot_BTK.masked_fill(index_BTK == N, num_slots)
             num_slots += 1
-            inst_N, exp_N, slot_N = inst_N[keep_N], exp_N[keep_N], slot_N[keep_N]
-            counts_E = torch.bincount(exp_N, minlength=E)
         return RoutingPlan(
             logits_BTE=logits_BTE,
             probs_BTE=probs_BTE,
             experts_BTK=experts_BTK,
-            weights_BTK=renormalised_weights(probs_BTE, experts_BTK),
+            weights_BTK=renormalised_weights(experts_BTK, logits_BTE=logits_BTE),
             pair_instance_N=inst_N,
             pair_expert_N=exp_N,
             counts_E=counts_E,
@@ -305,4 +425,25 @@ class Router(nn.Module):
             num_slots=num_slots,
             num_dropped=num_dropped,
             dense=False,
+            sizes=sizes,
+        )
+
+    def _dense_plan(self, logits_BTE: torch.Tensor, probs_BTE: torch.Tensor) -> RoutingPlan:
+        B, T, E = probs_BTE.shape
+        experts_BTK, inst_N, exp_N, counts_E, index_BTK = dense_pairs(B, T, E, probs_BTE.device)
+        return RoutingPlan(
+            logits_BTE=logits_BTE,
+            probs_BTE=probs_BTE,
+            experts_BTK=experts_BTK,
+            weights_BTK=probs_BTE,
+            pair_instance_N=inst_N,
+            pair_expert_N=exp_N,
+            counts_E=counts_E,
+            pair_index_BTK=index_BTK,
+            pair_slot_N=exp_N,
+            slot_BTK=experts_BTK,
+            num_slots=E,
+            num_dropped=torch.zeros((), dtype=torch.long, device=probs_BTE.device),
+            dense=True,
+            sizes=PlanSizes(num_pairs=B * E),
         )

@@ -202,3 +202,50 @@ def test_eval_covers_every_row_once(num_rows: int, world_size: int, batch_size: 
             seen += batch.dense[valid, 0].long().tolist()
             assert batch.sparse["item"].values()[valid].tolist() == [r + 1 for r in batch.dense[valid, 0].long()]
     assert sorted(seen) == list(range(num_rows))
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_rows_follow_the_seeded_epoch_permutation(prefetch: int) -> None:
+    """Batch b of epoch e on rank r holds `permutation(N)[b*G + r*B:][:B]` of rng([seed, e])."""
+    split, spec = _split()
+    loader = TrainLoader(split, spec=spec, batch_size=4, rank=1, world_size=2, seed=11, prefetch=prefetch)
+    batches = _take(loader, 2 * loader.batches_per_epoch + 2)
+    for i, batch in enumerate(batches):
+        epoch, index = divmod(i, loader.batches_per_epoch)
+        perm = np.random.default_rng([11, epoch]).permutation(NUM_ROWS)
+        assert _rows(batch) == perm[index * 8 + 4 : index * 8 + 8].tolist()
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_permutation_computed_once_per_epoch(prefetch: int) -> None:
+    split, spec = _split()
+    loader = TrainLoader(split, spec=spec, batch_size=4, seed=1, prefetch=prefetch)
+    calls: list[int] = []
+    compute = loader._epoch_permutation
+
+    def counting(epoch: int) -> np.ndarray:
+        calls.append(epoch)
+        return compute(epoch)
+
+    loader._epoch_permutation = counting  # type: ignore[method-assign]
+    it = iter(loader)
+    for _ in range(2 * loader.batches_per_epoch + 1):  # into the third epoch
+        next(it)
+    it.close()
+    assert calls == [0, 1, 2]
+
+
+def test_pin_memory_needs_cuda() -> None:
+    split, spec = _split()
+    if torch.cuda.is_available():
+        batch = _take(TrainLoader(split, spec=spec, batch_size=4, pin_memory=True, prefetch=2), 1)[0]
+        assert batch.dense.is_pinned() and batch.sparse.values().is_pinned() and batch.labels["a"].is_pinned()
+    else:
+        with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+            TrainLoader(split, spec=spec, batch_size=4, pin_memory=True)
+
+
+def test_streaming_train_is_refused() -> None:
+    _, spec = _split()
+    with pytest.raises(TypeError, match="build_train_loader"):
+        TrainLoader(object(), spec=spec, batch_size=4)  # type: ignore[arg-type]

@@ -155,6 +155,36 @@ def test_capacity_drops_and_large_factor_is_dropless() -> None:
     sum(r.sum() for r in out_t.task_reprs.values()).backward()
 
 
+def test_eval_with_capacity_is_dropless_and_batch_independent() -> None:
+    """Evaluation ignores the capacity factor: the same rows give the same outputs alone,
+    followed by padding rows, or after other rows, equal to a dropless core; training
+    mode still drops, and there the outputs do depend on the batch."""
+    torch.manual_seed(8)
+    base = make_core(num_experts=8)
+    core = make_core(num_experts=8)
+    core.load_state_dict(base.state_dict())
+    core.layer.capacity_factor = 0.5
+    real_BD, padding_BD, others_BD = torch.randn(12, 8), torch.zeros(36, 8), torch.randn(20, 8) * 3
+    batches = {"alone": real_BD, "padded": torch.cat([real_BD, padding_BD]), "mixed": torch.cat([others_BD, real_BD])}
+    rows = {"alone": slice(0, 12), "padded": slice(0, 12), "mixed": slice(20, 32)}
+    base.eval()
+    ref = base(real_BD)
+    for mode in ("eval", "train"):
+        core.train(mode == "train")
+        outs = {k: core(x_BD) for k, x_BD in batches.items()}
+        dropped = {k: out.load.dropped_pairs.item() for k, out in outs.items()}
+        same = {
+            k: all(torch.allclose(out.task_reprs[t][rows[k]], ref.task_reprs[t], rtol=1e-6, atol=1e-7) for t in TASKS3)
+            for k, out in outs.items()
+        }
+        if mode == "eval":
+            assert all(d == 0 for d in dropped.values()), dropped
+            assert all(same.values()), same
+        else:
+            assert all(d > 0 for d in dropped.values()), dropped
+            assert not all(same.values()), same
+
+
 def test_bias_balancing_hook() -> None:
     torch.manual_seed(4)
     core = make_core(num_experts=6, bias_balance=True, bias_update_rate=0.1)

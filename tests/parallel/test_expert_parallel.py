@@ -15,10 +15,18 @@ import torch.distributed as dist
 
 from data.loader import TrainLoader
 from model.build import MultiTaskModel, TowerConfig
-from model.smes import SMESConfig
+from model.moe.host import count_host_syncs
+from model.smes import SMES, SMESConfig
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.expert_parallel import a2a_stats, check_ep, smes_layers
+from parallel.expert_parallel import (
+    a2a_stats,
+    apply_capacity_factor,
+    apply_expert_parallel,
+    build_mesh,
+    check_ep,
+    smes_layers,
+)
 from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
@@ -144,3 +152,36 @@ def test_ep_must_divide_world_and_experts() -> None:
         check_ep(2, 3, 4)
     with pytest.raises(ValueError, match="model.num_experts"):
         check_ep(4, 4, 6)
+
+
+def sync_worker(rank: int, world: int, capacity_factor: float | None) -> list[tuple[str, str, bool]]:
+    """One SMES layer at ep = 2: the host syncs of one training step on this rank."""
+    torch.manual_seed(0)
+    cfg = SMESConfig(num_experts=4, num_shared=1, num_adaptive=1, expert_hidden=[12, 8], bias_balance=True)
+    core = SMES(cfg, in_dim=19, tasks=("a", "b", "c"))
+    mesh = build_mesh(2)
+    apply_expert_parallel(core, mesh)
+    apply_capacity_factor(core, capacity_factor)
+    x_BD = torch.randn(24, 19, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+
+    def step() -> None:
+        out = core(x_BD)
+        loss = sum(r.square().mean() for r in out.task_reprs.values()) + sum(out.aux_losses.values())
+        loss.backward()
+        core.update_bias()
+
+    step()
+    with count_host_syncs() as syncs:
+        step()
+    assert sum(s.bytes_sent for s in a2a_stats(core)) > 0
+    return [(s.name, s.where, s.intended) for s in syncs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_one_host_sync_per_layer_step_under_expert_parallelism(capacity_factor: float | None) -> None:
+    """The split sizes, read with N in one copy after the count exchange: one sync, no more."""
+    for syncs in run_ranks(sync_worker, 2, capacity_factor):
+        assert len(syncs) == 1, syncs
+        name, where, intended = syncs[0]
+        assert intended and "parallel/expert_parallel.py" in where and "plan_sizes" in where
