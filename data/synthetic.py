@@ -18,12 +18,24 @@ Generative model, all drawn from one `numpy` generator seeded by `seed`:
   is the `1 - rate_t` quantile over all rows, so each task's positive rate matches
   `positive_rates` (default: cycled from 30%, 10%, 2%, 0.5%).
 
+Clusters (`num_clusters` C > 0, off by default): every user and every `cat_0` id belongs
+to one of C latent clusters (uniform, seeded). Each user cluster and each item cluster
+has its own task read-out `A[c]` (drawn like `a`, with the same task correlation), and
+a row reads `h` (and the interaction term) through
+`sqrt(1 - w) a + sqrt(w / 2) (A_user[c_user] + A_item[c_item])` (`w = cluster_weight`).
+The label function thus differs by cluster: a model must tell the clusters apart from
+the user and item embeddings and fit C different functions of the other features, which
+is where expert capacity (and routing by cluster) can pay off. The cluster draws come
+from their own generator, so the features are exactly those of `num_clusters=0`; only
+the labels change. `info["user_cluster"]` / `info["item_cluster"]` hold the assignments
+(index = id; id 0, missing, has cluster -1).
+
 The additive part is what a logistic regression on one-hot ids and dense columns can
 learn, which the tests check (AUC well above 0.5 for every task). Splits are
 consecutive blocks of the i.i.d. rows. Dense columns are standardised with train
 statistics like every other source.
 
-Legend: N rows, K latent dim, T tasks, Dn dense columns.
+Legend: N rows, K latent dim, T tasks, Dn dense columns, C clusters.
 """
 
 from __future__ import annotations
@@ -59,6 +71,9 @@ class SyntheticConfig:
         interaction: weight of the non-additive user x cat_0 term.
         zipf: id popularity exponent (0 = uniform).
         missing_rate: share of single-hot cells that are id 0.
+        num_clusters: latent user / item clusters with their own task read-outs (0 = off;
+            see the module doc).
+        cluster_weight: share of the read-out that is cluster-specific, in [0, 1].
         seed: generator seed.
     """
 
@@ -82,6 +97,8 @@ class SyntheticConfig:
     interaction: float = 0.5
     zipf: float = 1.05
     missing_rate: float = 0.01
+    num_clusters: int = 0
+    cluster_weight: float = 0.8
     seed: int = 2026
 
 
@@ -113,6 +130,11 @@ def _check(cfg: SyntheticConfig) -> None:
         raise ValueError("data.multi_hot_vocab_size and data.max_multi_hot_len must be >= 1")
     if not 0.0 <= cfg.task_correlation <= 1.0 or not 0.0 <= cfg.missing_rate < 1.0:
         raise ValueError("data.task_correlation must be in [0, 1] and data.missing_rate in [0, 1)")
+    if cfg.num_clusters < 0 or not 0.0 <= cfg.cluster_weight <= 1.0:
+        raise ValueError(
+            f"data.num_clusters must be >= 0 and data.cluster_weight in [0, 1], "
+            f"got {cfg.num_clusters} and {cfg.cluster_weight}"
+        )
 
 
 def _zipf_ids(rng: np.random.Generator, vocab: int, n: int, exponent: float) -> np.ndarray:
@@ -129,8 +151,46 @@ def _latent(rng: np.random.Generator, vocab: int, dim: int) -> np.ndarray:
     return v
 
 
-def _generate(cfg: SyntheticConfig, rates: list[float]) -> tuple[Split, list[SparseFeature], np.ndarray]:
-    """All rows (train, val, test consecutive) and the per-task thresholds `c_t`."""
+def _readouts(rng: np.random.Generator, num: int, dim: int, num_tasks: int, rho: float) -> np.ndarray:
+    """`[num, K, T]` task read-outs, tasks correlated by `rho` within each one."""
+    shared = rng.normal(size=(num, dim, 1))
+    return np.sqrt(rho) * shared + np.sqrt(1.0 - rho) * rng.normal(size=(num, dim, num_tasks))
+
+
+@dataclass
+class Clusters:
+    """Cluster assignments (index = id, -1 for id 0) and the per-row read-outs `[N, K, T]`."""
+
+    user: np.ndarray
+    item: np.ndarray | None
+    readout_NKT: np.ndarray
+
+
+def _clusters(
+    cfg: SyntheticConfig, a_KT: np.ndarray, users_N: np.ndarray, items_N: np.ndarray | None, item_vocab: int
+) -> Clusters:
+    """Per-row read-outs mixing the global `a_KT` with the row's user / item cluster read-outs."""
+    rng = np.random.default_rng([cfg.seed, 1])  # own stream: the features stay those of num_clusters=0
+    C, (K, T), w = cfg.num_clusters, a_KT.shape, cfg.cluster_weight
+    user_c = np.concatenate([[-1], rng.integers(0, C, size=cfg.num_users)])
+    a_user_CKT = _readouts(rng, C, K, T, cfg.task_correlation)
+    part_NKT = a_user_CKT[user_c[users_N]]
+    item_c = None
+    if items_N is not None:
+        item_c = np.concatenate([[-1], rng.integers(0, C, size=item_vocab)])
+        a_item_CKT = _readouts(rng, C, K, T, cfg.task_correlation)
+        # missing item (id 0): the user part alone
+        part_NKT = np.where((items_N > 0)[:, None, None], part_NKT + a_item_CKT[item_c[items_N]], part_NKT)
+        part_NKT /= np.sqrt(2.0)
+    readout_NKT = np.sqrt(1.0 - w) * a_KT[None] + np.sqrt(w) * part_NKT
+    return Clusters(user=user_c, item=item_c, readout_NKT=readout_NKT)
+
+
+def _generate(
+    cfg: SyntheticConfig, rates: list[float]
+) -> tuple[Split, list[SparseFeature], np.ndarray, Clusters | None]:
+    """All rows (train, val, test consecutive), the per-task thresholds `c_t` and the
+    clusters (None when `num_clusters` is 0)."""
     rng = np.random.default_rng(cfg.seed)
     n, k = cfg.num_train + cfg.num_val + cfg.num_test, cfg.latent_dim
     features, sparse = [], {}
@@ -143,6 +203,7 @@ def _generate(cfg: SyntheticConfig, rates: list[float]) -> tuple[Split, list[Spa
     sparse["user_id"] = SparseColumn.single_hot(users_N)
 
     item_vec_NK = np.zeros((n, k))
+    items_N: np.ndarray | None = None
     for i in range(cfg.num_sparse):
         vocab = cfg.vocab_sizes[i % len(cfg.vocab_sizes)]
         ids_N = _zipf_ids(rng, vocab, n, cfg.zipf)
@@ -150,7 +211,7 @@ def _generate(cfg: SyntheticConfig, rates: list[float]) -> tuple[Split, list[Spa
         vec = _latent(rng, vocab, k)[ids_N]
         h_NK += vec
         if i == 0:
-            item_vec_NK = vec
+            item_vec_NK, items_N = vec, ids_N
         features.append(SparseFeature(name=f"cat_{i}", num_embeddings=vocab + 1))
         sparse[f"cat_{i}"] = SparseColumn.single_hot(ids_N)
 
@@ -171,7 +232,13 @@ def _generate(cfg: SyntheticConfig, rates: list[float]) -> tuple[Split, list[Spa
 
     num_tasks, rho = len(rates), cfg.task_correlation
     a_KT = np.sqrt(rho) * rng.normal(size=(k, 1)) + np.sqrt(1.0 - rho) * rng.normal(size=(k, num_tasks))
-    score_NT = h_NK @ a_KT + cfg.interaction * ((user_vec[users_N] * item_vec_NK) * np.sqrt(k)) @ a_KT
+    uv_NK = (user_vec[users_N] * item_vec_NK) * np.sqrt(k)
+    clusters = None
+    if cfg.num_clusters:
+        clusters = _clusters(cfg, a_KT, users_N, items_N, cfg.vocab_sizes[0] if cfg.num_sparse else 0)
+        score_NT = np.einsum("nk,nkt->nt", h_NK + cfg.interaction * uv_NK, clusters.readout_NKT)
+    else:
+        score_NT = h_NK @ a_KT + cfg.interaction * uv_NK @ a_KT
     score_NT *= cfg.signal / np.maximum(score_NT.std(axis=0), 1e-12)
     noisy_NT = score_NT + rng.logistic(size=score_NT.shape)
     thresholds_T = np.array([np.quantile(noisy_NT[:, t], 1.0 - r) for t, r in enumerate(rates)])
@@ -182,7 +249,7 @@ def _generate(cfg: SyntheticConfig, rates: list[float]) -> tuple[Split, list[Spa
         labels={str(t): labels_NT[:, t] for t in range(num_tasks)},
         user_id=users_N,
     )
-    return full, features, thresholds_T
+    return full, features, thresholds_T, clusters
 
 
 def synthetic_names(cfg: SyntheticConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -197,7 +264,7 @@ def load_synthetic(cfg: SyntheticConfig) -> Dataset:
     """Generate the dataset (deterministic for a given config)."""
     _check(cfg)
     names, rates = _task_setup(cfg)
-    full, features, thresholds_T = _generate(cfg, rates)
+    full, features, thresholds_T, clusters = _generate(cfg, rates)
     full.labels = {name: full.labels[str(t)] for t, name in enumerate(names)}
     bounds = np.cumsum([0, cfg.num_train, cfg.num_val, cfg.num_test])
     train, val, test = (full.take(np.arange(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))
@@ -215,4 +282,6 @@ def load_synthetic(cfg: SyntheticConfig) -> Dataset:
         "positive_rates": {t: float(train.labels[t].mean()) for t in names},
         "label_thresholds": dict(zip(names, thresholds_T.tolist(), strict=True)),
     }
+    if clusters is not None:
+        info["user_cluster"], info["item_cluster"] = clusters.user, clusters.item
     return Dataset(spec=spec, train=train, val=val, test=test, info=info)

@@ -117,6 +117,7 @@ def summary(
         "resumed_from": None if tr.resumed_from is None else str(tr.resumed_from),
         "resumed_at_step": tr.start_step,
         "batch_size": t.batch_size,
+        "dense_parameters": tr.num_dense_params,
         "step_time_ms": tr.timer.mean_ms(run_steps),
         "checkpoint_s": tr.ckpt_s,
         "setup_s": tr.setup_s,

@@ -102,6 +102,8 @@ def test_custom_names_and_rates() -> None:
         {"num_train": 0},
         {"vocab_sizes": []},
         {"task_correlation": 1.5},
+        {"num_clusters": -1},
+        {"num_clusters": 4, "cluster_weight": 1.5},
     ],
 )
 def test_invalid_config(bad: dict) -> None:
@@ -153,3 +155,54 @@ def test_logistic_regression_learns_every_task() -> None:
         labels = d.test.labels[t]
         assert labels.sum() >= 30, "too few positives for a stable AUC"
         assert auc(scores[:, i], labels) > 0.7, t
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 300) -> tuple[np.ndarray, float]:
+    """Logistic regression `(w, b)` by full-batch Adam steps."""
+    torch.manual_seed(0)
+    w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros((), requires_grad=True)
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach().numpy(), float(b.detach())
+
+
+def test_clusters_keep_features_and_change_labels() -> None:
+    plain = load_synthetic(SyntheticConfig(**SMALL))
+    clustered = load_synthetic(SyntheticConfig(**SMALL, num_clusters=8))
+    for x, y in zip(_arrays(plain), _arrays(clustered), strict=True):
+        if x.dtype != np.float32 or x.ndim != 1:  # features and ids: identical
+            assert np.array_equal(x, y)
+    changed = [not np.array_equal(plain.train.labels[t], clustered.train.labels[t]) for t in plain.spec.tasks]
+    assert all(changed)
+    user_c, item_c = clustered.info["user_cluster"], clustered.info["item_cluster"]
+    assert user_c.shape == (SMALL["num_users"] + 1,) and user_c[0] == -1 and set(user_c[1:]) == set(range(8))
+    assert item_c.shape == (10 + 1,) and item_c[0] == -1 and item_c[1:].max() < 8  # cat_0 vocabulary 10
+    assert "user_cluster" not in plain.info
+
+
+def test_label_function_differs_by_cluster() -> None:
+    """On the dense features alone (ids left out), one logistic regression per user
+    cluster beats a pooled one on held-out rows: the read-out differs by cluster."""
+    cfg = SyntheticConfig(
+        num_train=40_000, num_val=100, num_test=20_000, num_users=400, num_tasks=1, positive_rates=[0.3],
+        num_clusters=4, cluster_weight=1.0, interaction=0.0, num_sparse=0, num_multi_hot=0,
+    )  # fmt: skip
+    d = load_synthetic(cfg)
+    cluster = d.info["user_cluster"]
+    train_c, test_c = cluster[d.train.user_id], cluster[d.test.user_id]
+    y_train, y_test = d.train.labels["task0"], d.test.labels["task0"]
+    w_pool, b_pool = _fit_logistic(d.train.dense, y_train)
+    pooled_scores = d.test.dense @ w_pool + b_pool
+    pooled = auc(pooled_scores, y_test)
+    scores = np.zeros(len(d.test))
+    for c in range(4):
+        w, b = _fit_logistic(d.train.dense[train_c == c], y_train[train_c == c])
+        scores[test_c == c] = d.test.dense[test_c == c] @ w + b
+    per_cluster = np.mean([auc(scores[test_c == c], y_test[test_c == c]) for c in range(4)])
+    pooled_per_cluster = np.mean([auc(pooled_scores[test_c == c], y_test[test_c == c]) for c in range(4)])
+    assert per_cluster > 0.7 and per_cluster > pooled + 0.05 and per_cluster > pooled_per_cluster + 0.05
