@@ -59,7 +59,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from data.bad_rows import SkipLog
 from data.columns import (
@@ -88,23 +87,19 @@ from data.kuairand_schema import (
     NOT_FEATURES,
     long_view,
 )
+from data.kuairand_tables import Feature, Read, Source, concat_reads, join_table, read_source
 from data.parse import (
     binary_labels,
     category_codes,
     category_dictionary,
     concat_keys,
     csv_delimiter,
-    delimiter_hint,
     file_columns,
-    file_format,
     file_keys,
-    floats,
     group_ids,
     key_values,
-    read_columns,
     signed_log1p,
     split_lists,
-    strings,
     train_vocab,
 )
 from data.spec import DatasetSpec, SparseFeature
@@ -170,40 +165,7 @@ class KuaiRandConfig:
     dataset_name: str = "kuairand"
 
 
-@dataclass(slots=True)
-class _Source:
-    """One feature source (the log, the user table, or one video table).
-
-    Attributes:
-        name: `log`, `user` or `video<i>`.
-        paths: its files (row-wise parts).
-        columns: columns every one of its files has.
-        key: join column (None for the log).
-        fmt, delimiter: how its files are read (`data.format`, `data.delimiter`).
-    """
-
-    name: str
-    paths: list[str]
-    columns: list[str]
-    key: str | None
-    fmt: str = "auto"
-    delimiter: str = ","
-
-    def hint(self) -> str:
-        """A wrong-delimiter hint for "column not found" errors ('' when none applies)."""
-        csv = file_format(self.paths[0], self.fmt) == "csv"
-        return delimiter_hint(self.columns, self.delimiter) if csv else ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Feature:
-    column: str
-    kind: str  # cat | multi | dense
-    source: str
-    sep: str = ","
-
-
-def _sources(cfg: KuaiRandConfig) -> dict[str, _Source]:
+def _sources(cfg: KuaiRandConfig) -> dict[str, Source]:
     if not cfg.log_files:
         raise ValueError("data.log_files names no file")
     read = {"fmt": cfg.format, "delimiter": csv_delimiter(cfg.delimiter)}
@@ -213,15 +175,15 @@ def _sources(cfg: KuaiRandConfig) -> dict[str, _Source]:
 
     headers = [columns(p) for p in cfg.log_files]
     common = [c for c in headers[0] if all(c in h for h in headers[1:])]
-    sources = {"log": _Source(name="log", paths=list(cfg.log_files), columns=common, key=None, **read)}
+    sources = {"log": Source(name="log", paths=list(cfg.log_files), columns=common, key=None, **read)}
     if cfg.user_features:
         cols = columns(cfg.user_features)
-        sources["user"] = _Source(name="user", paths=[cfg.user_features], columns=cols, key="user_id", **read)
+        sources["user"] = Source(name="user", paths=[cfg.user_features], columns=cols, key="user_id", **read)
     parts: dict[tuple[str, ...], list[str]] = {}
     for path in cfg.video_features:
         parts.setdefault(tuple(columns(path)), []).append(path)
     for i, (header, paths) in enumerate(parts.items()):
-        sources[f"video{i}"] = _Source(name=f"video{i}", paths=paths, columns=list(header), key="video_id", **read)
+        sources[f"video{i}"] = Source(name=f"video{i}", paths=paths, columns=list(header), key="video_id", **read)
     log = sources["log"]
     for s in sources.values():
         if s.key is not None and s.key not in s.columns:
@@ -234,7 +196,7 @@ def _sources(cfg: KuaiRandConfig) -> dict[str, _Source]:
     return sources
 
 
-def _candidates(group: str, sources: dict[str, _Source]) -> list[str]:
+def _candidates(group: str, sources: dict[str, Source]) -> list[str]:
     """Sources searched for a feature group's columns: its tables, else the log."""
     if group == "user" and "user" in sources:
         return ["user"]
@@ -244,7 +206,7 @@ def _candidates(group: str, sources: dict[str, _Source]) -> list[str]:
     return ["log"]
 
 
-def _features(cfg: KuaiRandConfig, sources: dict[str, _Source], tasks: list[str]) -> list[_Feature]:
+def _features(cfg: KuaiRandConfig, sources: dict[str, Source], tasks: list[str]) -> list[Feature]:
     multi = cfg.video_multi_hot
     groups = [
         ("log", "cat", cfg.log_categorical, DEFAULT_LOG_CATEGORICAL, {}),
@@ -261,7 +223,7 @@ def _features(cfg: KuaiRandConfig, sources: dict[str, _Source], tasks: list[str]
         ),
         ("video", "dense", cfg.video_dense, DEFAULT_VIDEO_DENSE, {}),
     ]
-    features: list[_Feature] = []
+    features: list[Feature] = []
     for group, kind, given, default, seps in groups:
         candidates = _candidates(group, sources)
         for column in default if given is None else given:
@@ -274,7 +236,7 @@ def _features(cfg: KuaiRandConfig, sources: dict[str, _Source], tasks: list[str]
                 raise ValueError(f"data.{group}_{_KIND_KEY[kind]}: column {column!r} is {why}; it cannot be a feature")
             if source is not None:
                 sep = seps.get(column, DEFAULT_VIDEO_MULTI_HOT.get(column, ","))
-                features.append(_Feature(column=column, kind=kind, source=source, sep=sep))
+                features.append(Feature(column=column, kind=kind, source=source, sep=sep))
     names = [f.column for f in features]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -284,7 +246,7 @@ def _features(cfg: KuaiRandConfig, sources: dict[str, _Source], tasks: list[str]
     return features
 
 
-def _tasks(cfg: KuaiRandConfig, log: _Source) -> list[tuple[str, bool]]:
+def _tasks(cfg: KuaiRandConfig, log: Source) -> list[tuple[str, bool]]:
     """(task, derived) pairs, in request order."""
     out = []
     for task in DEFAULT_TASKS if cfg.tasks is None else cfg.tasks:
@@ -304,106 +266,6 @@ def _tasks(cfg: KuaiRandConfig, log: _Source) -> list[tuple[str, bool]]:
             f"the columns they all have are {log.columns}{log.hint()}"
         )
     return out
-
-
-@dataclass(slots=True)
-class _Read:
-    """A source's columns: strings for ids, float64 (NaN = empty) for dense and labels."""
-
-    text: dict[str, pa.ChunkedArray]
-    numbers: dict[str, np.ndarray]
-    file_rows: list[int]
-    rows: list[np.ndarray] = field(default_factory=list)  # per file: file row number of each kept row
-
-
-def _read(
-    source: _Source,
-    text_cols: list[str],
-    number_cols: list[str],
-    limit_rows: int = 0,
-    *,
-    skips: SkipLog | None = None,
-    label_cols: tuple[str, ...] = (),
-) -> _Read:
-    """Columns of every file of `source`; bad rows (ragged lines, non-numeric cells, labels
-    in `label_cols` other than 0 / 1) raise or, under the skip policy, are dropped."""
-    skips = skips or SkipLog()
-    text: dict[str, list[pa.ChunkedArray]] = {c: [] for c in text_cols}
-    numbers: dict[str, list[np.ndarray]] = {c: [] for c in number_cols}
-    file_rows, rows = [], []
-    for path in source.paths:
-        table = read_columns(
-            path,
-            columns=[*text_cols, *number_cols],
-            fmt=source.fmt,
-            delimiter=source.delimiter,
-            limit_rows=limit_rows,
-            skips=skips,
-        )
-        bad = skips.file(path, table.num_rows)
-        parsed = {c: floats(table.column(c), path=path, column=c, bad=bad) for c in number_cols}
-        for c in label_cols:
-            binary_labels(parsed[c], path=path, column=c, bad=bad)
-        keep_N = bad.keep()
-        if not keep_N.all():
-            table = table.filter(pa.array(keep_N))
-            parsed = {c: v[keep_N] for c, v in parsed.items()}
-        file_rows.append(table.num_rows)
-        rows.append(bad.file_rows(np.flatnonzero(keep_N)))
-        for c in text_cols:
-            text[c].append(strings(table.column(c)))
-        for c in number_cols:
-            numbers[c].append(parsed[c])
-    return _Read(
-        text={c: pa.chunked_array([ch for a in v for ch in a.chunks], pa.string()) for c, v in text.items()},
-        numbers={c: np.concatenate(v) for c, v in numbers.items()},
-        file_rows=file_rows,
-        rows=rows,
-    )
-
-
-def _join_index(log_keys: pa.ChunkedArray, source: _Source, keys: pa.ChunkedArray) -> np.ndarray:
-    """`[N]` row of the table for each log row (-1 = id absent); duplicated ids -> error."""
-    codes, _ = category_codes(keys)
-    valid = codes >= 0
-    _, first = np.unique(codes[valid], return_index=True)
-    if len(first) != int(valid.sum()):
-        rows = np.flatnonzero(valid)
-        dup = int(np.setdiff1d(np.arange(len(rows)), first)[0])
-        raise ValueError(f"{source.paths}: {source.key} {keys[int(rows[dup])].as_py()!r} appears twice")
-    index = pc.index_in(log_keys, value_set=keys.combine_chunks(), skip_nulls=True)
-    return np.asarray(pc.fill_null(index, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
-def _join(
-    source: _Source,
-    own: list[_Feature],
-    log_keys: pa.ChunkedArray,
-    text: dict[str, pa.ChunkedArray],
-    dense: dict[str, np.ndarray],
-    skips: SkipLog,
-) -> int:
-    """Add the table's feature columns, aligned to log rows, to `text` / `dense`.
-
-    Returns:
-        The number of log rows whose id the table lacks.
-    """
-    key = str(source.key)
-    table = _read(
-        source,
-        [key, *(f.column for f in own if f.kind != "dense")],
-        [f.column for f in own if f.kind == "dense"],
-        skips=skips,
-    )
-    index = _join_index(log_keys, source, table.text[key])
-    missing = index < 0
-    take = pa.array(index, mask=missing)
-    for f in own:
-        if f.kind == "dense":
-            dense[f.column] = np.where(missing, np.nan, table.numbers[f.column][np.maximum(index, 0)])
-        else:
-            text[f.column] = pc.take(table.text[f.column], take)
-    return int(missing.sum())
 
 
 def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: int) -> tuple[np.ndarray, dict]:
@@ -486,7 +348,7 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
     features = _features(cfg, sources, [t for t, _ in tasks])
     if "user_id" not in log.columns:
         raise ValueError(f"the log files {log.paths} have no `user_id` column")
-    by_source: dict[str, list[_Feature]] = {}
+    by_source: dict[str, list[Feature]] = {}
     for f in features:
         by_source.setdefault(f.source, []).append(f)
 
@@ -500,7 +362,7 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
     if score_files:
         extra, extra_labels, scored_labels = _read_scored(cfg, sources, tasks, by_source.get("log", []), skips,
                                                           list(score_files), key_cols)  # fmt: skip
-        read = _concat_reads(read, extra)
+        read = concat_reads(read, extra)
         labels = {t: np.concatenate([v, extra_labels[t]]) for t, v in labels.items()}
         split_N = np.concatenate([split_N, np.full(len(extra.text["user_id"]), SCORED, dtype=np.int8)])
         paths += list(score_files)
@@ -511,7 +373,7 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
     info["rows_without_user_features"], info["rows_without_video_features"] = 0, {}
     for name, source in sources.items():
         if name != "log" and name in by_source:
-            missing = _join(source, by_source[name], read.text[str(source.key)], text, dense, skips)
+            missing = join_table(source, by_source[name], read.text[str(source.key)], text, dense, skips)
             if name == "user":
                 info["rows_without_user_features"] = missing
             else:
@@ -551,19 +413,19 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
 
 def _read_scored(
     cfg: KuaiRandConfig,
-    sources: dict[str, _Source],
+    sources: dict[str, Source],
     tasks: list[tuple[str, bool]],
-    own: list[_Feature],
+    own: list[Feature],
     skips: SkipLog,
     files: list[str],
     key_cols: list[str],
-) -> tuple[_Read, dict[str, np.ndarray], tuple[str, ...]]:
+) -> tuple[Read, dict[str, np.ndarray], tuple[str, ...]]:
     """The logs to score: their columns (those of the configured logs but `date` and the
     outcomes they lack), every task's labels (zeros where unlabelled) and the labelled tasks."""
     log = sources["log"]
     headers = [file_columns(p, fmt=log.fmt, delimiter=log.delimiter) for p in files]
     common = [c for c in headers[0] if all(c in h for h in headers[1:])]
-    src = _Source(name="scored", paths=files, columns=common, key=None, fmt=log.fmt, delimiter=log.delimiter)
+    src = Source(name="scored", paths=files, columns=common, key=None, fmt=log.fmt, delimiter=log.delimiter)
     labelled = [(t, d) for t, d in tasks if (all(c in common for c in LONG_VIEW_INPUTS) if d else t in common)]
     keys = [s.key for s in sources.values() if s.key]
     text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense"), *key_cols]
@@ -571,30 +433,20 @@ def _read_scored(
     numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in labelled) else []
     numbers += [f.column for f in own if f.kind == "dense"]
     label_cols = tuple(t for t, derived in labelled if not derived)
-    read = _read(src, list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), skips=skips, label_cols=label_cols)
+    read = read_source(src, list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), skips=skips, label_cols=label_cols)
     labels = _labels(cfg, src, labelled, read)
     n = len(read.text["user_id"])
     return read, {t: labels.get(t, np.zeros(n, dtype=np.float32)) for t, _ in tasks}, tuple(t for t, _ in labelled)
 
 
-def _concat_reads(first: _Read, second: _Read) -> _Read:
-    """Rows of `second` after those of `first`, for the columns `second` has."""
-    return _Read(
-        text={c: pa.chunked_array([*first.text[c].chunks, *v.chunks], pa.string()) for c, v in second.text.items()},
-        numbers={c: np.concatenate([first.numbers[c], v]) for c, v in second.numbers.items() if c in first.numbers},
-        file_rows=[*first.file_rows, *second.file_rows],
-        rows=[*first.rows, *second.rows],
-    )
-
-
 def _read_log(
     cfg: KuaiRandConfig,
-    sources: dict[str, _Source],
+    sources: dict[str, Source],
     tasks: list[tuple[str, bool]],
-    own: list[_Feature],
+    own: list[Feature],
     skips: SkipLog,
     key_cols: list[str],
-) -> _Read:
+) -> Read:
     """The log columns needed: join keys, user_id, date, label inputs, its own features
     (and `key_cols`, kept for predictions)."""
     keys = [s.key for s in sources.values() if s.key]
@@ -603,7 +455,7 @@ def _read_log(
     numbers = [t for t, derived in tasks if not derived]
     numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in tasks) else []
     numbers += [f.column for f in own if f.kind == "dense"]
-    return _read(
+    return read_source(
         sources["log"],
         list(dict.fromkeys(text)),
         list(dict.fromkeys(numbers)),
@@ -614,7 +466,7 @@ def _read_log(
 
 
 def _sparse_columns(
-    features: list[_Feature], text: dict[str, pa.ChunkedArray], is_train: np.ndarray
+    features: list[Feature], text: dict[str, pa.ChunkedArray], is_train: np.ndarray
 ) -> tuple[list[SparseFeature], dict[str, SparseColumn], dict[str, pa.Array]]:
     """Encode the categorical and multi-hot columns with train-only vocabularies
     (returned too: feature -> values of ids 1, 2, ...)."""
@@ -651,7 +503,7 @@ def _dense_matrix(
     return (np.stack(columns, axis=1) if columns else np.zeros((len(is_train), 0))).astype(np.float32), imputed
 
 
-def _labels(cfg: KuaiRandConfig, log: _Source, tasks: list[tuple[str, bool]], read: _Read) -> dict[str, np.ndarray]:
+def _labels(cfg: KuaiRandConfig, log: Source, tasks: list[tuple[str, bool]], read: Read) -> dict[str, np.ndarray]:
     """Binary labels (errors name the log file and its row)."""
     sizes = np.concatenate([[0], np.cumsum(read.file_rows)]).tolist()
     labels = {}
