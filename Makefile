@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 ARGS ?=
+# The recipe `make train` runs unless ARGS picks experiment=, model= or data= itself
+# (EXPERIMENT= runs the bare defaults of conf/config.yaml).
+EXPERIMENT ?= census_mmoe
+DEFAULT_EXPERIMENT = $(if $(EXPERIMENT),$(if $(filter experiment=% model=% data=%,$(ARGS)),,experiment=$(EXPERIMENT)))
 PYTEST_ARGS ?=
 
 .PHONY: help venv train test test-fast test-slow test-dist lint smoke bench clean
@@ -24,8 +28,8 @@ $(STAMP): requirements/cpu.txt requirements/common.txt requirements/torchrec.txt
 
 venv: $(STAMP)  ## create .venv from the pinned requirements
 
-train: $(STAMP)  ## default experiment: MMoE on Census-Income, 2 processes (ARGS= for Hydra overrides)
-	NPROC=$(NPROC) PYTHON=$(PY) bash launch/torchrun.sh $(ARGS)
+train: $(STAMP)  ## the census_mmoe recipe (MMoE on Census-Income), 2 processes (ARGS= for Hydra overrides)
+	NPROC=$(NPROC) PYTHON=$(PY) bash launch/torchrun.sh $(DEFAULT_EXPERIMENT) $(ARGS)
 
 test: $(STAMP)  ## full CI suite (unit, distributed, slow launch tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
