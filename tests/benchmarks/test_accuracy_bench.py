@@ -106,7 +106,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["dense_parameters"] == run["dense_parameters"] > 0
     assert run["core_input_dim"] == 32 * 16 + 7  # census: 32 categorical x dim 16 + 7 dense
-    assert run["expert_flops"] == 8 * mlp_flops([32 * 16 + 7, 128, 64])  # conf/model/mmoe.yaml
+    assert "experiment=census_mmoe" in run["command"].split()  # the recipe, when one exists
+    assert run["expert_flops"] == 4 * mlp_flops([32 * 16 + 7, 64])  # conf/experiment/census_mmoe.yaml: 4 x [64]
     for row in data["rows"]:
         assert set(row["tasks"]) == {"income", "never_married"}
         assert row["tasks"]["income"]["auc"]["n"] == 1 and row["dense_parameters"]["mean"] > 0
