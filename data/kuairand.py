@@ -427,13 +427,8 @@ def _read_scored(
     common = [c for c in headers[0] if all(c in h for h in headers[1:])]
     src = Source(name="scored", paths=files, columns=common, key=None, fmt=log.fmt, delimiter=log.delimiter)
     labelled = [(t, d) for t, d in tasks if (all(c in common for c in LONG_VIEW_INPUTS) if d else t in common)]
-    keys = [s.key for s in sources.values() if s.key]
-    text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense"), *key_cols]
-    numbers = [t for t, derived in labelled if not derived]
-    numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in labelled) else []
-    numbers += [f.column for f in own if f.kind == "dense"]
-    label_cols = tuple(t for t, derived in labelled if not derived)
-    read = read_source(src, list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), skips=skips, label_cols=label_cols)
+    text, numbers, label_cols = _log_columns(sources, labelled, own, key_cols)
+    read = read_source(src, text, numbers, skips=skips, label_cols=label_cols)
     labels = _labels(cfg, src, labelled, read)
     n = len(read.text["user_id"])
     return read, {t: labels.get(t, np.zeros(n, dtype=np.float32)) for t, _ in tasks}, tuple(t for t, _ in labelled)
@@ -449,20 +444,23 @@ def _read_log(
 ) -> Read:
     """The log columns needed: join keys, user_id, date, label inputs, its own features
     (and `key_cols`, kept for predictions)."""
+    date = ["date"] if cfg.split == "date" and "date" in sources["log"].columns else []
+    text, numbers, label_cols = _log_columns(sources, tasks, own, [*key_cols, *date])
+    return read_source(sources["log"], text, numbers, limit_rows=cfg.limit_rows, skips=skips, label_cols=label_cols)
+
+
+def _log_columns(
+    sources: dict[str, Source], tasks: list[tuple[str, bool]], own: list[Feature], extra_text: list[str]
+) -> tuple[list[str], list[str], tuple[str, ...]]:
+    """(text, number, label) columns to read from a log: join keys, user_id, its own
+    features, `extra_text`, and the inputs of `tasks` (a derived task reads its inputs)."""
     keys = [s.key for s in sources.values() if s.key]
-    text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense"), *key_cols]
-    text += ["date"] if cfg.split == "date" and "date" in sources["log"].columns else []
+    text = [*keys, "user_id", *(f.column for f in own if f.kind != "dense"), *extra_text]
     numbers = [t for t, derived in tasks if not derived]
     numbers += list(LONG_VIEW_INPUTS) if any(d for _, d in tasks) else []
     numbers += [f.column for f in own if f.kind == "dense"]
-    return read_source(
-        sources["log"],
-        list(dict.fromkeys(text)),
-        list(dict.fromkeys(numbers)),
-        limit_rows=cfg.limit_rows,
-        skips=skips,
-        label_cols=tuple(t for t, derived in tasks if not derived),
-    )
+    label_cols = tuple(t for t, derived in tasks if not derived)
+    return list(dict.fromkeys(text)), list(dict.fromkeys(numbers)), label_cols
 
 
 def _sparse_columns(
