@@ -9,6 +9,9 @@ A checkpoint is a folder `<run_dir>/checkpoints/step_<N>/` holding DCP shards of
   `trainer.engine=deepspeed`, the ZeRO-partitioned state gathered per parameter into
   the same layout, see `parallel.deepspeed_engine.ZeroDenseOptimizer`),
   `optim/tables`: the optimizer of tables sharded `data_parallel`, if any;
+- `ema`: the moving average of the dense weights, with `trainer.ema` on
+  (`trainer/ema.py`); `load_model` loads it over the trained weights, since it is the
+  run's evaluated model;
 - `meta`: step, scheduler, every rank's loader state (`data.loader.TrainBatches`: the
   in-memory loader's is global, the streaming loader's per rank), counters, and every
   rank's RNG states (pickled, written once). At the same world size each rank loads its
@@ -44,6 +47,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 
 from parallel.dist import all_gather_object, all_reduce, barrier, host_group
 from parallel.expert_parallel import ExpertMesh, checkpoint_view
+from parallel.parallelize import dense_parameters
 
 log = logging.getLogger("trainer.checkpoint")
 MARKER = "COMPLETE"
@@ -76,11 +80,12 @@ class TrainState:
     loader: Any  # TrainLoader (state_dict / load_state_dict)
     expert_mesh: ExpertMesh | None = None
     selection: Any = None  # ModelSelector (state_dict / load_state_dict), or None
+    ema: Any = None  # trainer.ema.WeightAverage, or None
     step: int = 0
     skipped_steps: int = 0
     stopped_early: bool = False
 
-    def tensor_state(self) -> dict[str, Any]:
+    def tensor_state(self, *, ema: bool = True) -> dict[str, Any]:
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optim/sparse": self.sparse_optim.state_dict(),
@@ -88,6 +93,8 @@ class TrainState:
         }
         if self.table_optim is not None:
             state["optim/tables"] = self.table_optim.state_dict()
+        if self.ema is not None and ema:
+            state["ema"] = self.ema.tensors()
         # sharded experts: global-shape DTensor views, so ep / world size can change
         return checkpoint_view(state, self.expert_mesh)
 
@@ -176,6 +183,7 @@ def save(state: TrainState, root: Path, *, keep_last: int, best: bool = False) -
         "rng": rngs,
         "selection": None if state.selection is None else state.selection.state_dict(),
         "stopped_early": state.stopped_early,
+        "ema_updates": None if state.ema is None else state.ema.num_updates,
     }
     dcp.save(state.tensor_state(), checkpoint_id=str(path), process_group=_dcp_group())
     barrier()  # every rank's shards are on disk
@@ -227,15 +235,26 @@ def _fit_groups(scheduler_state: dict[str, Any], num_groups: int) -> dict[str, A
     return out
 
 
+def holds_average(path: Path) -> bool:
+    """Whether the checkpoint at `path` holds a moving average of the weights (`ema`)."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(key.startswith("ema.") for key in keys)
+
+
 def load_model(state: TrainState, path: Path) -> None:
-    """Load only the model weights of the checkpoint at `path` into `state.model`
-    (collective; e.g. the best step's model for the final test evaluation)."""
+    """Load the evaluated model of the checkpoint at `path` into `state.model`
+    (collective; e.g. the best step's model for the final test evaluation): its weights
+    and, if it holds one, the moving average over the dense weights (`trainer/ema.py`)."""
     if not (path / MARKER).exists():
         raise ValueError(f"{path} is not a complete checkpoint folder (no {MARKER} marker)")
     tensors = checkpoint_view({"model": state.model.state_dict()}, state.expert_mesh)
     dcp.load(tensors, checkpoint_id=str(path), process_group=_dcp_group())
     sharded_experts = state.expert_mesh is not None and state.expert_mesh.ep > 1
     state.model.load_state_dict(state.model.state_dict() if sharded_experts else tensors["model"])
+    if holds_average(path):  # into the parameters in place (expert slices through their DTensor views)
+        dense = {name: p.detach() for name, p in dense_parameters(state.model)}
+        dcp.load(checkpoint_view({"ema": dense}, state.expert_mesh), checkpoint_id=str(path),
+                 process_group=_dcp_group())  # fmt: skip
 
 
 def _load_loader(loader: Any, saved: Any, *, saved_world: int, rank: int, world: int) -> None:
@@ -254,7 +273,8 @@ def load(state: TrainState, path: Path) -> None:
     state.dense_optim.init_state()
     if state.table_optim is not None:
         state.table_optim.init_state()
-    tensors = state.tensor_state()
+    saved_average = state.ema is not None and holds_average(path)
+    tensors = state.tensor_state(ema=saved_average)
     dcp.load(tensors, checkpoint_id=str(path), process_group=_dcp_group())
     # expert DTensor views were loaded in place; the plain state dict holds their slices
     sharded_experts = state.expert_mesh is not None and state.expert_mesh.ep > 1
@@ -271,6 +291,11 @@ def load(state: TrainState, path: Path) -> None:
     state.step = int(meta["step"])
     state.skipped_steps = int(meta["skipped_steps"])
     state.stopped_early = bool(meta.get("stopped_early", False))
+    if state.ema is not None and saved_average:
+        state.ema.num_updates = int(meta["ema_updates"])
+    elif state.ema is not None:  # trainer.ema turned on for a run whose checkpoint has no average
+        state.ema.reset()
+        log.warning("%s holds no moving average of the weights: trainer.ema starts from its weights", path)
     if state.selection is not None and meta.get("selection") is not None:
         state.selection.load_state_dict(meta["selection"])
     state.scheduler.load_state_dict(_fit_groups(meta["scheduler"], len(state.scheduler.optimizer.param_groups)))

@@ -25,6 +25,8 @@ from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from parallel.expert_parallel import check_capacity_factor, check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
+from trainer.ema import EMAConfig
+from trainer.ema import check_config as check_ema
 from trainer.metrics import check_mode
 from trainer.selection import EarlyStoppingConfig, check_config
 
@@ -47,6 +49,9 @@ class TrainerConfig:
             each evaluation is a candidate for model selection.
         early_stopping: which validation metric selects the reported model, and when to
             stop (`metric`, `mode`, `patience`, `min_delta`; see `trainer/selection.py`).
+        ema: `decay` of an exponential moving average of the dense weights, which is
+            then the evaluated, selected, reported and exported model (0 = off; see
+            `trainer/ema.py`).
         eval_mode: exact (every rank gathers all rows: O(N) memory per rank) |
             distributed (distributed sort, O(N / W) per rank) | auto (distributed above
             2M evaluation rows on more than one rank). See `trainer/metrics.py`.
@@ -80,6 +85,7 @@ class TrainerConfig:
     eval_batch_size: int = 8192
     eval_every: int = 250
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     eval_mode: str = "auto"
     log_every: int = 50
     seed: int = 2026
@@ -202,6 +208,7 @@ def validate(run: RunConfig) -> None:
     if t.eval_every < 0:
         raise ValueError(f"trainer.eval_every must be >= 0, got {t.eval_every}")
     check_config(t.early_stopping)
+    check_ema(t.ema)
     if t.pipeline not in PIPELINES:
         raise ValueError(f"trainer.pipeline={t.pipeline!r}; choose one of {PIPELINES}")
     if t.precision not in PRECISIONS:

@@ -106,6 +106,7 @@ def summary(
         "best_metric": tr.selector.best_value,
         "selection_metric": tr.cfg.early_stopping.metric,
         "stopped_early": state.stopped_early,
+        "ema_decay": t.ema.decay,
         "experts": None
         if experts is None
         else {k: v for k, v in experts.items() if k != "selection_fraction_per_task"},

@@ -19,8 +19,12 @@ One step (`StepHooks`, called by `trainer.pipeline`):
   layer for the all-to-all split sizes).
 - `backward_step`: backward (DDP all-reduces dense gradients, TorchRec updates its
   shards), the expert-gradient sync.
-- `optimizer_step`: clipping, dense optimizer, bias balancing; the loss parts and
-  expert-load counters accumulate on the device and are read only at log time.
+- `optimizer_step`: clipping, dense optimizer, the weight average (`trainer.ema`),
+  bias balancing; the loss parts and expert-load counters accumulate on the device and
+  are read only at log time.
+
+Validation and test evaluate the moving average of the dense weights when
+`trainer.ema.decay` > 0 (`averaged`, see `trainer/ema.py`), the trained weights otherwise.
 
 Legend: T tasks.
 """
@@ -45,10 +49,11 @@ from data.columns import Dataset, Split
 from data.loader import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
 from parallel.dist import DistInfo, all_gather_object, all_reduce, all_reduce_mean, init_distributed
-from parallel.parallelize import ParallelModel, parallelize
+from parallel.parallelize import ParallelModel, dense_parameters, parallelize
 from trainer import checkpoint, report
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, to_plain, validate_against_data
+from trainer.ema import WeightAverage
 from trainer.engine import build_engine
 from trainer.expert_stats import ExpertLoadMeter
 from trainer.faults import FaultInjector
@@ -120,6 +125,7 @@ class Trainer:
         self.scheduler = build_scheduler(run, built.scheduled_optimizer)
         self.cursor = LoaderCursor(self._train_loader())
         self.selector = ModelSelector(t.early_stopping)
+        self.ema = WeightAverage(dict(dense_parameters(self.pm.dmp)), decay=t.ema.decay) if t.ema.decay > 0 else None
         self.state = TrainState(
             model=self.pm.dmp,
             sparse_optim=self.pm.dmp.fused_optimizer,
@@ -129,6 +135,7 @@ class Trainer:
             loader=self.cursor,
             expert_mesh=self.pm.mesh,
             selection=self.selector,
+            ema=self.ema,
         )
         self.pipeline = (
             SparseDistPipeline(self.pm.dmp, self, self.info.device)
@@ -194,6 +201,10 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
 
+    def averaged(self) -> Any:
+        """`trainer.ema`: the moving average in the model, for evaluation (trainer/ema.py)."""
+        return nullcontext() if self.ema is None else self.ema.applied()
+
     # -- save / load -----------------------------------------------------------------
 
     def load(self) -> None:
@@ -247,6 +258,8 @@ class Trainer:
         assert cur is not None
         if cur.finite:
             self.engine.step()  # grad clipping, dense (+ replicated table) optimizer step
+            if self.ema is not None:
+                self.ema.update()
             core = self.model.core
             if hasattr(core, "update_bias"):  # aux-loss-free balancing, outside backward
                 core.update_bias()
@@ -351,7 +364,8 @@ class Trainer:
     def validate(self, step: int) -> bool:
         """Validation at `step`, model selection (the best checkpoint) and whether to
         stop early (every rank decides alike: the metrics are global)."""
-        self.last_val = self.evaluate(self.dataset.val)
+        with self.averaged():
+            self.last_val = self.evaluate(self.dataset.val)
         if self.logger is not None:
             self.logger.log(step, report.flat("val", self.last_val))
             log.info("step %d val %s", step, report.fmt(self.last_val))
@@ -386,13 +400,14 @@ class Trainer:
         if not hasattr(self, "train_s"):  # resumed at the final step: nothing trained here
             self.setup_s = time.perf_counter() - self.wall_start
             self.train_s = 0.0
-        if self.last_val is None:
-            self.last_val = self.evaluate(self.dataset.val)
-        test_last = test = self.evaluate(self.dataset.test)
+        with self.averaged():
+            if self.last_val is None:
+                self.last_val = self.evaluate(self.dataset.val)
+            test_last = test = self.evaluate(self.dataset.test)
         val = self.last_val
         sel = self.selector
         if sel.enabled and sel.best_dir is not None and sel.best_step != self.state.step:
-            checkpoint.load_model(self.state, self.ckpt_root / sel.best_dir)  # the reported model
+            checkpoint.load_model(self.state, self.ckpt_root / sel.best_dir)  # the reported model (its average)
             test, val = self.evaluate(self.dataset.test), sel.best_val or self.last_val
             if self.info.is_main:
                 log.info("reporting the best step %s (%s = %.6f)", sel.best_step, sel.cfg.metric, sel.best_value)
