@@ -1,7 +1,8 @@
 """Host syncs in one whole training step of the real `Trainer` (SMES, both pipelines):
 exactly two in the project's code, the SMES layer's read of its pair count and the
 trainer's non-finite-loss skip decision; nothing else in forward, loss, backward, the
-optimizer step, bias balancing or the device-side loss and expert-load accumulators.
+optimizer step, the weight average (`trainer.ema`), bias balancing or the device-side
+loss and expert-load accumulators.
 
 Counted with `model.moe.host.count_host_syncs` (patches the sync entry points, which
 are free on CPU and a device-to-host sync on CUDA); calls from TorchRec's and torch's
@@ -30,7 +31,7 @@ def _count(rank: int, world: int, run_dir: str, pipeline: str) -> list[tuple[str
     overrides = [
         "data=synthetic", "data.num_train=4000", "data.num_val=200", "data.num_test=200", "data.num_tasks=3",
         "model=smes", "model.num_experts=8", "model.expert_hidden=[16]", "model.embedding_dim=8",
-        "model.bias_balance=true", "trainer.grad_clip=1.0", "trainer.batch_size=64", "trainer.prefetch=0",
+        "model.bias_balance=true", "trainer.ema.decay=0.99", "trainer.grad_clip=1.0", "trainer.batch_size=64", "trainer.prefetch=0",
         "trainer.steps=10", "logger=none", "trainer.progress=false", f"trainer.pipeline={pipeline}",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
