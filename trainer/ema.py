@@ -75,9 +75,15 @@ class WeightAverage:
     def __init__(self, params: dict[str, nn.Parameter], *, decay: float) -> None:
         self.decay = decay
         self.names = list(params)
-        self.params = [p.detach() for p in params.values()]  # share storage with the parameters
-        self.averages = [p.float().clone() for p in self.params]
+        self._params = list(params.values())
+        self.averages = [p.detach().float().clone() for p in self._params]
         self.num_updates = 0
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters' current tensors (read at each use: an engine such as DeepSpeed
+        may point a parameter at new storage after this was built)."""
+        return [p.detach() for p in self._params]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -96,14 +102,15 @@ class WeightAverage:
     def applied(self) -> Iterator[None]:
         """The averaged weights in the model inside the block; the trained ones (bit for
         bit) after it."""
+        params = self.params
         with torch.no_grad():
-            trained = [p.clone() for p in self.params]
-            torch._foreach_copy_(self.params, self.averages)
+            trained = [p.clone() for p in params]
+            torch._foreach_copy_(params, self.averages)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self.params, trained)
+                torch._foreach_copy_(params, trained)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """name -> average: the live tensors, so a checkpoint loads into them in place."""

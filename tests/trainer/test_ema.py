@@ -85,10 +85,11 @@ def _trainer(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) ->
 def _train(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> dict:
     trainer = _trainer(rank, world, run_dir, overrides)
     trainer.load()
+    ema = trainer.ema
+    start = ema and {name: t.clone() for name, t in ema.tensors().items()}
     trainer.train()
     summary = trainer.finish()
-    ema = trainer.ema
-    return {"summary": summary, "average": ema and ema.tensors(), "updates": ema and ema.num_updates}
+    return {"summary": summary, "average": ema and ema.tensors(), "updates": ema and ema.num_updates, "start": start}
 
 
 def _best_dir(run_dir: str) -> Path:
@@ -156,3 +157,14 @@ def test_expert_parallel_average_reshards_into_one_process(tmp_path: Path) -> No
     assert not torch.equal(outs[0]["average"][expert_keys[0]], outs[1]["average"][expert_keys[0]])
     (got,) = run_ranks(_reported_and_trained, 1, run_dir, ("trainer.steps=8",))
     assert _aucs(got["reported"]) == pytest.approx(_aucs(outs[0]["summary"]["eval"]), abs=1e-7)
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_averages_like_the_native_one(tmp_path: Path) -> None:
+    """DeepSpeed points the parameters at its flat buffers: the average must follow them."""
+    steps = ("trainer.steps=8", "trainer.early_stopping.metric=null")
+    native = run_ranks(_train, 2, str(tmp_path / "native"), steps)
+    ds = run_ranks(_train, 2, str(tmp_path / "ds"), (*steps, "trainer.engine=deepspeed"))
+    for name, value in native[0]["average"].items():
+        torch.testing.assert_close(ds[0]["average"][name], value, rtol=0, atol=1e-6)
+        assert not torch.allclose(ds[0]["start"][name], value, atol=1e-5), name  # it followed training

@@ -31,8 +31,9 @@ def _count(rank: int, world: int, run_dir: str, pipeline: str) -> list[tuple[str
     overrides = [
         "data=synthetic", "data.num_train=4000", "data.num_val=200", "data.num_test=200", "data.num_tasks=3",
         "model=smes", "model.num_experts=8", "model.expert_hidden=[16]", "model.embedding_dim=8",
-        "model.bias_balance=true", "trainer.ema.decay=0.99", "trainer.grad_clip=1.0", "trainer.batch_size=64", "trainer.prefetch=0",
-        "trainer.steps=10", "logger=none", "trainer.progress=false", f"trainer.pipeline={pipeline}",
+        "model.bias_balance=true", "trainer.ema.decay=0.99", "trainer.grad_clip=1.0", "trainer.batch_size=64",
+        "trainer.prefetch=0", "trainer.steps=10", "logger=none", "trainer.progress=false",
+        f"trainer.pipeline={pipeline}",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         run = build_run_config(compose(config_name="config", overrides=overrides))
