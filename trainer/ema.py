@@ -29,7 +29,7 @@ itself always continues from the trained weights.
 
 State: every checkpoint holds the average as `ema` (DCP, expert slices resharded like
 the model's) and the update count in its meta, so a resumed run continues the same
-average. Cost per step: one fused lerp over the dense parameters, no host sync.
+average. Cost per step: one `torch._foreach_lerp_` over the dense parameters, no host sync.
 """
 
 from __future__ import annotations

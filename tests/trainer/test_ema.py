@@ -161,7 +161,8 @@ def test_expert_parallel_average_reshards_into_one_process(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_deepspeed_engine_averages_like_the_native_one(tmp_path: Path) -> None:
-    """DeepSpeed points the parameters at its flat buffers: the average must follow them."""
+    """DeepSpeed moves the parameters into its flat buffers (before the average is built):
+    the average must still track them and match the native engine's."""
     steps = ("trainer.steps=8", "trainer.early_stopping.metric=null")
     native = run_ranks(_train, 2, str(tmp_path / "native"), steps)
     ds = run_ranks(_train, 2, str(tmp_path / "ds"), (*steps, "trainer.engine=deepspeed"))
