@@ -15,7 +15,7 @@ sharded expert parameters are kept out of DDP. `--threads` torch threads per ran
   parallel: expert gradients all-reduced by DDP).
 - `ep2`: the same, experts sharded by `parallel.expert_parallel.apply_expert_parallel`
   (E/2 per rank), pairs moved by `AllToAllDispatcher`, expert gradients by
-  `sync_expert_grads`.
+  `parallel.expert_grads`.
 - `deepspeed`: `deepspeed.moe.layer.MoE(hidden_size=D, expert=Linear(D, H) + ReLU,
   num_experts=E, ep_size=2, k=2)` with a torch optimizer (no DeepSpeed engine). Not the
   same model: one top-2 gate over the instance, no per-task routing, no task-shared
@@ -81,13 +81,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.smes import SMES, SMESConfig
 from parallel.dist import free_port, local_rank_env
+from parallel.expert_grads import build_expert_grad_sync
 from parallel.expert_parallel import (
     a2a_stats,
     apply_capacity_factor,
     apply_expert_parallel,
     build_mesh,
-    expert_parameters,
-    sync_expert_grads,
 )
 
 WORLD = 2
@@ -212,7 +211,7 @@ def smes_worker(rank: int, args: argparse.Namespace, ep: int) -> dict:
     apply_capacity_factor(net, args.capacity_factor)
     mesh = build_mesh(ep)
     ignore = apply_expert_parallel(net, mesh)
-    experts = expert_parameters(net) if ignore else []
+    grad_sync = build_expert_grad_sync(net, mesh) if ignore else None
     ddp = wrap(net, ignore)
     stats = a2a_stats(net)
     for s in stats:
@@ -239,8 +238,9 @@ def smes_worker(rank: int, args: argparse.Namespace, ep: int) -> dict:
             s.reset()
 
     times = run_steps(
-        args, ddp, local_data(args, rank), after_backward=lambda: sync_expert_grads(experts, mesh), on_step=on_step
-    )
+        args, ddp, local_data(args, rank), after_backward=grad_sync.finish if grad_sync else lambda: None,
+        on_step=on_step,
+    )  # fmt: skip
     return {"step_s": times, **rec}
 
 

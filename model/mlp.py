@@ -4,8 +4,8 @@ batch norm whose statistics `parallel/` can make global.
 - `NamedModules` holds one module per task (or task group) under any name: a task
   called `forward`, `train`, `to`, `a.b` or `""` is a valid task (the config check
   accepts any name), but `nn.ModuleDict` refuses such keys.
-- `ReducibleBatchNorm1d` is `nn.BatchNorm1d` with a `stats_reducer` hook (None = plain
-  per-process batch norm), see its docstring.
+- `ReducibleBatchNorm1d` is `nn.BatchNorm1d` with `stats_gather` / `grad_reducer` hooks
+  (None = plain per-process batch norm) for global-batch statistics, see its docstring.
 
 Legend: B instances, C features (channels), D input width, H hidden width.
 """
@@ -120,56 +120,50 @@ class NamedModules(nn.Module):
 class ReducibleBatchNorm1d(nn.BatchNorm1d):
     """`nn.BatchNorm1d` over `[B, C]` whose training statistics can span several processes.
 
-    `stats_reducer: Callable[[Tensor], Tensor] | None` (None by default: exactly
-    `nn.BatchNorm1d`). When set, a training forward stacks the local `[2C + 1]` vector
-    (per-feature sum and sum of squares of `x - running_mean`, then the row count),
-    passes it through the reducer and normalises with the mean and biased variance of
-    the reduced totals; running statistics are updated from them with the unbiased
-    variance, as `nn.BatchNorm1d` does. `parallel/` sets the reducer to a
-    differentiable all-reduce(SUM) over the data-parallel ranks
-    (`parallel.dist.all_reduce_autograd`), so the forward statistics, the gradients
-    (each rank's input gradient includes the other ranks' terms through the reduced
-    sums) and the running statistics equal those of one process on the global batch,
-    on every rank. It must then be called by every rank alike (every rank runs the same
-    forward). Eval mode uses the running statistics and reduces nothing.
+    Two hooks, both None by default (exactly `nn.BatchNorm1d`), set together by
+    `parallel/` (`parallel.parallelize.sync_batch_norms`):
+
+    - `stats_gather: Callable[[Tensor], Tensor]`: every process's `[K]` vector stacked
+      in rank order, `[W, K]` (an all-gather, no autograd);
+    - `grad_reducer: Callable[[Tensor], Tensor]`: a `[K]` vector summed over the
+      processes (an all-reduce, no autograd).
+
+    With them, a training forward normalises with the statistics of the global batch,
+    as `torch.nn.SyncBatchNorm` does: each process computes its own count, mean and
+    biased variance in float32 (`torch.var_mean`, which is stable), one all-gather of
+    those `2C + 1` values per norm, and the processes' parts are combined exactly
+    (Chan et al.: the global variance is the count-weighted mean of the parts'
+    variances plus that of their squared mean offsets, no sum of squares that could
+    cancel). The backward needs the global sums of `dy` and `dy * x_hat`: one
+    all-reduce of `2C` values per norm, and the input gradient is the one of one
+    process on the global batch (each process's includes the other processes'
+    terms). The affine parameters get this process's own gradient, which DDP averages
+    like any other. Running statistics are updated from the global mean and the
+    unbiased global variance, so they are the same on every process. Every process
+    must call it alike (every rank runs the same forward). Eval mode uses the running
+    statistics and communicates nothing.
 
     Why not `torch.nn.SyncBatchNorm`: its forward refuses CPU tensors in a process
     group ("SyncBatchNorm expected input tensor to be on GPU ...", torch 2.13 here), so
     gloo runs and tests could not use it, and swapping modules in from `parallel/`
     would change the model's module types. This keeps one code path for CPU and GPU
-    at the cost of one all-reduce of `2C + 1` floats per norm and training forward.
+    with the same communication as SyncBatchNorm: one all-gather in forward, one
+    all-reduce in backward, float32, per norm and training step.
 
-    Numerics: the variance comes from sums of squares (one reduction instead of a
-    second pass), which cancel badly when a feature's mean is large against its
-    spread: in float32 the 1-rank and 2-rank variances then differed enough to move the
-    loss after a few steps. So the statistics and the centring are computed in float64
-    (the `[B, C]` input upcast once, the `[2C + 1]` totals reduced in float64, the
-    normalised output cast back before the affine part; centring in float32 at a large
-    mean was seen to shift the 1-rank and 2-rank outputs by whole ulps), around the
-    shift `running_mean`, the same on every rank (the running statistics are global);
-    the shift is a constant and does not change the gradient. The extra cost is a few
-    float64 elementwise passes over `[B, C]`.
+    Numerics: the statistics, the normalisation and the affine part run in float32 for
+    any input dtype (bf16 under autocast), and the output is cast back to the input's
+    dtype.
     """
 
-    stats_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+    stats_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    grad_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x_BC: torch.Tensor) -> torch.Tensor:
-        if self.stats_reducer is None or not self.training or not self.track_running_stats:
+        if self.stats_gather is None or not self.training or not self.track_running_stats:
             return super().forward(x_BC)
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        C = x_BC.shape[1]
-        shift_C = self.running_mean.detach().double()  # float64: see Numerics above
-        xc_BC = x_BC.double() - shift_C
-        count = xc_BC.new_full((1,), float(x_BC.shape[0]))
-        totals = self.stats_reducer(torch.cat([xc_BC.sum(0), (xc_BC * xc_BC).sum(0), count]))
-        n = totals[2 * C]
-        shifted_mean_C = totals[:C] / n
-        var_C = (totals[C : 2 * C] / n - shifted_mean_C * shifted_mean_C).clamp_min(0.0)  # biased
-        y_BC = ((xc_BC - shifted_mean_C) * torch.rsqrt(var_C + self.eps)).to(x_BC.dtype)
-        if self.affine:
-            y_BC = y_BC * self.weight + self.bias
-        self._update_running(shift_C + shifted_mean_C.detach(), var_C.detach(), n.detach())
+        assert self.grad_reducer is not None, "set stats_gather and grad_reducer together"
+        mean_C, var_C, n, y_BC = _GlobalBatchNorm.apply(x_BC, self.weight, self.bias, self)
+        self._update_running(mean_C, var_C, n)
         return y_BC
 
     @torch.no_grad()
@@ -182,3 +176,50 @@ class ReducibleBatchNorm1d(nn.BatchNorm1d):
         unbiased_C = var_C * n / (n - 1).clamp_min(1.0)
         self.running_mean.lerp_(mean_C.to(self.running_mean), factor)
         self.running_var.lerp_(unbiased_C.to(self.running_var), factor)
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch norm with global-batch statistics (see `ReducibleBatchNorm1d`). Returns
+    `(mean_C, var_C, n, y_BC)`; only `y_BC` has a gradient."""
+
+    @staticmethod
+    def forward(ctx, x_BC, weight_C, bias_C, norm):  # type: ignore[override]
+        B, C = x_BC.shape
+        x32_BC = x_BC.float()
+        if B > 0:
+            var_C, mean_C = torch.var_mean(x32_BC, dim=0, unbiased=False)
+        else:  # an empty part adds nothing (var_mean would be NaN)
+            var_C = mean_C = x32_BC.new_zeros(C)
+        parts_WK = norm.stats_gather(torch.cat([mean_C, var_C, x32_BC.new_full((1,), float(B))]))
+        mean_WC, var_WC, n_W1 = parts_WK[:, :C], parts_WK[:, C : 2 * C], parts_WK[:, 2 * C :]
+        n = n_W1.sum()
+        mean_C = (n_W1 * mean_WC).sum(0) / n
+        var_C = (n_W1 * (var_WC + (mean_WC - mean_C).square())).sum(0) / n
+        invstd_C = torch.rsqrt(var_C + norm.eps)
+        y_BC = (x32_BC - mean_C) * invstd_C
+        if weight_C is not None:
+            y_BC = y_BC * weight_C.float() + bias_C.float()
+        ctx.save_for_backward(x_BC, weight_C, mean_C, invstd_C, n)
+        ctx.norm = norm
+        ctx.mark_non_differentiable(mean_C, var_C, n)
+        return mean_C, var_C, n, y_BC.to(x_BC.dtype)
+
+    @staticmethod
+    def backward(ctx, _g_mean, _g_var, _g_n, dy_BC):  # type: ignore[override]
+        x_BC, weight_C, mean_C, invstd_C, n = ctx.saved_tensors
+        C = x_BC.shape[1]
+        dy32_BC = dy_BC.float()
+        xhat_BC = (x_BC.float() - mean_C) * invstd_C
+        sum_dy_C, sum_dy_xhat_C = dy32_BC.sum(0), (dy32_BC * xhat_BC).sum(0)
+        grad_w = grad_b = None
+        if weight_C is not None and ctx.needs_input_grad[1]:
+            grad_w = sum_dy_xhat_C.to(weight_C.dtype)
+        if weight_C is not None and ctx.needs_input_grad[2]:
+            grad_b = sum_dy_C.to(weight_C.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            totals_K = ctx.norm.grad_reducer(torch.cat([sum_dy_C, sum_dy_xhat_C]))  # global sums
+            scale_C = invstd_C if weight_C is None else invstd_C * weight_C.float()
+            grad_x = scale_C * (dy32_BC - totals_K[:C] / n - xhat_BC * (totals_K[C:] / n))
+            grad_x = grad_x.to(x_BC.dtype)
+        return grad_x, grad_w, grad_b, None

@@ -19,14 +19,17 @@ Hooks for `parallel/` and the trainer (model/ never imports torch.distributed):
 - `SMESLayer.count_reducer: Callable[[Tensor], Tensor] | None`: applied to a detached
   copy of the pooled selection counts `[E]` before `f` is formed (balance loss) and
   before the bias update; e.g. an all-reduce(SUM) over the data-parallel group. It is
-  called on every forward with a balance loss, so it must be called by all ranks
-  alike (it is, since every rank runs the same forward). None means local counts.
+  called on every training forward with a balance loss, so it must be called by all
+  ranks alike (it is, since every rank runs the same forward). None means local
+  counts. Evaluation forwards (`eval()`) compute no auxiliary loss, so they reduce
+  nothing.
 - `SMESLayer.update_bias()` / `SMES.update_bias()`: the trainer calls it after the
   optimizer step when `bias_balance` is on. Training forwards accumulate pooled
   selection counts in the non-persistent buffer `bias_counts_E`; `update_bias`
   reduces them through `count_reducer`, moves the persistent buffer `expert_bias_E`
   by `bias_update_rate * sign(mean - count)` and clears the accumulator. The bias
-  shifts the selection scores only, never the mixing weights, and gets no gradient.
+  shifts the selection scores only, in log space (`p * exp(bias)`, see
+  `model.moe.router`), never the mixing weights, and gets no gradient.
 - `SMESLayer.capacity_factor: float | None` (None = dropless, the default): per-expert
   capacity of the batch this process routes, see `model.moe.router.apply_capacity`.
   Not a model config key: `parallel/` sets it from `parallel.capacity_factor`, since
@@ -84,7 +87,11 @@ class SMESConfig:
             0 disables the term).
         z_loss_coef: router z-loss coefficient (default 0 = off; 1e-3 in ST-MoE).
         bias_balance: aux-loss-free balancing with a selection bias (default off).
-        bias_update_rate: bias step per `update_bias()` call (default 1e-3, DeepSeek-V3).
+        bias_update_rate: bias step per `update_bias()` call, in log space: one step
+            multiplies an expert's selection score by exp(+-rate) (default 0.01; at
+            E = 16 this moves selections as much as the 1e-3 step DeepSeek-V3 adds to
+            its scores did when it was added to the probabilities here, and the same
+            factor applies at any E).
         grouped_backend: `auto`, `grouped_mm` or `loop`, see `model.moe.experts`.
     """
 
@@ -98,7 +105,7 @@ class SMESConfig:
     balance_beta: float = 0.01
     z_loss_coef: float = 0.0
     bias_balance: bool = False
-    bias_update_rate: float = 1e-3
+    bias_update_rate: float = 0.01
     grouped_backend: str = "auto"
 
 
@@ -216,10 +223,10 @@ class SMESLayer(nn.Module):
             counts_TE = selection_counts(plan.experts_BTK, self.num_experts)
             if self.training and self.bias_balance:
                 self.bias_counts_E += counts_TE.sum(0)
-        aux: dict[str, torch.Tensor] = {}
-        if self.balance_beta > 0:
+        aux: dict[str, torch.Tensor] = {}  # training only: evaluation needs no loss (nor its count all-reduce)
+        if self.training and self.balance_beta > 0:
             aux["balance"] = self.balance_beta * balance_loss(plan.probs_BTE, self._reduced(counts_TE.sum(0)))
-        if self.z_loss_coef > 0:
+        if self.training and self.z_loss_coef > 0:
             aux["z_loss"] = self.z_loss_coef * router_z_loss(plan.logits_BTE)
         return out_BTH, aux, self._load(plan, counts_TE)
 

@@ -22,7 +22,7 @@ expert-data-parallel groups of that name with the ranks of our `ExpertMesh` (che
 ZeRO then partitions that group over the expert-data-parallel group only and reduces
 its gradients there. Scale: ZeRO divides every gradient by the data-parallel world
 size W before summing it over the parameter's group, so an expert gradient becomes
-(sum over its expert-data-parallel group) / W, which is what `sync_expert_grads` does
+(sum over its expert-data-parallel group) / W, which is what `parallel.expert_grads` does
 for the native engine. ZeRO's gradient norm (`trainer.grad_clip`) counts each expert
 slice once.
 

@@ -209,12 +209,12 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None
     return t
 
 
-def all_reduce_autograd(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Differentiable sum over `group` (out of place): the gradient of every rank's
-    input is the sum over ranks of the output gradients (e.g. synchronised statistics)."""
+def all_reduce_async(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> Any:
+    """Start an in-place sum of `t` over `group` and return its work handle (`wait()`
+    it before reading `t`); None when there is nothing to reduce (a group of one)."""
     if world_size(group) == 1:
-        return t
-    return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM, group=_route(t, group) or dist.group.WORLD)
+        return None
+    return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_route(t, group), async_op=True)
 
 
 def all_reduce_mean(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -13,11 +13,14 @@ routing plan's deduplicated pairs are already expert-contiguous, hence sorted by
 Per step: exchange per-expert pair counts (one small all-to-all, as the router's size
 reader `plan_sizes`), read the send and receive split sizes on the host in one copy
 (the step's one host sync per layer; N, the rows of the plan, is their send sum), send
-the pair rows with an uneven `all_to_all_single`, reorder the received rows to
-expert-contiguous order, run the local experts as one grouped matmul, undo the
-reordering, send the outputs back with the reverse all-to-all. Both all-to-alls are
-the autograd versions (`torch.distributed.nn.functional.all_to_all_single`), so
-gradients flow back through them to the source ranks.
+the pair rows with an uneven `all_to_all_single` (gathered by
+`GroupedExperts.input_rows` in the experts' compute dtype and aligned width: bf16 rows
+under bf16 autocast, every rank alike, so no copy is left for the receiver but the
+reordering gather), reorder the received rows to expert-contiguous order, run the
+local experts as one grouped matmul, undo the reordering, send the outputs back with the
+reverse all-to-all. Both all-to-alls are the autograd versions
+(`torch.distributed.nn.functional.all_to_all_single`), so gradients flow back through
+them to the source ranks.
 
 Capacity (`parallel.capacity_factor`, None = dropless): a per-expert limit on each
 source rank's *local* batch, decided by that rank's router before dispatch. With N_r
@@ -264,17 +267,20 @@ class AllToAllDispatcher(nn.Module):
         on = self.stats.time_phases and torch.is_grad_enabled() and x_BD.requires_grad
         x_BD = self._stamp(x_BD, on, ("dispatch_bwd_s", 1))
         send_splits, recv_splits = sizes.send, sizes.recv
-        # 2. pair rows to their owners (expert-contiguous = owner-contiguous)
-        x_ND = x_BD.index_select(0, plan.pair_instance_N)
+        # 2. pair rows to their owners (expert-contiguous = owner-contiguous), gathered
+        # in the experts' compute dtype and aligned width (bf16 under bf16 autocast: the
+        # rows travel in it; the cast and padding happen once, on the B instance rows)
+        x_ND = self.experts.input_rows(x_BD, plan.pair_instance_N)
         x_MD = self._exchange(x_ND, recv_splits, send_splits, group, me)
         # 3. received rows are [source][expert]-ordered; make them expert-contiguous
+        # (one gather: they already have the layout the kernel reads)
         expert_of_row = (
             torch.arange(L, device=x_BD.device)
             .repeat(P)
             .repeat_interleave(sizes.recv_counts_PL.flatten(), output_size=sum(recv_splits))
         )
         order_M = torch.argsort(expert_of_row, stable=True)
-        x_sorted = self.experts.input_rows(x_MD, order_M)  # in the experts' layout (padded if unaligned)
+        x_sorted = x_MD.index_select(0, order_M)
         x_sorted = self._stamp(x_sorted, on, ("experts_bwd_s", 1), ("dispatch_bwd_s", -1))
         t1 = time.perf_counter()
         y_sorted = self.experts(x_sorted, sizes.recv_counts_PL.sum(0))
@@ -348,31 +354,12 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def sync_expert_grads(params: list[nn.Parameter], mesh: ExpertMesh) -> None:
-    """After backward: expert gradients -> gradient of the global mean loss (see module doc)."""
-    if mesh.world_size == 1 or mesh.ep == 1:
-        return
-    for p in params:  # every rank must reduce the same buffer, even if no row reached it
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if mesh.edp_size > 1:
-        pdist.all_reduce(flat, group=mesh.edp_group)
-    flat /= mesh.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-@torch.no_grad()
 def clip_grad_norm_(
     params: list[nn.Parameter], max_norm: float, *, sharded_experts: list[nn.Parameter], mesh: ExpertMesh | None
 ) -> torch.Tensor:
     """Clip `params`' gradients by the norm of the whole model's dense gradient.
 
-    After `sync_expert_grads`, the non-expert gradients are the same on every rank (DDP)
+    After the expert-gradient sync (`parallel.expert_grads`), the non-expert gradients are the same on every rank (DDP)
     and each rank holds the gradient of its E/ep expert slice (the same slice as its
     expert-data-parallel peers). The squared norm is then the local non-expert part plus
     the expert part summed over the expert-parallel group, so every rank clips by the
@@ -388,9 +375,12 @@ def clip_grad_norm_(
     device = params[0].device if params else torch.device("cpu")
 
     def squared(grads: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of squared gradient norms: one norm per tensor in float32 (a fused
+        multi-tensor kernel, no copy of any gradient), their squares summed in float64."""
         if not grads:
             return torch.zeros((), device=device, dtype=torch.float64)
-        return torch.stack([g.detach().double().square().sum() for g in grads]).sum()
+        norms = torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float32)
+        return torch.stack(norms).double().square().sum()
 
     expert_sq = squared(sliced)
     if mesh is not None and mesh.ep > 1 and mesh.world_size > 1:

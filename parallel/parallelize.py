@@ -14,16 +14,18 @@
    RNG state before `parallelize` (experts under `ep` are built full and sliced) and
    DDP broadcasts rank 0's copy anyway.
 
-Batch norms with a `stats_reducer` hook (`model.mlp.ReducibleBatchNorm1d`, HoME's
-expert normalisation) get a differentiable all-reduce over all ranks, so their
-statistics, gradients and running statistics are those of the global batch.
+Batch norms with global-statistics hooks (`model.mlp.ReducibleBatchNorm1d`, HoME's
+expert normalisation) get an all-gather (forward) and an all-reduce (backward) over all
+ranks, so their statistics, gradients and running statistics are those of the global
+batch.
 
 Between 1 and 2, the capacity factor and expert parallelism
 (`parallel/expert_parallel.py`): every SMES layer gets `capacity_factor` (per expert,
 per source rank's local batch, applied by the router before dispatch), then keeps
 only its E/ep experts behind an all-to-all dispatcher, and its balance counts are
 all-reduced over all ranks; sharded expert parameters are kept out of DDP and reduced
-inside their expert-data-parallel group by `ParallelModel.after_backward()`.
+inside their expert-data-parallel group by `parallel.expert_grads` (started during
+backward, finished by `ParallelModel.after_backward()`).
 
 With `dense_engine="deepspeed"` (`trainer.engine`), step 2 leaves the non-embedding part
 unwrapped and `after_backward()` does nothing: a DeepSpeed engine
@@ -59,13 +61,13 @@ from parallel.embedding_sharding import (
     shard_embeddings,
     sparse_optimizer_class,
 )
+from parallel.expert_grads import ExpertGradSync, build_expert_grad_sync
 from parallel.expert_parallel import (
     ExpertMesh,
     apply_capacity_factor,
     apply_expert_parallel,
     build_mesh,
     expert_parameters,
-    sync_expert_grads,
 )
 from parallel.state import init_tables_seeded
 
@@ -102,11 +104,19 @@ class ParallelModel:
     replicated_table_optimizer: KeyedOptimizer | None = None
     mesh: ExpertMesh | None = None
     sharded_expert_params: list[nn.Parameter] = field(default_factory=list)
+    expert_grads: ExpertGradSync | None = None
+
+    def prepare_grads(self) -> None:
+        """Before backward (after the gradients were zeroed): sharded experts' gradients
+        become views of their all-reduce buckets (`parallel.expert_grads`)."""
+        if self.expert_grads is not None:
+            self.expert_grads.prepare()
 
     def after_backward(self) -> None:
-        """Gradient sync DDP does not do: sharded experts inside their replica group."""
-        if self.mesh is not None and self.sharded_expert_params:
-            sync_expert_grads(self.sharded_expert_params, self.mesh)
+        """Gradient sync DDP does not do: sharded experts inside their replica group
+        (started during backward, finished here)."""
+        if self.expert_grads is not None:
+            self.expert_grads.finish()
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         return self.dmp(*args, **kwargs)
@@ -127,13 +137,19 @@ def replicated_table_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parame
 
 
 def sync_batch_norms(model: nn.Module) -> int:
-    """Make every `ReducibleBatchNorm1d` in `model` use global-batch statistics (a
-    differentiable all-reduce over all ranks; the identity in a world of one).
-    Returns how many norms were hooked."""
+    """Make every `ReducibleBatchNorm1d` in `model` use global-batch statistics (an
+    all-gather of each rank's statistics in forward, an all-reduce of the gradient sums
+    in backward, float32; nothing in a world of one). Returns how many norms were hooked."""
     norms = [m for m in model.modules() if isinstance(m, ReducibleBatchNorm1d)]
     for norm in norms:
-        norm.stats_reducer = pdist.all_reduce_autograd
+        norm.stats_gather = _gather_rows
+        norm.grad_reducer = pdist.all_reduce
     return len(norms)
+
+
+def _gather_rows(t_K: torch.Tensor) -> torch.Tensor:
+    """Every rank's `[K]` vector as `[W, K]`, in rank order."""
+    return pdist.all_gather_cat(t_K.unsqueeze(0))
 
 
 def table_specs(model: MultiTaskModel) -> dict[str, tuple[int, int, float, float]]:
@@ -204,6 +220,7 @@ def parallelize(
         replicated_table_optimizer=table_opt,
         mesh=mesh,
         sharded_expert_params=expert_parameters(dmp) if expert_names and native else [],
+        expert_grads=build_expert_grad_sync(dmp, mesh) if expert_names and native else None,
     )
 
 

@@ -20,11 +20,17 @@ import torch.multiprocessing as mp
 from parallel.dist import free_port, local_rank_env
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _entry(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any, backend: str
+) -> None:
     os.environ.update(local_rank_env(rank, world_size, port), OMP_NUM_THREADS="1")
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend != "gloo":  # the CUDA simulation's NCCL-like backend (tests/cuda_sim/sim.py)
+            from tests.cuda_sim.sim import register_backend
+
+            register_backend()
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         buf = io.BytesIO()  # tensors by value: shared-memory handles die with the rank
         torch.save(result, buf)
@@ -36,13 +42,17 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0) -> list[Any]:
-    """Run `fn` on `world_size` gloo ranks; return each rank's result, by rank."""
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0, backend: str = "gloo"
+) -> list[Any]:
+    """Run `fn` on `world_size` ranks of a `backend` (gloo, or the CUDA simulation's
+    "simnccl") default group; return each rank's result, by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False) for r in range(world_size)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, backend), daemon=False)
+        for r in range(world_size)
     ]
     for p in procs:
         p.start()

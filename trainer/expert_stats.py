@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from model.core import ExpertLoad
+from model.moe.host import to_host
 from parallel.dist import all_reduce
 
 
@@ -50,8 +51,9 @@ class ExpertLoadMeter:
         all_reduce(counts_TE, group=group)  # device tensors: the device group
         all_reduce(sums, group=group)
         all_reduce(peak, "max", group=group)
-        s = sums.tolist()  # host read at log time
-        return load_figures(counts_TE.float().cpu(), tasks, s[0], s[1], float(peak.item()), s[2])
+        host = to_host(torch.cat([sums, peak, counts_TE.flatten()]))  # one host read, at log time
+        s, counts = host[:3].tolist(), host[4:].view_as(counts_TE).float()
+        return load_figures(counts, tasks, s[0], s[1], float(host[3]), s[2])
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]

@@ -115,7 +115,7 @@ class SMESInference(nn.Module):
 
     def _sparse(self, x_BD: torch.Tensor, logits_BTE: torch.Tensor) -> torch.Tensor:
         B, T, E = logits_BTE.shape
-        experts_BTK = self.router.select(torch.softmax(logits_BTE, dim=-1), self.bias_E)
+        experts_BTK = self.router.select(torch.softmax(logits_BTE, dim=-1), self.bias_E, logits_BTE=logits_BTE)
         weights_BTK = torch.softmax(logits_BTE.gather(-1, experts_BTK), dim=-1)
         K = experts_BTK.shape[-1]
         # deduplicate: sort keys expert*B + instance; a run's first key is a pair

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.moe.host import to_host
 from parallel.dist import all_gather_cat, world_size
 from trainer.dist_metrics import distributed_task_metrics, rank_sum
 
@@ -121,7 +122,9 @@ def normalized_entropy(probs_N: np.ndarray, labels_N: np.ndarray, eps: float = 1
 
 
 class Predictions:
-    """Accumulates this rank's evaluation outputs batch by batch (on CPU)."""
+    """Accumulates this rank's evaluation outputs batch by batch (on CPU): one
+    device-to-host copy of the logits, labels and weights per batch (and one of the user
+    ids), through `model.moe.host.to_host`."""
 
     def __init__(self, tasks: tuple[str, ...]) -> None:
         self.tasks = tasks
@@ -137,12 +140,16 @@ class Predictions:
         weights_B: torch.Tensor,
         user_id_B: torch.Tensor | None,
     ) -> None:
-        for t in self.tasks:
-            self._logits[t].append(logits[t].detach().float().cpu())
-            self._labels[t].append(labels[t].detach().float().cpu())
-        self._weights.append(weights_B.detach().float().cpu())
+        T = len(self.tasks)
+        rows = [*(logits[t].detach().float().reshape(-1) for t in self.tasks)]
+        rows += [labels[t].detach().float().reshape(-1) for t in self.tasks]
+        host_KB = to_host(torch.stack([*rows, weights_B.detach().float().reshape(-1)]))  # one device-to-host copy
+        for i, t in enumerate(self.tasks):
+            self._logits[t].append(host_KB[i])
+            self._labels[t].append(host_KB[T + i])
+        self._weights.append(host_KB[2 * T])
         if user_id_B is not None:
-            self._users.append(user_id_B.detach().cpu())
+            self._users.append(to_host(user_id_B))
 
     @property
     def has_users(self) -> bool:

@@ -74,6 +74,7 @@ from tqdm import tqdm
 from data.build import build_dataset
 from data.columns import Dataset, Split
 from data.loader import eval_batches
+from model.moe.host import host_ints, to_host
 from parallel.dist import DistInfo, barrier, init_distributed, shutdown
 from trainer.config import RunConfig
 from trainer.metrics import Predictions, compute_metrics
@@ -199,9 +200,9 @@ def score(
                 out = model(batch)
             if preds is not None:
                 preds.add(out.logits, batch.labels, batch.weights, batch.user_id)
-            valid = int((batch.weights > 0).sum())
+            valid = host_ints((batch.weights > 0).sum())[0]
             index_B = np.arange(lo + i * batch_size, lo + i * batch_size + valid)
-            logits = {t: out.logits[t][:valid].float().cpu() for t in spec.tasks}
+            logits = {t: to_host(out.logits[t][:valid].float()) for t in spec.tasks}
             writer.write_table(_batch_table(schema, rows, index_B, logits, scoring.labelled))
             written += valid
         if written == 0:

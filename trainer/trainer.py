@@ -48,6 +48,7 @@ from data.build import build_dataset, build_train_loader
 from data.columns import Dataset, Split
 from data.loader import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
+from model.moe.host import host_flag, to_host
 from parallel.dist import DistInfo, all_gather_object, all_reduce, all_reduce_mean, init_distributed
 from parallel.parallelize import ParallelModel, dense_parameters, parallelize
 from trainer import checkpoint, report
@@ -228,6 +229,7 @@ class Trainer:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+        self.pm.prepare_grads()  # sharded experts: backward accumulates into their all-reduce buckets
 
     def forward_step(self, batch: Batch) -> tuple[torch.Tensor, StepOut]:
         self.timer.lap("data")
@@ -239,7 +241,7 @@ class Trainer:
         parts_P[-1] = loss.detach()
         with self.timer.part("comm"):
             all_reduce_mean(parts_P)  # device tensor: same skip decision on every rank
-        finite = bool(torch.isfinite(parts_P).all())  # host sync: the skip decision (module doc)
+        finite = host_flag(torch.isfinite(parts_P).all())  # host sync: the skip decision (module doc)
         self._current = StepOut(out=out, parts_P=parts_P, finite=finite)
         self.timer.lap("forward")
         return loss, self._current
@@ -283,7 +285,7 @@ class Trainer:
         if not cur.finite:  # no backward ran: the fused sparse optimizer would update during it
             self.state.skipped_steps += 1
             self.bad_in_a_row += 1
-            log.warning("step %d: non-finite loss %s, step skipped", step, cur.parts_P.tolist())
+            log.warning("step %d: non-finite loss %s, step skipped", step, to_host(cur.parts_P).tolist())
             if self.bad_in_a_row >= self.cfg.max_bad_steps:
                 raise FloatingPointError(
                     f"{self.bad_in_a_row} consecutive non-finite losses "
@@ -379,7 +381,7 @@ class Trainer:
         self.window_meter.reset()
         times_ms = self.timer.window_ms()
         if self.logger is not None:
-            mean = (self.window_loss / max(1, self.window_steps)).tolist()  # host read at log time
+            mean = to_host(self.window_loss / max(1, self.window_steps)).tolist()  # host read at log time
             metrics: dict[str, Any] = {f"loss/{task}": mean[i] for i, task in enumerate(self.spec.tasks)}
             metrics.update({"loss/aux": mean[-2], "loss/total": mean[-1], "lr": self.scheduler.get_last_lr()[0]})
             metrics["train/samples_per_s"] = self.window_steps * self.cfg.batch_size / max(1e-9, seconds)

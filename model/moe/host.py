@@ -1,4 +1,4 @@
-"""Device-to-host reads of the SMES layer: the one intended read, and an audit of the rest.
+"""Device-to-host reads: the one door every intended read goes through, and an audit of the rest.
 
 Budget (DESIGN section 5): per SMES layer and step at most one device-to-host sync,
 the read of the sizes that shape the step's tensors. At ep = 1 that is N, the number
@@ -10,9 +10,19 @@ load statistics, the bias update) stays on the device with static shapes or shap
 derived from those host ints. Every intended read goes through `host_ints`, so a
 `grep host_ints` lists them all.
 
+The door: every device-to-host read the project intends, in the SMES layer and
+elsewhere, goes through the functions of this module (`to_host` for tensors,
+`host_ints`, `host_flag`): the step's pair count and split sizes, the trainer's
+non-finite-loss skip decision, the loss parts and expert-load figures read at log
+time, the predictions copied out of each evaluation batch. `to_host` makes an explicit
+copy (`to("cpu", copy=True)`), so the read is one dispatched op whatever the device,
+and `in_door()` tells a checker that the read is intended: the CUDA simulation of
+the tests (`tests/cuda_sim.py`) lets a simulated CUDA tensor reach the host only
+through this door and fails any other read of one loudly.
+
 `count_host_syncs` is the CPU-side audit that proves the budget without a GPU: while
 active it records every call of the Python-visible sync entry points (`Tensor.item`,
-`tolist`, `int()` / `float()` / `bool()` / `__index__` on a tensor, `.cpu()`,
+`tolist`, `int()` / `float()` / `bool()` / `__index__` on a tensor, `.cpu()`, `to_host`,
 `.numpy()`, `torch.unique`, `bincount`, `nonzero`, `argwhere`, `masked_select`,
 one-argument `torch.where`, boolean-mask indexing and assignment,
 `repeat_interleave` with tensor repeats and no `output_size`, `split` with tensor
@@ -32,10 +42,34 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SyncRecord", "count_host_syncs", "host_ints"]
+__all__ = ["SyncRecord", "count_host_syncs", "host_flag", "host_ints", "in_door", "to_host"]
 
 
-_IN_HOST_INTS = [0]  # > 0 while `host_ints` reads: its records are the intended ones
+_IN_DOOR = [0]  # > 0 while a read of this module runs: its records are the intended ones
+_COUNTERS: list[list[SyncRecord]] = []  # the record lists of the active `count_host_syncs` blocks
+
+
+@contextmanager
+def _door() -> Iterator[None]:
+    _IN_DOOR[0] += 1
+    try:
+        yield
+    finally:
+        _IN_DOOR[0] -= 1
+
+
+def in_door() -> bool:
+    """True while an intended read of this module is running (for checkers)."""
+    return _IN_DOOR[0] > 0
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """The intended device-to-host copy: `t`, detached, as a new CPU tensor (one sync on
+    an accelerator; a copy of `t` on the CPU)."""
+    for records in _COUNTERS:  # `Tensor.to` is not patched by the audit: record it here
+        records.append(SyncRecord("to_host", _caller(), True))
+    with _door():
+        return t.detach().to("cpu", copy=True)
 
 
 def host_ints(t: torch.Tensor) -> list[int]:
@@ -44,11 +78,14 @@ def host_ints(t: torch.Tensor) -> list[int]:
     One copy (one sync on an accelerator) whatever the number of values, so callers
     gather everything they need into one tensor first.
     """
-    _IN_HOST_INTS[0] += 1
-    try:
+    with _door():
         return t.reshape(-1).tolist()
-    finally:
-        _IN_HOST_INTS[0] -= 1
+
+
+def host_flag(t: torch.Tensor) -> bool:
+    """The intended read of a one-element boolean (or numeric) tensor as a Python bool."""
+    with _door():
+        return bool(t.reshape(()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +95,8 @@ class SyncRecord:
     Attributes:
         name: the entry point (`tolist`, `unique`, ...).
         where: `file:line (function)` of the first caller outside torch.
-        intended: True for the read made through `host_ints`.
+        intended: True for a read made through this module's door (`host_ints`,
+            `host_flag`, `to_host`).
     """
 
     name: str
@@ -155,7 +193,7 @@ def count_host_syncs() -> Iterator[list[SyncRecord]]:
 
         def patched(*args: object, **kwargs: object) -> object:
             if depth[0] == 0 and is_sync(*args, **kwargs):
-                records.append(SyncRecord(name, _caller(), _IN_HOST_INTS[0] > 0))
+                records.append(SyncRecord(name, _caller(), in_door()))
             depth[0] += 1
             try:
                 return original(*args, **kwargs)
@@ -170,7 +208,10 @@ def count_host_syncs() -> Iterator[list[SyncRecord]]:
             wrap(torch.Tensor, name, rule)
         for name, rule in _TORCH_FUNCTIONS.items():
             wrap(torch, name, rule)
+        _COUNTERS.append(records)
         yield records
     finally:
+        if _COUNTERS and _COUNTERS[-1] is records:
+            _COUNTERS.pop()
         for owner, name, original in reversed(saved):
             setattr(owner, name, original)

@@ -14,12 +14,23 @@ Selection modes (DESIGN section 3):
   baseline: the union can reach `min(E, T * (K_s + K_a))`).
 - `dense`: every task mixes all E experts (MMoE-like); the plan holds all B*E pairs.
 
+Precision: the router's logits, softmax, selection, mixing weights and the z-loss are
+float32 whatever the autocast (the gate runs with autocast off, DESIGN section 5): in
+bf16 (8 bits of mantissa) near-tied logits round to equal values, more often the
+larger E is, and top-k then breaks the ties towards low expert indices.
+
 Mixing weights: a softmax over each task's selected logits, `softmax_{e in K_t} z_{t,e}`.
 It equals the probabilities renormalised over the set, `p_{t,e} / sum_{K_t} p`, but stays
 finite when the selected probabilities underflow (0/0), e.g. for experts that only a
-large selection bias put in the set. An optional selection bias `bias_E`
-(auxiliary-loss-free balancing, DeepSeek-V3) is added to the scores used for
-*selection only*; it never enters the mixing weights.
+large selection bias put in the set.
+
+Selection bias (auxiliary-loss-free balancing, after DeepSeek-V3): an optional
+per-expert `bias_E` shifts the scores used for *selection only*; it never enters the
+mixing weights. It acts in log space: the selection scores are `log p_{t,e} + b_e`
+(Stage I: `b_e + log sum_t w_t p_{t,e}`), the order of `p * exp(b)`. So a bias step changes an
+expert's score by the same factor at any E and for any Stage I weights; a bias added
+to the probabilities themselves (mean 1/E) would weigh 4x more at E = 64 than at
+E = 16 for the same step.
 
 Deduplication with static shapes and one host read. Every selection (b, t, k) is keyed
 `expert * B + instance` and the M = B*T*K keys are sorted: the first key of each run is
@@ -52,10 +63,12 @@ Legend: B instances, D input width, E experts, T tasks, K experts per task
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.moe.host import host_ints
@@ -147,13 +160,27 @@ def max_union(routing: str, *, num_experts: int, num_tasks: int, num_shared: int
 
 
 def select_progressive(
-    scores_BTE: torch.Tensor, task_weights_T: torch.Tensor, *, num_shared: int, num_adaptive: int
+    scores_BTE: torch.Tensor,
+    task_weights_T: torch.Tensor,
+    *,
+    num_shared: int,
+    num_adaptive: int,
+    log_space: bool = False,
 ) -> torch.Tensor:
-    """SMES two-stage selection. Returns `experts_BTK` with K = K_s + K_a, S first."""
+    """SMES two-stage selection. Returns `experts_BTK` with K = K_s + K_a, S first.
+
+    `scores_BTE` are probabilities, or with `log_space` log-probabilities (plus a
+    selection bias): Stage I then ranks `log sum_t w_t exp(score)`, the same order as
+    `sum_t w_t p` without its underflow.
+    """
     T = scores_BTE.shape[1]
     parts = []
     if num_shared > 0:
-        joint_BE = torch.einsum("t,bte->be", task_weights_T, scores_BTE)
+        if log_space:
+            log_w_T = task_weights_T.log().view(1, T, 1)
+            joint_BE = torch.logsumexp(scores_BTE + log_w_T, dim=1)
+        else:
+            joint_BE = torch.einsum("t,bte->be", task_weights_T, scores_BTE)
         shared_BS = joint_BE.topk(num_shared, dim=-1).indices
         shared_BTS = shared_BS.unsqueeze(1).expand(-1, T, -1)
         parts.append(shared_BTS)
@@ -313,6 +340,12 @@ def apply_capacity(
     return row_M, kept_E, num_kept, num_pairs - num_kept
 
 
+def float32_routing(device: torch.device) -> Any:
+    """Autocast off on `device` (when it is on): the router's math stays float32."""
+    on = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+    return torch.autocast(device.type, enabled=False) if on else nullcontext()
+
+
 class Router(nn.Module):
     """Per-task linear routers (`z_t = x W_t`, no bias) and the selection step.
 
@@ -350,17 +383,33 @@ class Router(nn.Module):
         self.register_buffer("task_weights_T", torch.tensor(task_weights, dtype=torch.float32))
 
     def gating(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Router logits `[B, T, E]`."""
-        return self.gate(x_BD).view(x_BD.shape[0], self.num_tasks, self.num_experts)
+        """Router logits `[B, T, E]`, in float32 whatever the autocast (see the module doc)."""
+        with float32_routing(x_BD.device):
+            logits = F.linear(x_BD.float(), self.gate.weight.float())
+        return logits.view(x_BD.shape[0], self.num_tasks, self.num_experts)
 
     @torch.no_grad()
-    def select(self, probs_BTE: torch.Tensor, bias_E: torch.Tensor | None = None) -> torch.Tensor:
-        """Selected experts `[B, T, K]` (no grad); `bias_E` shifts selection scores only."""
-        scores_BTE = probs_BTE if bias_E is None else probs_BTE + bias_E
+    def select(
+        self, probs_BTE: torch.Tensor, bias_E: torch.Tensor | None = None, *, logits_BTE: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Selected experts `[B, T, K]` (no grad).
+
+        `bias_E` shifts the selection scores only, in log space: the experts are ranked by
+        `log p + bias` (`log_softmax(logits_BTE)` when the logits are given, which stays
+        finite where `p` underflows), the same order as `p * exp(bias)` (module doc).
+        """
         k = self.num_shared + self.num_adaptive
+        log_space = bias_E is not None
+        if bias_E is None:
+            scores_BTE = probs_BTE
+        else:
+            log_p_BTE = probs_BTE.log() if logits_BTE is None else torch.log_softmax(logits_BTE, dim=-1)
+            scores_BTE = log_p_BTE + bias_E.to(log_p_BTE.dtype)
         if self.routing == "progressive":
             w_T = self.task_weights_T.to(scores_BTE.dtype)
-            return select_progressive(scores_BTE, w_T, num_shared=self.num_shared, num_adaptive=self.num_adaptive)
+            return select_progressive(
+                scores_BTE, w_T, num_shared=self.num_shared, num_adaptive=self.num_adaptive, log_space=log_space
+            )
         if self.routing == "independent":
             return select_independent(scores_BTE, k=k)
         raise ValueError(f"model.routing={self.routing!r} has no sparse selection")
@@ -389,13 +438,18 @@ class Router(nn.Module):
                 for dense plans, whose N = B*E is known.
 
         The capacity factor applies in training mode only; evaluation is dropless.
+        Everything here runs in float32 with autocast off (module doc).
         """
+        with float32_routing(x_BD.device):
+            return self._plan(x_BD, bias_E, read_sizes)
+
+    def _plan(self, x_BD: torch.Tensor, bias_E: torch.Tensor | None, read_sizes: SizeReader | None) -> RoutingPlan:
         logits_BTE = self.gating(x_BD)
         probs_BTE = torch.softmax(logits_BTE, dim=-1)
         B, T, E = probs_BTE.shape
         if self.routing == "dense":
             return self._dense_plan(logits_BTE, probs_BTE)
-        experts_BTK = self.select(probs_BTE, bias_E)
+        experts_BTK = self.select(probs_BTE, bias_E, logits_BTE=logits_BTE)
         sel = sort_selections(experts_BTK, E)
         slot_BTK = instance_slots(experts_BTK)
         capacity_factor = self.capacity_factor if self.training else None

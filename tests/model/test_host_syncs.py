@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.moe.host import count_host_syncs, host_ints
+from model.moe.host import count_host_syncs, host_flag, host_ints, to_host
 from model.smes import SMESConfig, SMESLayer
 
 
@@ -96,6 +96,8 @@ def test_the_counter_sees_every_entry_point() -> None:
         lambda: torch.repeat_interleave(t, t, dim=0),
         lambda: t.split([t[1], t[2]]),
         lambda: host_ints(t),
+        lambda: host_flag(t[0]),
+        lambda: to_host(t),
     ]
     free = [
         lambda: t.repeat_interleave(t, output_size=6),
@@ -107,11 +109,14 @@ def test_the_counter_sees_every_entry_point() -> None:
         lambda: t.index_select(0, torch.tensor([1])),
         lambda: t.sort(),
         lambda: t.cumsum(0),
+        lambda: t.to(torch.float64),
     ]
+    doors = {len(calls) - 3, len(calls) - 2, len(calls) - 1}  # host_ints, host_flag, to_host
     for i, fn in enumerate(calls):
         with count_host_syncs() as syncs:
             fn()
         assert len(syncs) == 1, (i, syncs)
+        assert syncs[0].intended == (i in doors), (i, syncs)
     with count_host_syncs() as syncs:
         for fn in free:
             fn()

@@ -243,7 +243,7 @@ def test_mixing_weights_survive_underflowing_probabilities() -> None:
                     task_weights=[1.0])  # fmt: skip
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[0.0], [-150.0], [-151.0], [-152.0]]))
-    plan = router(torch.ones(1, 1), torch.tensor([0.0, 10.0, 9.0, 0.0]))
+    plan = router(torch.ones(1, 1), torch.tensor([0.0, 200.0, 199.0, 0.0]))  # log-space bias past the gap
     assert sorted(plan.experts_BTK.flatten().tolist()) == [1, 2]
     assert bool(torch.isfinite(plan.weights_BTK).all())
     torch.testing.assert_close(plan.weights_BTK.sort(-1).values.double(), exact_BTK.sort(-1).values, rtol=1e-6, atol=0)

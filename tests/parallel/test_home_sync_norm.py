@@ -78,7 +78,7 @@ def worker(rank: int, world: int, init: dict) -> dict:
     load_full_state(pm.dmp, init)
     norms = [m for m in pm.dmp.modules() if isinstance(m, ReducibleBatchNorm1d)]
     opt = torch.optim.SGD([p for _, p in dense_parameters(pm.dmp)], lr=LR)
-    res: dict = {"losses": [], "num_norms": len(norms), "hooked": all(m.stats_reducer for m in norms)}
+    res: dict = {"losses": [], "num_norms": len(norms), "hooked": all(m.stats_gather and m.grad_reducer for m in norms)}
     for i, batch in zip(range(STEPS), loader(rank, world), strict=False):
         out = pm.dmp(batch)
         loss = loss_of(out, batch)

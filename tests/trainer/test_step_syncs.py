@@ -1,8 +1,8 @@
 """Host syncs in one whole training step of the real `Trainer` (SMES, both pipelines):
-exactly two in the project's code, the SMES layer's read of its pair count and the
-trainer's non-finite-loss skip decision; nothing else in forward, loss, backward, the
-optimizer step, the weight average (`trainer.ema`), bias balancing or the device-side
-loss and expert-load accumulators.
+exactly two in the project's code, both through `model.moe.host`'s door: the SMES
+layer's read of its pair count and the trainer's non-finite-loss skip decision;
+nothing else in forward, loss, backward, the optimizer step, the weight average
+(`trainer.ema`), bias balancing or the device-side loss and expert-load accumulators.
 
 Counted with `model.moe.host.count_host_syncs` (patches the sync entry points, which
 are free on CPU and a device-to-host sync on CUDA); calls from TorchRec's and torch's
@@ -57,4 +57,4 @@ def test_two_host_syncs_per_smes_step(tmp_path: Path, pipeline: str) -> None:
     router = next(s for s in syncs if "router.py" in s[1])
     skip = next(s for s in syncs if "trainer.py" in s[1])
     assert router[2] and router[0] == "tolist"  # the pair count N, through host_ints
-    assert skip[0] == "__bool__" and "forward_step" in skip[1]  # the non-finite skip decision
+    assert skip[2] and skip[0] == "__bool__" and "forward_step" in skip[1]  # the skip decision, through host_flag
