@@ -204,3 +204,46 @@ def test_smes_layer_is_on_the_kernel_for_any_width(hidden: list[int], kernel_cal
         warnings.simplefilter("error", GroupedFallbackWarning)
         out = core(torch.randn(32, 519))
     assert len(kernel_calls) == len(hidden) and out.task_reprs["a"].shape == (32, hidden[-1])
+
+
+class _CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts dtype casts of tensors shaped like the given parameters."""
+
+    def __init__(self, shapes: list[torch.Size]) -> None:
+        super().__init__()
+        self.shapes, self.casts = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].shape in self.shapes and "dtype" in kwargs:
+            self.casts += 1
+        return func(*args, **kwargs)
+
+
+def test_evaluation_reuses_the_kernel_weights_until_they_change() -> None:
+    """bf16 kernel, fp32 weights: without autograd the cast weights of one parameter version
+    serve every call (the cost no longer follows the number of evaluation batches); an
+    update of the weights is seen at the next call; with autograd every call casts."""
+    torch.manual_seed(3)
+    experts = GroupedExperts(6, 24, [16, 8])
+    counts_E = torch.tensor([3, 0, 4, 1, 0, 2])
+    x_ND = torch.randn(10, 24)
+    shapes = [w.shape for w in experts.weights]
+    counter = _CastCounter(shapes)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), counter:
+        first = experts(x_ND, counts_E)
+        for _ in range(3):
+            torch.testing.assert_close(experts(x_ND, counts_E), first, rtol=0, atol=0)
+    assert counter.casts == len(shapes)  # once per layer for four calls
+    with torch.no_grad():
+        experts.weights[1].mul_(2)  # an optimizer step changes the version
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = experts(x_ND, counts_E)
+    fresh = GroupedExperts.from_stacked(list(experts.weights), list(experts.biases))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(after, fresh(x_ND, counts_E), rtol=0, atol=0)
+    counter = _CastCounter(shapes)
+    with torch.autocast("cpu", dtype=torch.bfloat16), counter:
+        for _ in range(2):
+            experts(x_ND.requires_grad_(), counts_E).float().sum().backward()
+    assert counter.casts == 2 * 2 * len(shapes)  # training: per call the cast and its gradient cast back

@@ -22,6 +22,7 @@ from model.moe.router import (
     select_progressive,
     selection_counts,
 )
+from model.smes import SMESConfig
 
 
 @st.composite
@@ -258,3 +259,32 @@ def test_mixing_weights_equal_renormalised_probabilities(case) -> None:
     p_BTK = torch.softmax(logits_BTE, -1).gather(-1, experts_BTK)
     w_BTK = renormalised_weights(experts_BTK, logits_BTE=logits_BTE)
     torch.testing.assert_close(w_BTK, p_BTK / p_BTK.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
+
+
+def _biased_share(num_experts: int, steps: int, rate: float, *, additive: bool = False) -> float:
+    """Fraction of instances that select expert 0 after `steps` one-sided bias updates."""
+    torch.manual_seed(0)
+    router = Router(4, num_experts=num_experts, num_tasks=2, num_shared=2, num_adaptive=1, routing="progressive",
+                    task_weights=[0.5, 0.5])  # fmt: skip
+    logits_BTE = torch.randn(4096, 2, num_experts)
+    bias_E = torch.zeros(num_experts)
+    bias_E[0] = steps * rate
+    probs_BTE = torch.softmax(logits_BTE, -1)
+    if additive:  # the old rule: the bias added to the probabilities
+        w_T = router.task_weights_T
+        experts = select_progressive(probs_BTE + bias_E, w_T, num_shared=2, num_adaptive=1)
+    else:
+        experts = router.select(probs_BTE, bias_E, logits_BTE=logits_BTE)
+    return float((experts == 0).any(-1).any(-1).float().mean())
+
+
+def test_selection_bias_is_scale_free_in_the_number_of_experts() -> None:
+    """30 one-sided steps of the default rate: expert 0's share grows by a similar factor at
+    E = 16 and E = 256 (log-space bias). A bias added to the probabilities (mean 1/E) in
+    steps of 1e-3 made expert 0 the choice of nearly every instance at E = 256."""
+    rate = SMESConfig().bias_update_rate
+    growth = {E: _biased_share(E, 30, rate) / _biased_share(E, 0, rate) for E in (16, 256)}
+    assert growth[16] > 1.1 and growth[256] < 2 * growth[16], growth
+    assert _biased_share(256, 30, rate) < 0.1
+    assert _biased_share(256, 30, 1e-3, additive=True) > 0.9  # the old rule overrode the router
+    assert _biased_share(16, 30, 1e-3, additive=True) == pytest.approx(_biased_share(16, 30, rate), abs=0.03)
