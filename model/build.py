@@ -123,7 +123,11 @@ class MultiTaskModel(nn.Module):
         e.g. `data.batch.Batch`). Taking the batch whole, rather than its tensors, is
         what TorchRec's sparse-dist pipeline needs: it traces this forward to find the
         embedding input `batch.sparse` and runs its distribution one batch ahead."""
-        out = self.core(self.embed(batch.dense, batch.sparse))
+        return self.forward_core(self.embed(batch.dense, batch.sparse))
+
+    def forward_core(self, x_BD: torch.Tensor) -> ModelOutput:
+        """Core and towers on the core input `x_BD` (what follows the embeddings)."""
+        out = self.core(x_BD)
         logits = {t: self.towers[t](out.task_reprs[t]) for t in self.tasks}
         return ModelOutput(logits=logits, aux_losses=out.aux_losses, load=out.load)
 

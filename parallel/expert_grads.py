@@ -80,7 +80,7 @@ class ExpertGradSync:
             bucket = self.buckets[b]
             if bucket.started:
                 raise RuntimeError("a second backward through the experts before ExpertGradSync.finish()")
-            if p.grad is not view:  # accumulated into a fresh tensor: into the bucket it goes
+            if p.grad is not None and p.grad is not view:  # accumulated into a fresh tensor: into the bucket
                 view.copy_(p.grad)
                 p.grad = view
             bucket.pending -= 1

@@ -161,8 +161,11 @@ def _by_name(registry: dict[str, tuple[type, Any]], node: Any, key: str, drop: t
     return _structured(registry[name][0], section, key)
 
 
-def build_run_config(cfg: DictConfig) -> RunConfig:
-    """Validate the composed Hydra config into a `RunConfig` (raises ValueError)."""
+def build_run_config(cfg: DictConfig, *, world_size: int | None = None) -> RunConfig:
+    """Validate the composed Hydra config into a `RunConfig` (raises ValueError).
+
+    `world_size`: the job's ranks (default: torchrun's `WORLD_SIZE`, else 1).
+    """
     for key in ("data", "model", "parallel", "trainer", "logger"):
         if key not in cfg or cfg[key] is None:
             raise ValueError(f"config lacks the `{key}` section")
@@ -182,11 +185,11 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
         logger=_structured(LoggerConfig, cfg.logger, "logger"),
         experiment=cfg.get("experiment_name"),
     )
-    validate(run)
+    validate(run, world_size=world_size)
     return run
 
 
-def validate(run: RunConfig) -> None:
+def validate(run: RunConfig, *, world_size: int | None = None) -> None:
     """Checks that need no data or process group."""
     t = run.trainer
     if t.steps < 1:
@@ -235,8 +238,8 @@ def validate(run: RunConfig) -> None:
             f"parallel.sparse_optimizer.name={run.parallel.sparse_optimizer.name!r}; "
             f"choose one of {sorted(SPARSE_OPTIMIZERS)}"
         )
-    # the world size is known from torchrun's environment
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # the world size is known from torchrun's environment (or given: trainer.estimate)
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if t.batch_size % world:
         raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by the world size {world}")
     check_ep(run.parallel.ep, world, getattr(run.model.core, "num_experts", None))

@@ -409,7 +409,6 @@ class GroupedExperts(nn.Module):
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in hidden)
         self.out_dim = dims[-1]
         self._kernel_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
-        self.num_weight_casts = 0  # kernel-weight copies made (all layers), for benchmarks and tests
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -467,17 +466,17 @@ class GroupedExperts(nn.Module):
         H_pad = _padded_width(w_EDH.shape[-1], choice.dtype)
         if w_EDH.dtype == choice.dtype and H_pad == w_EDH.shape[-1]:
             return w_EDH, b_EH  # the parameters as they are: no copy
+        if torch.is_grad_enabled():  # training: made per call (class doc)
+            self._kernel_cache.pop(i, None)
+            w_cast, b_cast = _kernel_param(w_EDH, choice.dtype, H_pad), _kernel_param(b_EH, choice.dtype, H_pad)
+            return _Cast.apply(w_EDH, w_cast), _Cast.apply(b_EH, b_cast)
         key = (choice.dtype, w_EDH._version, b_EH._version, w_EDH.data_ptr(), b_EH.data_ptr())
         cached = self._kernel_cache.get(i)
-        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+        if cached is not None and cached[0] == key:
             w_cast, b_cast = cached[1], cached[2]
         else:
             w_cast, b_cast = _kernel_param(w_EDH, choice.dtype, H_pad), _kernel_param(b_EH, choice.dtype, H_pad)
-            self.num_weight_casts += 1
-            if torch.is_grad_enabled():
-                self._kernel_cache.pop(i, None)
-            else:
-                self._kernel_cache[i] = (key, w_cast, b_cast)
+            self._kernel_cache[i] = (key, w_cast, b_cast)
         return _Cast.apply(w_EDH, w_cast), _Cast.apply(b_EH, b_cast)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
