@@ -1,11 +1,13 @@
-"""The SMES core on one GPU: step time, expert-GEMM TFLOP/s and MFU, grouped GEMM vs one
-dense matmul, dense / independent routing, host syncs and peak memory, as JSON.
+"""The SMES core and the whole dense training step on one GPU: step time, expert-GEMM
+TFLOP/s and MFU, grouped GEMM vs one dense matmul, dense / independent routing, host
+syncs, peak memory, and the per-step costs (weight casts, dispatch bytes), as JSON.
 
     python -m benchmarks.gpu --out outputs/bench/gpu.json              # one GPU, < 4 min on an H200
     python -m benchmarks.gpu --device cpu --quick --out /tmp/gpu.json  # CI smoke test (seconds)
 
 Runs with only torch and the standard library (no torchrec, fbgemm, hydra, wandb,
-numpy): it imports just `model.smes` and `model.moe.*`, which are torch-only.
+numpy): it imports just `model.smes`, `model.moe.*`, `model.mlp` and the trainer's
+`trainer.loss` and `trainer.ema`, which are torch-only.
 
 Setup (defaults, production-like): one `SMESLayer` alone (no embeddings), D = 512,
 experts [512, 256] (Linear + ReLU each), T = 8, K_s = 2, K_a = 1, batch 16,384,
@@ -24,6 +26,19 @@ FLOPs: the expert GEMMs only, counted from the plan's pair count N:
 `2 * N * sum_i D_i * H_i` forward, 3x that forward + backward. MFU = those FLOPs per
 second / a peak: `--peak-tflops` (default 989, H200 bf16 dense by spec) and the rate
 of one `--matmul-size`^3 matmul in the run's dtype measured in the same run.
+
+Whole dense step (section `step`, every mode and E): what the trainer runs per step
+after the embeddings, on one GPU: the SMES layer, one `TaskTower` per task (hidden
+`--tower`), the trainer's loss (`trainer.loss.total_loss`: per-task BCE plus the aux
+terms), backward, gradient clipping by the global norm, the trainer's default dense
+optimizer (`torch.optim.Adam`, lr 1e-3) and the weight average (`trainer.ema`,
+decay 0.995): `full_step_ms` (median), `full_step_ms_min`, and per step
+`weight_cast_bytes` (bytes of the experts' weights cast to the kernel dtype, forward
+and the gradients cast back, counted in one step by a dispatch mode) and
+`dispatch_row_bytes` (the pair rows as the dispatcher gathers them: in the compute
+dtype, D padded to 16 bytes; what crosses the wire under expert parallelism, times
+(ep - 1) / ep, and again for the gradients; null for dense routing, which gathers
+nothing).
 
 JSON keys:
 
@@ -46,7 +61,8 @@ JSON keys:
   (`loop_ms`, `grouped_speedup_over_loop` = loop / grouped time); and for an unaligned
   D the kernel on D rounded up to its alignment, which needs no padding (`aligned_ms`,
   `padding_cost` = grouped / aligned time; both null for an aligned D);
-- `summary`: `progressive_step_Emax_over_Emin`, `dense_over_progressive_step` and
+- `summary`: `progressive_step_Emax_over_Emin` (and
+  `progressive_full_step_Emax_over_Emin`), `dense_over_progressive_step` and
   `independent_over_progressive_step` per E, `max_syncs_per_step`,
   `max_python_sync_points_per_step`, `mfu_vs_spec_at_Emax`.
 
@@ -64,15 +80,21 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from model.mlp import TaskTower
 from model.moe.experts import GroupedExperts
 from model.moe.host import count_host_syncs
 from model.moe.router import max_union
 from model.smes import SMESConfig, SMESLayer
+from trainer.ema import WeightAverage
+from trainer.loss import total_loss
 
 MODES = ("progressive", "independent", "dense")
 QUICK = dict(batch=512, in_dim=37, hidden="32,16", tasks=3, experts="4,8", iters=3, warmup=1, matmul_size=128)
@@ -228,7 +250,66 @@ def measure_mode(args, clock: Clock, device: torch.device, num_experts: int, mod
     row["mfu_vs_matmul"] = row["expert_tflops"] / peaks["matmul"]
     if mode == "progressive" and "gemm" in args.section_list:
         row.update(measure_gemm(args, clock, device, layer, x_BD))
+    if "step" in args.section_list:
+        row.update(measure_full_step(args, clock, device, layer, x_BD))
+        row["full_step_over_core_step"] = row["full_step_ms"] / row["step_ms"]
     return row
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Bytes written by dtype casts of tensors shaped like the experts' weights."""
+
+    def __init__(self, shapes: list[torch.Size]) -> None:
+        super().__init__()
+        self.shapes, self.bytes = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].shape in self.shapes and "dtype" in (kwargs or {}):
+            self.bytes += out.numel() * out.element_size()
+        return out
+
+
+def measure_full_step(args, clock: Clock, device: torch.device, layer: SMESLayer, x_BD: torch.Tensor) -> dict:
+    """The whole dense training step (module doc), and its per-step costs."""
+    torch.manual_seed(args.seed)
+    tasks = tuple(f"task{t}" for t in range(args.tasks))
+    towers = nn.ModuleDict({t: TaskTower(layer.out_dim, args.tower_list) for t in tasks}).to(device)
+    params = [*layer.parameters(), *towers.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    average = WeightAverage({str(i): p for i, p in enumerate(params)}, decay=0.995)
+    batch = SimpleNamespace(
+        dense=x_BD,
+        labels={t: torch.randint(0, 2, (args.batch,), device=device).float() for t in tasks},
+        weights=torch.ones(args.batch, device=device),
+    )
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        x_BD.grad = None
+        with autocast(args, device):
+            out_BTH, aux, _ = layer(x_BD)
+            logits = {t: towers[t](out_BTH[:, i]) for i, t in enumerate(tasks)}
+        out = SimpleNamespace(logits=logits, aux_losses=aux)
+        loss, _ = total_loss(out, batch, {t: 1.0 for t in tasks})  # type: ignore[arg-type]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        average.update()
+
+    timing = timed(args, clock, step)
+    counter = _WeightCasts([w.shape for w in layer.experts.weights])
+    with counter:
+        step()
+    with torch.no_grad(), autocast(args, device):
+        plan = layer.router(x_BD)
+        rows = layer.experts.input_rows(x_BD, plan.pair_instance_N)
+    return {
+        "full_step_ms": timing["step_ms"],
+        "full_step_ms_min": timing["step_ms_min"],
+        "weight_cast_bytes": counter.bytes,
+        "dispatch_row_bytes": None if plan.dense else rows.numel() * rows.element_size(),
+    }
 
 
 def measure_gemm(args, clock: Clock, device: torch.device, layer: SMESLayer, x_BD: torch.Tensor) -> dict:
@@ -317,6 +398,8 @@ def summarize(rows: list[dict]) -> dict:
         lo, hi = min(prog), max(prog)
         out["progressive_step_Emax_over_Emin"] = prog[hi]["step_ms"] / prog[lo]["step_ms"]
         out["mfu_vs_spec_at_Emax"] = prog[hi]["mfu_vs_spec"]
+        if "full_step_ms" in prog[hi]:
+            out["progressive_full_step_Emax_over_Emin"] = prog[hi]["full_step_ms"] / prog[lo]["full_step_ms"]
     for mode in ("dense", "independent"):
         out[f"{mode}_over_progressive_step"] = {
             str(r["E"]): r["step_ms"] / prog[r["E"]]["step_ms"] for r in rows if r["mode"] == mode and r["E"] in prog
@@ -345,7 +428,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
     p.add_argument("--experts", default="8,16,32,64,128,256")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--sections", default="gemm", help="extra measurements: gemm (the expert MLP alone) or none")
+    p.add_argument(
+        "--sections", default="gemm,step", help="extra measurements: gemm (the expert MLP alone), step (the whole "
+        "dense step: towers, loss, backward, clipping, optimizer, weight average), or none"
+    )  # fmt: skip
+    p.add_argument("--tower", default="64", help="task tower hidden widths (section step)")
     p.add_argument("--batch", type=int, default=16384)
     p.add_argument("--in-dim", type=int, default=512)
     p.add_argument("--hidden", default="512,256")
@@ -369,6 +456,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if p.get_default(key) == getattr(args, key):
                 setattr(args, key, value)
     args.hidden_list = [int(h) for h in str(args.hidden).split(",")]
+    args.tower_list = [int(h) for h in str(args.tower).split(",")]
     args.section_list = [s for s in args.sections.split(",") if s and s != "none"]
     return args
 
@@ -397,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
                 notes.append(f"{mode} at E={num_experts} failed: {type(err).__name__}: {str(err)[:300]}")
                 continue
             print(json.dumps(rows[-1]), flush=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("hidden_list", "section_list")}
+    config = {k: v for k, v in vars(args).items() if k not in ("hidden_list", "section_list", "tower_list")}
     result = {
         "config": config,
         "environment": environment(device),

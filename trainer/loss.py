@@ -10,11 +10,14 @@ Legend: B local batch, T tasks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from data.batch import Batch
-from model.build import ModelOutput
+if TYPE_CHECKING:  # torch only at run time: benchmarks/gpu.py imports this on a torch-only machine
+    from data.batch import Batch
+    from model.build import ModelOutput
 
 
 def task_losses(out: ModelOutput, batch: Batch, tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
