@@ -1,7 +1,11 @@
 # CUDA image: same launch scripts as on CPU, with the CUDA builds of torch and fbgemm-gpu.
 #   docker build -t smes-rec .
 #   docker run --gpus all --ipc=host smes-rec bash launch/torchrun.sh trainer.device=cuda
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The stack is PyPI's: torch 2.13.0 and fbgemm-gpu 1.8.0 are both CUDA 13 builds there (torch
+# brings the CUDA 13.0 libraries as wheels), so the base image is CUDA 13.0 and the host needs
+# an NVIDIA driver for CUDA 13 (580 or newer). `python launch/check_cuda_stack.py` resolves these
+# pins for this image's Python and checks that the three agree.
+FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -20,9 +24,9 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY requirements/ requirements/
-# torch from the CUDA 12.8 index; torchrec last and without deps (its metadata would
-# otherwise pull a different fbgemm-gpu). DS_BUILD_OPS=0: DeepSpeed ops JIT-build on use.
-RUN DS_BUILD_OPS=0 pip install --extra-index-url https://download.pytorch.org/whl/cu128 -r requirements/cuda.txt \
+# torchrec last and without deps (its metadata would otherwise pull another fbgemm-gpu);
+# the constraints pin every transitive package as on CPU. DS_BUILD_OPS=0: DeepSpeed ops JIT-build on use.
+RUN DS_BUILD_OPS=0 pip install -r requirements/cuda.txt -c requirements/constraints.txt \
     && pip install --no-deps -r requirements/torchrec.txt \
     && python -c "import torch, torchrec, hydra, wandb, deepspeed; print(torch.__version__)"
 
