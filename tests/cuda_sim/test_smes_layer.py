@@ -131,13 +131,13 @@ def test_sm100_experts_without_rows_get_zero_weight_gradients() -> None:
         assert (g[1] == 0).all() and (g[3] == 0).all() and (g[0] != 0).any()
 
 
-@pytest.mark.parametrize("routing", ["progressive", "independent", "dense"])
+ROUTINGS = [("progressive", None), ("progressive", 1.0), ("independent", None), ("independent", 1.0), ("dense", None)]
+
+
+@pytest.mark.parametrize(("routing", "capacity_factor"), ROUTINGS, ids=lambda v: str(v))  # capacity: sparse only
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_layer_on_the_simulated_gpu_equals_the_cpu(routing, autocast, capacity_factor, training) -> None:
-    if routing == "dense" and capacity_factor is not None:
-        pytest.skip("capacity applies to sparse routing only")
+def test_layer_on_the_simulated_gpu_equals_the_cpu(routing, capacity_factor, autocast, training) -> None:
     layer = make_layer(routing=routing, bias_balance=True)
     layer.capacity_factor = capacity_factor
     layer.train(training)
