@@ -56,6 +56,18 @@ class _Bucket:
         self.started = False
 
 
+def _into_bucket(p: torch.Tensor, view: torch.Tensor) -> None:
+    """Make `p.grad` its bucket slice `view`: a gradient accumulated into a fresh tensor
+    is copied in, a missing one (no backward reached the parameter) is zeros."""
+    if p.grad is view:
+        return
+    if p.grad is None:
+        view.zero_()
+    else:
+        view.copy_(p.grad)
+    p.grad = view
+
+
 class ExpertGradSync:
     """See the module doc.
 
@@ -80,9 +92,7 @@ class ExpertGradSync:
             bucket = self.buckets[b]
             if bucket.started:
                 raise RuntimeError("a second backward through the experts before ExpertGradSync.finish()")
-            if p.grad is not None and p.grad is not view:  # accumulated into a fresh tensor: into the bucket
-                view.copy_(p.grad)
-                p.grad = view
+            _into_bucket(p, view)
             bucket.pending -= 1
             if bucket.pending == 0:
                 self._start_ready()
@@ -121,12 +131,7 @@ class ExpertGradSync:
             bucket = self.buckets[b]
             if not bucket.started:
                 for p, view in zip(bucket.params, bucket.views, strict=True):
-                    if p.grad is None:  # no backward reached it (no rows): zeros
-                        view.zero_()
-                        p.grad = view
-                    elif p.grad is not view:
-                        view.copy_(p.grad)
-                        p.grad = view
+                    _into_bucket(p, view)
                 self._start(bucket)
         for bucket in self.buckets:
             if bucket.work is not None:
@@ -134,11 +139,6 @@ class ExpertGradSync:
             bucket.flat.div_(W)
             bucket.pending, bucket.work, bucket.started = len(bucket.params), None, False
         self._next = len(self.buckets) - 1
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
 
 
 def build_expert_grad_sync(model: nn.Module, mesh: ExpertMesh) -> ExpertGradSync | None:

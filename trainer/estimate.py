@@ -48,7 +48,6 @@ Legend: B per-rank batch, D core input width, E experts, H expert width, W world
 from __future__ import annotations
 
 import json
-import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -63,14 +62,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.build import build_dataset
-from model.build import MultiTaskModel
+from model.build import MultiTaskModel, table_name
 from model.moe.router import PlanSizes
 from model.smes import SMES
-from parallel.embedding_sharding import RecEBCSharder, build_constraints, quiet_torchrec
+from parallel.embedding_sharding import RecEBCSharder, build_constraints, describe_plan, quiet_torchrec
+from parallel.parallelize import table_specs
 from trainer.config import RunConfig, build_run_config, validate_against_data
 from trainer.loss import total_loss
 
-log = logging.getLogger("trainer.estimate")
 GIB = 2**30
 PARTS = (
     "embeddings", "dense_params", "expert_params", "grads", "optimizer", "weight_average", "activations",
@@ -129,7 +128,7 @@ def embedding_bytes(model: MultiTaskModel, run: RunConfig, cfg: EstimateConfig) 
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
     W = cfg.world_size
-    features = {f: f"t_{f}" for f in model.spec.sparse_names}
+    features = {f: table_name(f) for f in model.spec.sparse_names}
     constraints = build_constraints(
         run.parallel.embedding, feature_to_table=features, embedding_dim=model.embedding_dim
     )
@@ -140,12 +139,11 @@ def embedding_bytes(model: MultiTaskModel, run: RunConfig, cfg: EstimateConfig) 
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
         plan = planner.plan(model, [RecEBCSharder()])  # type: ignore[list-item]
     per_rank = [0] * W
-    described = {}
+    shapes = table_specs(model)
     for module_plan in plan.plan.values():
         for table, ps in module_plan.items():  # type: ignore[attr-defined]
-            described[table] = ps.sharding_type
             if ps.sharding_spec is None:  # data_parallel: a full replica on every rank
-                rows, cols = _table_shape(model, table)
+                rows, cols = shapes[table][:2]
                 for r in range(W):
                     per_rank[r] += _shard_bytes(rows, cols, kind, states)
                 continue
@@ -153,19 +151,12 @@ def embedding_bytes(model: MultiTaskModel, run: RunConfig, cfg: EstimateConfig) 
                 rank = shard.placement.rank()
                 rows, cols = shard.shard_sizes
                 per_rank[rank] += _shard_bytes(rows, cols, kind, states)
-    return per_rank, described
+    return per_rank, describe_plan(plan)
 
 
 def _shard_bytes(rows: int, cols: int, kind: str, states: int) -> int:
     weights = rows * cols * 4
     return weights + states * 4 * (rows * cols if kind == "element" else rows)
-
-
-def _table_shape(model: MultiTaskModel, table: str) -> tuple[int, int]:
-    for c in model.ebc.embedding_bag_configs():
-        if c.name == table:
-            return c.num_embeddings, c.embedding_dim
-    raise KeyError(table)
 
 
 # -- parameters, gradients, optimizer ------------------------------------------------
@@ -292,7 +283,7 @@ def a2a_bytes(
         remote = batch * pairs * (ep - 1) / ep
         experts = int(remote * (2 * (e.in_dim + (-e.in_dim) % 8) + 2 * e.out_dim) * el)
     model_parallel = sum(
-        c.embedding_dim for c in model.ebc.embedding_bag_configs() if plan.get(c.name) != "data_parallel"
+        c.embedding_dim for c in model.ebc.embedding_bag_configs() if not plan[c.name].startswith("data_parallel")
     )
     embeddings = int(2 * batch * model_parallel * 4 * (W - 1) / W)
     return {"experts": experts, "embeddings": embeddings, "total": experts + embeddings}

@@ -287,6 +287,13 @@ def _padded_width(H: int, dtype: torch.dtype) -> int:
     return -(-H // align) * align
 
 
+def _kernel_copies(w_EDH: torch.Tensor, b_EH: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's weight and bias in the kernel's `dtype` and aligned width, made outside
+    autograd (attach them with `_Cast`)."""
+    H_pad = _padded_width(w_EDH.shape[-1], dtype)
+    return _kernel_param(w_EDH, dtype, H_pad), _kernel_param(b_EH, dtype, H_pad)
+
+
 def _kernel_linear(
     x_ND: torch.Tensor, w_EDH: torch.Tensor, b_EH: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor,
     choice: KernelChoice,
@@ -294,9 +301,8 @@ def _kernel_linear(
     """One grouped layer on the kernel: `[N, D] -> [N, H_pad]` in the kernel dtype
     (zero columns past H; the padded outputs are exactly 0, see the module doc)."""
     assert choice.dtype is not None
-    H_pad = _padded_width(w_EDH.shape[-1], choice.dtype)
-    w = _Cast.apply(w_EDH, _kernel_param(w_EDH, choice.dtype, H_pad))
-    b = _Cast.apply(b_EH, _kernel_param(b_EH, choice.dtype, H_pad))
+    w_cast, b_cast = _kernel_copies(w_EDH, b_EH, choice.dtype)
+    w, b = _Cast.apply(w_EDH, w_cast), _Cast.apply(b_EH, b_cast)
     return _linear_rows(x_ND, w, b, counts_E, offs_E, choice.zero_empty_grads)
 
 
@@ -329,20 +335,17 @@ def _no_rows(x_ND: torch.Tensor, width: int, dtype: torch.dtype, params: tuple[t
     return x_ND.new_zeros(0, width, dtype=dtype) + zero
 
 
-_WORKAROUNDS: set[str] = set()
-
-
 class GroupedKernelWorkaround(UserWarning):
     """The grouped kernel runs with a workaround for a known bug of this device."""
 
 
 def _resolve(x_ND: torch.Tensor, w_EDH: torch.Tensor, backend: str) -> KernelChoice:
     choice = kernel_choice(x_ND, w_EDH, backend)
-    detail = f"x {tuple(x_ND.shape)} {x_ND.dtype}, w {tuple(w_EDH.shape)} {w_EDH.dtype} on {x_ND.device.type}"
     if choice.reason is not None:
+        detail = f"x {tuple(x_ND.shape)} {x_ND.dtype}, w {tuple(w_EDH.shape)} {w_EDH.dtype} on {x_ND.device.type}"
         _warn_fallback(choice.reason, detail)
-    if choice.zero_empty_grads and "zero_empty" not in _WORKAROUNDS:
-        _WORKAROUNDS.add("zero_empty")
+    if choice.zero_empty_grads and "sm100 zero_empty" not in _WARNED_REASONS:  # once, as the fallbacks
+        _WARNED_REASONS.add("sm100 zero_empty")
         warnings.warn(
             "torch._grouped_mm on sm100 / sm103 returns non-zero weight gradients for experts that received no "
             "rows (pytorch/pytorch#172439): those gradients are zeroed after the kernel",
@@ -379,7 +382,7 @@ def grouped_linear(
 class GroupedExperts(nn.Module):
     """E expert MLPs with stacked weights.
 
-    Dtypes: the rows enter in `compute_dtype` (the kernel's, or for the loop the dtype
+    Dtypes: the rows enter in the compute dtype (the kernel's, or for the loop the dtype
     its matmuls run in; `input_rows` casts them while it gathers), and `forward`
     returns `output_dtype` (the autocast dtype under autocast, else the parameters'),
     on every rank alike, with or without rows.
@@ -434,15 +437,10 @@ class GroupedExperts(nn.Module):
         """The dtype `forward` runs the kernel in for this input, None for the loop."""
         return kernel_choice(x_ND, self.weights[0], self.backend).dtype
 
-    def compute_dtype(self, x_ND: torch.Tensor) -> torch.dtype:
-        """The dtype the rows of `x_ND` are computed in (and travel in under expert
-        parallelism): the kernel's, or for the loop the output dtype."""
-        return self.kernel_dtype(x_ND) or output_dtype(x_ND, self.weights[0])
-
     def input_rows(self, x_BD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
         """The rows `x_BD[index_N]` in the layout and dtype `forward` reads without a copy.
 
-        The B instance rows are cast to `compute_dtype` and, when the kernel will run and
+        The B instance rows are cast to the compute dtype (class doc) and, when the kernel will run and
         D is not 16-byte aligned, zero-padded to `D_pad`, in one copy of B rows (none
         when nothing changes); then the gather writes the N pair rows: `[N, D]`, or
         `[N, D_pad]` with zero columns past D. The gradient flows back through the gather
@@ -468,14 +466,14 @@ class GroupedExperts(nn.Module):
             return w_EDH, b_EH  # the parameters as they are: no copy
         if torch.is_grad_enabled():  # training: made per call (class doc)
             self._kernel_cache.pop(i, None)
-            w_cast, b_cast = _kernel_param(w_EDH, choice.dtype, H_pad), _kernel_param(b_EH, choice.dtype, H_pad)
+            w_cast, b_cast = _kernel_copies(w_EDH, b_EH, choice.dtype)
             return _Cast.apply(w_EDH, w_cast), _Cast.apply(b_EH, b_cast)
         key = (choice.dtype, w_EDH._version, b_EH._version, w_EDH.data_ptr(), b_EH.data_ptr())
         cached = self._kernel_cache.get(i)
         if cached is not None and cached[0] == key:
             w_cast, b_cast = cached[1], cached[2]
         else:
-            w_cast, b_cast = _kernel_param(w_EDH, choice.dtype, H_pad), _kernel_param(b_EH, choice.dtype, H_pad)
+            w_cast, b_cast = _kernel_copies(w_EDH, b_EH, choice.dtype)
             self._kernel_cache[i] = (key, w_cast, b_cast)
         return _Cast.apply(w_EDH, w_cast), _Cast.apply(b_EH, b_cast)
 

@@ -200,13 +200,11 @@ def _run(rank: int, world: int, simulate: bool) -> dict:
             warnings.simplefilter("ignore")
             device = torch.device("cuda", 0) if simulate else torch.device("cpu")
             trainer = SimTrainer(run, rank, world, device)
-            losses, logs = [], []
+            logs = []
             for _ in range(STEPS):
                 with collective_log() as log:
                     trainer.train_step()
                 logs.append([(r.op, r.backend, r.dtype) for r in log])
-                cur = trainer.window_loss.clone()
-                losses.append(cur)
             trainer._log_window(STEPS, 1.0, _bar())
             with trainer.averaged():
                 val = trainer.evaluate(trainer.dataset.val)
