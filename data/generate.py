@@ -1,8 +1,14 @@
-"""KuaiRand-shaped synthetic impression logs as Parquet, for the streaming source at scale.
+"""Synthetic impression logs as Parquet, for the streaming source at scale.
 
     python -m data.generate --rows 2000000 --out outputs/data/kuairand_synth \
         [--files 8] [--row-group-size 65536] [--val-rows 100000] [--test-rows 100000] \
         [--seed 0] [--users 100000] [--videos 50000]
+    python -m data.generate --kind clusters --rows 8000000 --out outputs/data/capacity_logs \
+        --val-rows 500000 --test-rows 500000 [--user-clusters 32 --item-clusters 32 ...]
+
+`--kind kuairand` (default, this module's doc below) writes KuaiRand-shaped logs;
+`--kind clusters` the logs of `data/cluster_logs.py`, where expert capacity binds (read
+by `conf/data/capacity_logs.yaml`). Both share the layout below.
 
 writes (the layout `conf/data/parquet_stream.yaml` reads):
 
@@ -45,12 +51,15 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data import cluster_logs
+from data.draws import power_law
 from data.prepare import DenseMoments, ValueCounts, write_stats, write_vocab
 
 K = 8
@@ -67,16 +76,6 @@ CATEGORICAL = (
 START_DATE = np.datetime64("2022-04-08")
 LONG_VIEW_MS = 18_000
 USER_ALPHA, VIDEO_ALPHA = 0.8, 1.0  # popularity exponents: P(rank k) ~ (k + 1) ** -alpha
-
-
-def power_law(rng: np.random.Generator, n: int, alpha: float, size: int) -> np.ndarray:
-    """`[size]` ranks in [0, n) with P(rank k) ~ (k + 1) ** -alpha (inverse CDF of the continuous law)."""
-    u = rng.random(size)
-    if abs(alpha - 1.0) < 1e-9:
-        x = np.exp(u * np.log(n + 1.0))
-    else:
-        x = (1.0 + u * ((n + 1.0) ** (1.0 - alpha) - 1.0)) ** (1.0 / (1.0 - alpha))
-    return np.minimum(np.floor(x).astype(np.int64) - 1, n - 1)
 
 
 @dataclass
@@ -241,28 +240,72 @@ def chunk_table(w: World, rng: np.random.Generator, n: int, date: np.ndarray) ->
 class Accumulator:
     """Train vocab counts and dense moments, from the chunks as they are written."""
 
-    def __init__(self) -> None:
-        self.counts: dict[str, ValueCounts] = {c: ValueCounts() for c in (*CATEGORICAL, "tag")}
-        self.moments = DenseMoments(list(DENSE))
+    def __init__(self, categorical: tuple[str, ...], multi_hot: tuple[str, ...], dense: tuple[str, ...]) -> None:
+        self.multi_hot = multi_hot
+        self.counts: dict[str, ValueCounts] = {c: ValueCounts() for c in (*categorical, *multi_hot)}
+        self.dense = dense
+        self.moments = DenseMoments(list(dense))
 
     def add(self, table: pa.Table) -> None:
-        for c in (*CATEGORICAL, "tag"):
+        for c, counts in self.counts.items():
             col = table.column(c).combine_chunks()
-            if c == "tag":
+            if c in self.multi_hot:
                 col = col.flatten()
-            self.counts[c].add(col)
-        self.moments.add(np.stack([table.column(c).to_numpy().astype(np.float64) for c in DENSE], axis=1))
+            counts.add(col)
+        self.moments.add(np.stack([table.column(c).to_numpy().astype(np.float64) for c in self.dense], axis=1))
+
+
+class Generator(Protocol):
+    """What `write_split` needs of a world: its columns and a chunk of rows."""
+
+    tasks: tuple[str, ...]
+    categorical: tuple[str, ...]
+    multi_hot: tuple[str, ...]
+    dense: tuple[str, ...]
+
+    def chunk(self, rng: np.random.Generator, n: int, date: np.ndarray) -> pa.Table: ...
+
+
+@dataclass
+class KuaiRandLogs:
+    """The KuaiRand-shaped world (this module's doc) as a `Generator`."""
+
+    world: World
+    tasks: tuple[str, ...] = TASKS
+    categorical: tuple[str, ...] = CATEGORICAL
+    multi_hot: tuple[str, ...] = ("tag",)
+    dense: tuple[str, ...] = DENSE
+
+    def chunk(self, rng: np.random.Generator, n: int, date: np.ndarray) -> pa.Table:
+        return chunk_table(self.world, rng, n, date)
+
+
+@dataclass
+class ClusterLogs:
+    """The capacity-binding world of `data/cluster_logs.py` as a `Generator`."""
+
+    world: cluster_logs.ClusterWorld
+    tasks: tuple[str, ...] = cluster_logs.TASKS
+    categorical: tuple[str, ...] = cluster_logs.CATEGORICAL
+    multi_hot: tuple[str, ...] = ()
+    dense: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.dense = self.world.dense
+
+    def chunk(self, rng: np.random.Generator, n: int, date: np.ndarray) -> pa.Table:
+        return cluster_logs.chunk_table(self.world, rng, n, date)
 
 
 def write_split(
-    out: Path, w: World, *, seed: int, code: int, rows: int, files: int, rg: int, day0: int, days: int,
+    out: Path, gen: Generator, *, seed: int, code: int, rows: int, files: int, rg: int, day0: int, days: int,
     acc: Accumulator | None,
 ) -> dict[str, float]:  # fmt: skip
     """Write `rows` rows of one split over `files` files; returns its positive rates."""
     out.mkdir(parents=True, exist_ok=True)
     chunk = rg * max(1, 262_144 // rg)  # whole row groups per chunk
     bounds = np.linspace(0, rows, files + 1).astype(np.int64)
-    positives = np.zeros(len(TASKS))
+    positives = np.zeros(len(gen.tasks))
     for f in range(files):
         path = out / f"part-{f:05d}.parquet"
         writer = None
@@ -271,30 +314,41 @@ def write_split(
             rng = np.random.default_rng([seed, code, f, c])
             day = day0 + (start + np.arange(n)) * days // max(1, rows)
             date = np.array([int(str(START_DATE + int(d)).replace("-", "")) for d in np.unique(day)])
-            table = chunk_table(w, rng, n, date[np.searchsorted(np.unique(day), day)])
+            table = gen.chunk(rng, n, date[np.searchsorted(np.unique(day), day)])
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table, row_group_size=rg)
-            positives += [pc.sum(table.column(t)).as_py() for t in TASKS]
+            positives += [pc.sum(table.column(t)).as_py() for t in gen.tasks]
             if acc is not None:
                 acc.add(table)
         if writer is not None:
             writer.close()
-    return {t: float(p / max(1, rows)) for t, p in zip(TASKS, positives, strict=True)}
+    return {t: float(p / max(1, rows)) for t, p in zip(gen.tasks, positives, strict=True)}
 
 
 def generate(args: argparse.Namespace) -> dict[str, object]:
     t0 = time.perf_counter()
     out = Path(args.out)
-    w = build_world(args.users, args.videos, args.seed)
-    acc = Accumulator()
+    gen: Generator
+    if args.kind == "clusters":
+        cfg = cluster_logs.ClusterLogsConfig(
+            users=args.users, items=args.videos, user_clusters=args.user_clusters, item_clusters=args.item_clusters,
+            dense=args.dense, hidden=args.hidden, cluster_weight=args.cluster_weight, seed=args.seed,
+            feature_noise=args.feature_noise,
+        )  # fmt: skip
+        gen = ClusterLogs(cluster_logs.build_cluster_world(cfg))
+    else:
+        gen = KuaiRandLogs(build_world(args.users, args.videos, args.seed))
+    acc = Accumulator(gen.categorical, gen.multi_hot, gen.dense)
     days = 28  # train dates; val and test are the two days after
     common = {"seed": args.seed, "rg": args.row_group_size}
     train = write_split(
-        out / "train", w, code=0, rows=args.rows, files=args.files, day0=0, days=days, acc=acc, **common
+        out / "train", gen, code=0, rows=args.rows, files=args.files, day0=0, days=days, acc=acc, **common
     )
-    val = write_split(out / "val", w, code=1, rows=args.val_rows, files=1, day0=days, days=1, acc=None, **common)
-    test = write_split(out / "test", w, code=2, rows=args.test_rows, files=1, day0=days + 1, days=1, acc=None, **common)
+    val = write_split(out / "val", gen, code=1, rows=args.val_rows, files=1, day0=days, days=1, acc=None, **common)
+    test = write_split(
+        out / "test", gen, code=2, rows=args.test_rows, files=1, day0=days + 1, days=1, acc=None, **common
+    )
     write_vocab(out / "vocab.parquet", acc.counts)
     write_stats(out / "stats.json", acc.moments)
     seconds = time.perf_counter() - t0
@@ -320,14 +374,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-rows", type=int, default=100_000)
     p.add_argument("--test-rows", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--users", type=int, default=100_000)
-    p.add_argument("--videos", type=int, default=50_000)
+    p.add_argument("--kind", choices=("kuairand", "clusters"), default="kuairand",
+                   help="kuairand: KuaiRand-shaped logs (this module); clusters: data/cluster_logs.py")  # fmt: skip
+    p.add_argument("--users", type=int, default=None, help="default 100000 (kuairand), 10000 (clusters)")
+    p.add_argument("--videos", "--items", type=int, default=None, help="default 50000 (kuairand), 2000 (clusters)")
+    g = p.add_argument_group("--kind clusters (data/cluster_logs.py)")
+    defaults = cluster_logs.ClusterLogsConfig()
+    g.add_argument("--user-clusters", type=int, default=defaults.user_clusters)
+    g.add_argument("--item-clusters", type=int, default=defaults.item_clusters)
+    g.add_argument("--dense", type=int, default=defaults.dense, help="context columns")
+    g.add_argument("--hidden", type=int, default=defaults.hidden, help="tanh units of each pair's label function")
+    g.add_argument("--cluster-weight", type=float, default=defaults.cluster_weight)
+    g.add_argument("--feature-noise", type=float, default=defaults.feature_noise,
+                   help="share of users / items whose segment / category is not their cluster")  # fmt: skip
     args = p.parse_args(argv)
-    for key in ("rows", "files", "row_group_size", "val_rows", "test_rows", "users", "videos"):
+    clusters = args.kind == "clusters"
+    if args.users is None:
+        args.users = defaults.users if clusters else 100_000
+    if args.videos is None:
+        args.videos = defaults.items if clusters else 50_000
+    for key in ("rows", "files", "row_group_size", "val_rows", "test_rows", "users", "videos", "user_clusters",
+                "item_clusters", "dense", "hidden"):  # fmt: skip
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.files > args.rows:
         p.error("--files must be <= --rows")
+    for key in ("cluster_weight", "feature_noise"):
+        if not 0.0 <= getattr(args, key) <= 1.0:
+            p.error(f"--{key.replace('_', '-')} must be in [0, 1]")
     return args
 
 
