@@ -37,6 +37,12 @@ Hooks for `parallel/` and the trainer (model/ never imports torch.distributed):
   It applies in training mode only: evaluation (`eval()`) is dropless, so that a
   row's evaluation output never depends on the batch it is evaluated in (the
   weight-0 padding rows of the last evaluation batch cannot take capacity).
+- `SMESLayer.record_plan: bool` (default False) and `SMESLayer.last_plan`: with the
+  flag on, every forward keeps its `RoutingPlan` in `last_plan` (replacing the previous
+  one), e.g. for `trainer.predict experts=true`, which reads each row's executed
+  experts from it with `model.moe.router.union_experts`. Meant for evaluation (no
+  grad): in training the kept plan would hold the step's graph until the next forward.
+  Off, forward keeps nothing and does no extra work.
 
 Host syncs: one per layer and step, the router's read of the pair count N through
 the dispatcher's `plan_sizes` (with the all-to-all split sizes under expert
@@ -64,7 +70,7 @@ from model.core import CoreOutput, ExpertLoad
 from model.moe.dispatch import LocalDispatcher
 from model.moe.experts import GROUPED_BACKENDS, GroupedExperts
 from model.moe.losses import balance_loss, bias_update, router_z_loss
-from model.moe.router import ROUTING_MODES, Router, RoutingPlan, selection_counts
+from model.moe.router import ROUTER_NORMS, ROUTING_MODES, Router, RoutingPlan, selection_counts
 
 
 @dataclass(kw_only=True)
@@ -93,6 +99,9 @@ class SMESConfig:
             its scores did when it was added to the probabilities here, and the same
             factor applies at any E).
         grouped_backend: `auto`, `grouped_mm` or `loop`, see `model.moe.experts`.
+        router_norm: `none` or `layernorm`: a LayerNorm (learned scale and shift) on
+            the router's input only, so that routing reads the embedding and dense
+            parts at one scale (the experts see the raw input). Default `none`.
     """
 
     name: str = "smes"
@@ -107,6 +116,7 @@ class SMESConfig:
     bias_balance: bool = False
     bias_update_rate: float = 0.01
     grouped_backend: str = "auto"
+    router_norm: str = "none"
 
 
 def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
@@ -132,6 +142,8 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
         raise ValueError("model.balance_beta and model.z_loss_coef must be >= 0")
     if cfg.bias_update_rate <= 0:
         raise ValueError(f"model.bias_update_rate must be > 0, got {cfg.bias_update_rate}")
+    if cfg.router_norm not in ROUTER_NORMS:
+        raise ValueError(f"model.router_norm must be one of {ROUTER_NORMS}, got {cfg.router_norm!r}")
     if cfg.grouped_backend not in GROUPED_BACKENDS:
         raise ValueError(f"model.grouped_backend must be one of {GROUPED_BACKENDS}, got {cfg.grouped_backend!r}")
 
@@ -162,7 +174,8 @@ class SMESLayer(nn.Module):
     """Router + swappable dispatcher (owning the experts) + per-task mixing.
 
     Attributes (besides submodules): `count_reducer`, `expert_bias_E` (persistent
-    buffer), `bias_counts_E` (non-persistent accumulator); see the module docstring.
+    buffer), `bias_counts_E` (non-persistent accumulator), `record_plan` /
+    `last_plan`; see the module docstring.
 
     Args:
         cfg: validated `SMESConfig`.
@@ -185,11 +198,14 @@ class SMESLayer(nn.Module):
             num_adaptive=cfg.num_adaptive,
             routing=cfg.routing,
             task_weights=list(task_weights),
+            input_norm=cfg.router_norm == "layernorm",
         )
         experts = GroupedExperts(E, in_dim, list(cfg.expert_hidden), backend=cfg.grouped_backend)
         self.dispatcher: nn.Module = LocalDispatcher(experts)
         self.out_dim = experts.out_dim
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.record_plan = False
+        self.last_plan: RoutingPlan | None = None
         self.expert_bias_E: torch.Tensor
         self.bias_counts_E: torch.Tensor
         self.register_buffer("expert_bias_E", torch.zeros(E))
@@ -217,6 +233,8 @@ class SMESLayer(nn.Module):
         """`x_BD -> (out_BTH, aux_losses (weighted), ExpertLoad)`."""
         read_sizes = getattr(self.dispatcher, "plan_sizes", None)  # the step's one host read
         plan = self.router(x_BD, self.expert_bias_E if self.bias_balance else None, read_sizes=read_sizes)
+        if self.record_plan:
+            self.last_plan = plan
         y_NH = self.dispatcher(x_BD, plan)
         out_BTH = mix_tasks(y_NH, plan)
         with torch.no_grad():

@@ -61,6 +61,8 @@ class TrainerConfig:
         optimizer, lr, weight_decay: dense optimizer (everything but embedding tables).
         lr_schedule: constant | cosine (to 10% of lr), after `warmup_steps` linear warmup.
         grad_clip: clip the dense gradient norm (0 = off).
+        router_lr_scale: learning-rate multiplier of the SMES routers' parameters
+            (`model.moe.router.Router` modules; default 1). Native engine only.
         task_weights: task -> loss weight (default 1 for every task).
         prefetch: batches built ahead by the loader thread.
         max_bad_steps: abort after this many consecutive non-finite losses.
@@ -96,6 +98,7 @@ class TrainerConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     grad_clip: float = 0.0
+    router_lr_scale: float = 1.0
     task_weights: dict[str, float] = field(default_factory=dict)
     prefetch: int = 4
     max_bad_steps: int = 10
@@ -202,6 +205,13 @@ def validate(run: RunConfig, *, world_size: int | None = None) -> None:
         raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r}; choose one of {LR_SCHEDULES}")
     if t.lr <= 0:
         raise ValueError(f"trainer.lr must be > 0, got {t.lr}")
+    if t.router_lr_scale <= 0:
+        raise ValueError(f"trainer.router_lr_scale must be > 0, got {t.router_lr_scale}")
+    if t.router_lr_scale != 1.0 and t.engine == "deepspeed":
+        raise ValueError(
+            "trainer.router_lr_scale applies to trainer.engine=native only (DeepSpeed builds its own parameter "
+            "groups); set trainer.router_lr_scale=1 or trainer.engine=native"
+        )
     if t.checkpoint.every < 0 or t.checkpoint.keep_last < 1:
         raise ValueError("trainer.checkpoint.every must be >= 0 and trainer.checkpoint.keep_last >= 1")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from data.batch import Batch
 from model.build import ModelOutput
+from model.moe.router import Router
 from parallel.deepspeed_engine import DeepSpeedDense
 from parallel.expert_parallel import clip_grad_norm_
 from parallel.parallelize import ParallelModel, dense_parameters
@@ -82,6 +84,17 @@ class BuiltEngine:
     num_dense_params: int
 
 
+def lr_groups(model: nn.Module, params: list[nn.Parameter], *, router_lr_scale: float, lr: float) -> list[Any]:
+    """The dense optimizer's parameter groups: the SMES routers' parameters (those of
+    `Router` modules) at `lr * router_lr_scale` when the scale is not 1, the rest at lr."""
+    if router_lr_scale == 1.0:
+        return params
+    router_ids = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    routers = [p for p in params if id(p) in router_ids]
+    rest = [p for p in params if id(p) not in router_ids]
+    return [{"params": rest}, {"params": routers, "lr": lr * router_lr_scale}] if routers else params
+
+
 def build_engine(run: RunConfig, pm: ParallelModel) -> BuiltEngine:
     t = run.trainer
     named = dict(dense_parameters(pm.dmp))
@@ -97,7 +110,8 @@ def build_engine(run: RunConfig, pm: ParallelModel) -> BuiltEngine:
         )
         return BuiltEngine(ds, ds.keyed_optimizer, ds.base_optimizer, num)
     # keyed by parameter name, so checkpoints do not depend on parameter order
-    keyed = KeyedOptimizerWrapper(named, lambda ps: build_dense_optimizer(run, list(ps)))
+    groups = lr_groups(pm.dmp, params, router_lr_scale=t.router_lr_scale, lr=t.lr)
+    keyed = KeyedOptimizerWrapper(named, lambda ps: build_dense_optimizer(run, groups))
     # data_parallel tables: replicated, stepped with the dense optimizer (see parallelize)
     optimizers = [keyed] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
     return BuiltEngine(NativeDense(pm, optimizers, params, t.grad_clip), keyed, keyed, num)

@@ -3,7 +3,7 @@
 Hydra entry point with its own config (`conf/predict.yaml`); under torchrun on any
 number of processes (`launch/predict.sh`), like training:
 
-    python -m trainer.predict run_dir=RUN [checkpoint=best|last|DIR] [split=test|val|train]
+    python -m trainer.predict run_dir=RUN [checkpoint=best|last|DIR] [split=test|val|train] [experts=true]
     NPROC=2 bash launch/predict.sh run_dir=RUN files=[a.csv,b.csv] data.on_bad_row=skip
 
 What it does, on every rank:
@@ -36,7 +36,17 @@ first '.'>.parquet`): one row per scored input row, in input order, padding drop
 - one probability column per task, named after the task (float64:
   `sigmoid(logit)`);
 - `label_<task>` (int8) for each task whose labels the rows have (a split always;
-  files when they hold the task's label column).
+  files when they hold the task's label column);
+- with `experts=true` (SMES cores only; other cores raise naming `experts`):
+  `experts` (list<int16>), the distinct experts the row's union U ran in the first
+  SMES layer, ascending: K_s + K_a to K_s + T*K_a of them with progressive routing
+  (all E with `dense`). Evaluation is dropless, so these are exactly the experts that
+  computed the row. The layer keeps each batch's routing plan while
+  `SMESLayer.record_plan` is set (only here; training never sets it) and
+  `model.moe.router.union_experts` reads the rows' experts from it, one host copy per
+  batch. `trainer.expert_stats.cluster_expert_nmi(table["experts"].to_pylist(),
+  clusters)` then measures how specialised the experts are by a latent grouping
+  of the rows.
 
 Each rank writes its part (`<out>.parts/rank<r>.parquet`); after a barrier rank 0
 concatenates them in rank order into `<out>` and deletes the parts. When labels are
@@ -75,7 +85,10 @@ from data.build import build_dataset
 from data.columns import Dataset, Split
 from data.loader import eval_batches
 from model.moe.host import host_ints, to_host
+from model.moe.router import union_experts
+from model.smes import SMESLayer
 from parallel.dist import DistInfo, barrier, init_distributed, shutdown
+from parallel.expert_parallel import smes_layers
 from trainer.config import RunConfig
 from trainer.metrics import Predictions, compute_metrics
 from trainer.restore import load_model_from, resolve_checkpoint, run_config, run_node
@@ -102,6 +115,7 @@ class PredictConfig:
     ep: int | None = None
     metrics: bool = True
     progress: bool = True
+    experts: bool = False
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,12 +149,14 @@ def select_rows(cfg: PredictConfig, dataset: Dataset) -> Scoring:
     return Scoring(rows=rows, name=cfg.split, labelled=dataset.spec.tasks)
 
 
-def _schema(rows: Split, tasks: tuple[str, ...], labelled: tuple[str, ...]) -> pa.Schema:
+def _schema(rows: Split, tasks: tuple[str, ...], labelled: tuple[str, ...], *, experts: bool = False) -> pa.Schema:
     """Output columns (the same on every rank: key dtypes are the global arrays')."""
     keys = rows.keys if rows.keys is not None else {"row": np.zeros(0, dtype=np.int64)}
     fields = [pa.field(k, pa.int64() if v.dtype.kind in "iu" else pa.string()) for k, v in keys.items()]
     fields += [pa.field(t, pa.float64()) for t in tasks]
     fields += [pa.field(f"label_{t}", pa.int8()) for t in labelled]
+    if experts:
+        fields.append(pa.field("experts", pa.list_(pa.int16())))
     names = [f.name for f in fields]
     if len(set(names)) != len(names):
         raise ValueError(f"output columns collide: {names} (a task is named like a key column)")
@@ -148,7 +164,12 @@ def _schema(rows: Split, tasks: tuple[str, ...], labelled: tuple[str, ...]) -> p
 
 
 def _batch_table(
-    schema: pa.Schema, rows: Split, index_B: np.ndarray, logits: dict[str, torch.Tensor], labelled: tuple[str, ...]
+    schema: pa.Schema,
+    rows: Split,
+    index_B: np.ndarray,
+    logits: dict[str, torch.Tensor],
+    labelled: tuple[str, ...],
+    experts: pa.Array | None = None,
 ) -> pa.Table:
     columns: dict[str, Any] = {}
     if rows.keys is None:
@@ -159,7 +180,32 @@ def _batch_table(
         columns[t] = torch.sigmoid(z_B.double()).numpy()
     for t in labelled:
         columns[f"label_{t}"] = rows.labels[t][index_B].astype(np.int8)
+    if experts is not None:
+        columns["experts"] = experts
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def experts_layer(model: torch.nn.Module, model_name: str) -> SMESLayer:
+    """`experts=true`: the model's first SMES layer, set to keep its routing plans."""
+    layers = smes_layers(model)
+    if not layers:
+        raise ValueError(f"experts=true needs an SMES core; the run's model is {model_name!r}")
+    layer = layers[0]
+    if layer.num_experts > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"experts=true writes int16 expert ids; the model has {layer.num_experts} experts")
+    layer.record_plan = True
+    return layer
+
+
+def row_experts(layer: SMESLayer, valid: int) -> pa.Array:
+    """The first `valid` rows' executed experts (list<int16>) from the layer's last plan."""
+    plan = layer.last_plan
+    assert plan is not None, "the SMES layer kept no routing plan"
+    layer.last_plan = None  # a stale plan is never read twice
+    table_BU = to_host(union_experts(plan)[:valid]).numpy()  # one host copy per batch
+    ran_BU = table_BU >= 0  # each row's experts fill its first |U| slots
+    offsets = np.concatenate([[0], np.cumsum(ran_BU.sum(1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(table_BU[ran_BU].astype(np.int16)))
 
 
 def autocast(run: RunConfig, device: torch.device) -> Any:
@@ -181,10 +227,12 @@ def score(
     part: Path,
     preds: Predictions | None,
     progress: bool,
+    experts: SMESLayer | None = None,
 ) -> int:
-    """Score this rank's chunk into the Parquet file `part`; returns its row count."""
+    """Score this rank's chunk into the Parquet file `part`; returns its row count.
+    `experts`: the SMES layer whose plans give the `experts` column (None: no column)."""
     rows, spec = scoring.rows, dataset.spec
-    schema = _schema(rows, spec.tasks, scoring.labelled)
+    schema = _schema(rows, spec.tasks, scoring.labelled, experts=experts is not None)
     n = len(rows)
     per_rank = math.ceil(n / info.world_size)
     lo = min(info.rank * per_rank, n)
@@ -203,7 +251,8 @@ def score(
             valid = host_ints((batch.weights > 0).sum())[0]
             index_B = np.arange(lo + i * batch_size, lo + i * batch_size + valid)
             logits = {t: to_host(out.logits[t][:valid].float()) for t in spec.tasks}
-            writer.write_table(_batch_table(schema, rows, index_B, logits, scoring.labelled))
+            ran = None if experts is None else row_experts(experts, valid)
+            writer.write_table(_batch_table(schema, rows, index_B, logits, scoring.labelled, ran))
             written += valid
         if written == 0:
             writer.write_table(schema.empty_table())
@@ -232,6 +281,7 @@ def predict(cfg: PredictConfig, info: DistInfo, run: RunConfig) -> dict[str, Any
     dataset = build_dataset(run.data, score_files=cfg.files, keep_keys=True)
     scoring = select_rows(cfg, dataset)
     model, step = load_model_from(run, dataset, info, ckpt)
+    layer = experts_layer(model, run.model.name) if cfg.experts else None
     out = Path(cfg.out) if cfg.out else run_dir / "predictions" / f"{scoring.name}.parquet"
     parts_dir = out.with_name(out.name + ".parts")
     if info.is_main:
@@ -245,7 +295,7 @@ def predict(cfg: PredictConfig, info: DistInfo, run: RunConfig) -> dict[str, Any
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     part = parts_dir / f"rank{info.rank:05d}.parquet"
     score(model, scoring, run=run, dataset=dataset, info=info, batch_size=batch_size, part=part, preds=preds,
-          progress=cfg.progress)  # fmt: skip
+          progress=cfg.progress, experts=layer)  # fmt: skip
     metrics = compute_metrics(preds, scoring.labelled, mode=run.trainer.eval_mode) if preds is not None else None
     barrier()  # every part is on disk
     record = {

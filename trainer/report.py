@@ -40,9 +40,11 @@ def fmt(metrics: Metrics) -> str:
 
 
 def expert_log(figures: dict[str, Any], max_keys: int = MAX_EXPERT_KEYS) -> dict[str, Any]:
-    """Scalar load figures, per-expert keys (only up to `max_keys` experts, so large E
-    does not flood the dashboard), and the full vectors (pooled and per task) as lists,
-    which go to metrics.jsonl only (the expert-load heatmap is drawn from them)."""
+    """Scalar load figures (`experts/<key>` for every scalar of `load_figures`: load CV,
+    dead experts, |U|, `task_expert_nmi`, ...), per-expert keys (only up to `max_keys`
+    experts, so large E does not flood the dashboard), and the full vectors (pooled and
+    per task) as lists, which go to metrics.jsonl only (the expert-load heatmap is drawn
+    from them)."""
     out: dict[str, Any] = {f"experts/{k}": v for k, v in figures.items() if not isinstance(v, list | dict)}
     frac = figures["selection_fraction"]
     if len(frac) <= max_keys:

@@ -74,6 +74,7 @@ from torch import nn
 from model.moe.host import host_ints
 
 ROUTING_MODES = ("progressive", "independent", "dense")
+ROUTER_NORMS = ("none", "layernorm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +212,22 @@ def selection_counts(experts_BTK: torch.Tensor, num_experts: int) -> torch.Tenso
     experts_TN = experts_BTK.transpose(0, 1).reshape(T, -1)
     counts_TE = torch.zeros(T, num_experts, dtype=torch.float32, device=experts_BTK.device)
     return counts_TE.scatter_add_(1, experts_TN, torch.ones(experts_TN.shape, device=experts_BTK.device))
+
+
+def union_experts(plan: RoutingPlan) -> torch.Tensor:
+    """`[B, num_slots]` long: every instance's executed experts U, ascending, padded with -1.
+
+    Built from the plan's pairs (what the dispatcher ran, so pairs dropped by a capacity
+    limit are absent): each pair writes its expert at its instance's slot. Slots rank an
+    instance's distinct experts, so row b holds its |U_b| experts in increasing order in
+    its first |U_b| columns. Dense plans give every expert to every row. No grad, no
+    host read: one O(N) scatter on the plan's device.
+    """
+    B = plan.probs_BTE.shape[0]
+    with torch.no_grad():
+        table_BU = torch.full((B * plan.num_slots,), -1, dtype=torch.long, device=plan.pair_expert_N.device)
+        rows_N = plan.pair_instance_N * plan.num_slots + plan.pair_slot_N
+        return table_BU.index_copy_(0, rows_N, plan.pair_expert_N).view(B, plan.num_slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +376,8 @@ class Router(nn.Module):
         task_weights: Stage I weights w_t (length T).
         capacity_factor: None for dropless, else see `apply_capacity`; applies in
             training mode only (evaluation is dropless, see the module doc).
+        input_norm: a LayerNorm over D (learned scale and shift, float32) before the
+            gate: the routers then read every part of the input at one scale.
     """
 
     def __init__(
@@ -372,6 +391,7 @@ class Router(nn.Module):
         routing: str,
         task_weights: list[float],
         capacity_factor: float | None = None,
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.num_tasks = num_experts, num_tasks
@@ -379,13 +399,17 @@ class Router(nn.Module):
         self.routing, self.capacity_factor = routing, capacity_factor
         # All T routers as one matmul: weight rows are [task0 experts..., task1 ...].
         self.gate = nn.Linear(in_dim, num_tasks * num_experts, bias=False)
+        self.norm = nn.LayerNorm(in_dim) if input_norm else None
         self.task_weights_T: torch.Tensor
         self.register_buffer("task_weights_T", torch.tensor(task_weights, dtype=torch.float32))
 
     def gating(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Router logits `[B, T, E]`, in float32 whatever the autocast (see the module doc)."""
         with float32_routing(x_BD.device):
-            logits = F.linear(x_BD.float(), self.gate.weight.float())
+            x = x_BD.float()
+            if self.norm is not None:
+                x = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight.float(), self.norm.bias.float())
+            logits = F.linear(x, self.gate.weight.float())
         return logits.view(x_BD.shape[0], self.num_tasks, self.num_experts)
 
     @torch.no_grad()

@@ -288,3 +288,25 @@ def test_selection_bias_is_scale_free_in_the_number_of_experts() -> None:
     assert _biased_share(256, 30, rate) < 0.1
     assert _biased_share(256, 30, 1e-3, additive=True) > 0.9  # the old rule overrode the router
     assert _biased_share(16, 30, 1e-3, additive=True) == pytest.approx(_biased_share(16, 30, rate), abs=0.03)
+
+
+def test_router_input_norm_reads_every_input_scale_alike() -> None:
+    """`input_norm` (model.router_norm=layernorm): the logits do not change when the whole
+    input is rescaled or shifted, and a column at 100x scale no longer dominates them;
+    without it they do."""
+    torch.manual_seed(0)
+    kw = dict(num_experts=8, num_tasks=2, num_shared=1, num_adaptive=1, routing="progressive", task_weights=[0.5, 0.5])
+    normed, plain = Router(6, input_norm=True, **kw), Router(6, **kw)
+    plain.gate.weight.data.copy_(normed.gate.weight.data)
+    x = torch.randn(32, 6)
+    torch.testing.assert_close(normed.gating(3.0 * x + 2.0), normed.gating(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain.gating(3.0 * x + 2.0), plain.gating(x), atol=1e-2)
+    assert normed.norm is not None and plain.norm is None
+    assert {n for n, _ in normed.named_parameters()} == {"gate.weight", "norm.weight", "norm.bias"}
+
+
+def test_router_norm_config_is_checked() -> None:
+    from model.smes import validate_smes_config
+
+    with pytest.raises(ValueError, match="model.router_norm"):
+        validate_smes_config(SMESConfig(router_norm="batchnorm"), num_tasks=2)
