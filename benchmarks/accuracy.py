@@ -27,8 +27,15 @@ they can be overridden). A run whose directory already holds `summary.json` is n
 again (`--rerun` forces it): an interrupted benchmark continues where it stopped.
 `--quick` (CI smoke test): one seed, a few steps, tiny data.
 
+After each run its test split is scored (`python -m trainer.predict run_dir=RUN
+split=test`, the reported checkpoint) and every model is compared with the baseline
+(`--baseline`, default the first model) on the same seeds: the paired difference of
+mean AUC / GAUC with a 95% interval, a significance flag and the smallest difference the
+test split could detect (`benchmarks/paired.py` says how).
+
 Output (`--out`): `accuracy.json` (`config`, `runs`: one record per run with its
-command, return code and figures; `rows`: the aggregated table) and `accuracy.md`;
+command, return code and figures; `rows`: the aggregated table; `comparisons`: the
+paired differences) and `accuracy.md`;
 run directories under `<out>/runs/<label>/seed<seed>/` (label with other characters than
 letters, digits, `_.-` replaced by `_`).
 """
@@ -142,6 +149,28 @@ def core_input(data_cfg: dict[str, Any], embedding_dim: int) -> tuple[int, int]:
     return num_sparse * embedding_dim + num_dense, num_tasks
 
 
+def predict_test(run_dir: Path, timeout: float | None) -> Path | None:
+    """The run's test predictions (`python -m trainer.predict run_dir=RUN split=test`, the
+    reported checkpoint), for the paired comparisons; SMES runs add each row's experts.
+    Reused when present; None (and `predict.log` in the run) when scoring fails."""
+    out = run_dir / "predictions" / "test.parquet"
+    if out.exists():
+        return out
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cmd = [sys.executable, "-m", "trainer.predict", f"run_dir={run_dir}", "split=test", "progress=false"]
+    if cfg.model.name == "smes":
+        cmd.append("experts=true")
+    with open(run_dir / "predict.log", "w") as log:
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    if code or not out.exists():
+        print(f"[accuracy] scoring {run_dir} failed ({code}), see {run_dir}/predict.log", flush=True)
+        return None
+    return out
+
+
 def run_record(variant: Variant, seed: int, run_dir: Path, code: int, wall_s: float | None, cmd: list[str]) -> dict:
     """One run's figures from its `summary.json` and resolved `config.yaml`."""
     rec: dict[str, Any] = {"label": variant.label, "seed": seed, "run_dir": str(run_dir), "returncode": code,
@@ -168,6 +197,9 @@ def run_record(variant: Variant, seed: int, run_dir: Path, code: int, wall_s: fl
         expert_flops=expert_flops(model, in_dim=in_dim, num_tasks=num_tasks, mean_active=mean_active),
         core_input_dim=in_dim,
         world_size=s["world_size"],
+        batch_size=int(cfg["trainer"]["batch_size"]),
+        num_experts=int(model["num_experts"]) if "num_experts" in model else None,
+        predictions=None,
     )
     return rec
 
@@ -241,9 +273,10 @@ def render_markdown(rows: list[dict], *, title: str) -> str:
 
 def run_grid(
     variants: list[Variant], seeds: list[int], *, out: Path, extra: list[str], nproc: int = 1,
-    rerun: bool = False, timeout: float | None = None,
+    rerun: bool = False, timeout: float | None = None, predict: bool = True,
 ) -> list[dict]:  # fmt: skip
-    """Launch (or reuse) every (variant, seed) run under `out/runs`; their records."""
+    """Launch (or reuse) every (variant, seed) run under `out/runs`; their records (with
+    the test predictions for the paired comparisons unless `predict` is false)."""
     records = []
     for v in variants:
         for seed in seeds:
@@ -257,8 +290,62 @@ def run_grid(
                 code, wall = launch(cmd, env, run_dir, timeout)
                 if code:
                     print(f"[accuracy] {v.label} seed {seed}: failed ({code}), see {run_dir}/launcher.log", flush=True)
-            records.append(run_record(v, seed, run_dir, code, wall, cmd))
+            rec = run_record(v, seed, run_dir, code, wall, cmd)
+            if rec["ok"] and predict:
+                path = predict_test(run_dir, timeout)
+                rec["predictions"] = None if path is None else str(path)
+            records.append(rec)
     return records
+
+
+def paired(records: list[dict], a: str, b: str, *, n_boot: int = 200) -> dict[str, Any] | None:
+    """Paired comparison of labels `a` and `b` (`benchmarks/paired.py`) over the seeds both
+    ran with test predictions; None when they share none."""
+    from benchmarks import paired as paired_stats
+
+    def by_seed(label: str) -> dict[int, str]:
+        return {r["seed"]: r["predictions"] for r in records if r["label"] == label and r.get("predictions")}
+
+    pa_, pb = by_seed(a), by_seed(b)
+    seeds = sorted(set(pa_) & set(pb))
+    if not seeds:
+        return None
+    res = paired_stats.compare([pa_[s] for s in seeds], [pb[s] for s in seeds], n_boot=n_boot)
+    return {"a": a, "b": b, "seeds": seeds, "metrics": res["metrics"]}
+
+
+def interval(records: list[dict], label: str, *, n_boot: int = 200) -> dict[str, Any] | None:
+    """One label's metrics over its seeds with 95% intervals (`benchmarks/paired.py`):
+    metric name -> {mean, ci95, ...}."""
+    from benchmarks import paired as paired_stats
+
+    paths = [r["predictions"] for r in records if r["label"] == label and r.get("predictions")]
+    return paired_stats.interval(paths, n_boot=n_boot)["metrics"] if paths else None
+
+
+def _ci(x: dict[str, Any], digits: int = 4) -> str:
+    lo, hi = x["ci95"]
+    return f"{x['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def render_comparisons(comparisons: list[dict], metrics: tuple[str, ...] = ("mean_auc", "mean_gauc")) -> str:
+    """The paired-differences table: a - b with its 95% interval, significance and the
+    smallest difference the test split could detect, per metric."""
+    have = [m for m in metrics if any(m in c["metrics"] for c in comparisons)]
+    head = ["a", "b", "seeds"]
+    for m in have:
+        head += [f"{m} a - b [95% CI]", "sig.", "MDE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in comparisons:
+        cells = [c["a"], c["b"], str(len(c["seeds"]))]
+        for m in have:
+            x = c["metrics"].get(m)
+            cells += ["-", "-", "-"] if x is None else [_ci(x), "yes" if x["significant"] else "no", f"{x['mde']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Paired over the same seeds and test rows (`benchmarks/paired.py`): the interval adds the test "
+              "split's sampling (paired bootstrap: impressions for AUC, users for GAUC) and the seeds' spread; "
+              "MDE = the smallest difference the test split could detect (80% power, 5% two-sided)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -272,6 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rerun", action="store_true", help="run again even where summary.json exists")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
     p.add_argument("--title", default=None)
+    p.add_argument("--baseline", default=None, help="label every other model is compared with (default: the first)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of the paired intervals")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     return p.parse_args(argv)
 
@@ -286,15 +375,21 @@ def main(argv: list[str] | None = None) -> dict:
     records = run_grid(variants, seeds, out=args.out, extra=extra, nproc=args.nproc, rerun=args.rerun,
                        timeout=args.timeout)  # fmt: skip
     rows = aggregate(records)
+    labels = [v.label for v in variants]
+    base = args.baseline or labels[0]
+    comparisons = [c for lab in labels if lab != base if (c := paired(records, lab, base, n_boot=args.bootstrap))]
     title = args.title or f"{args.data}: {len(seeds)} seed(s), world {args.nproc}"
     result = {
         "config": {"data": args.data, "models": args.models, "seeds": seeds, "nproc": args.nproc,
                    "overrides": extra, "quick": args.quick, "argv": sys.argv[1:] if argv is None else argv},
         "runs": records,
         "rows": rows,
+        "comparisons": comparisons,
     }  # fmt: skip
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     md = render_markdown(rows, title=title)
+    if comparisons:
+        md += f"\n#### Paired differences against {base}\n\n" + render_comparisons(comparisons)
     (args.out / "accuracy.md").write_text(md)
     print(md, end="")
     return result

@@ -111,7 +111,16 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     for row in data["rows"]:
         assert set(row["tasks"]) == {"income", "never_married"}
         assert row["tasks"]["income"]["auc"]["n"] == 1 and row["dense_parameters"]["mean"] > 0
+    # every run's test split scored; sb compared with the baseline (the first model), paired
+    assert all(Path(r["predictions"]).exists() for r in data["runs"])
+    (comp,) = data["comparisons"]
+    assert (comp["a"], comp["b"], comp["seeds"]) == ("sb", "mmoe", [7])
+    m = comp["metrics"]["mean_auc"]
+    lo, hi = m["ci95"]
+    assert lo <= m["diff"] <= hi and isinstance(m["significant"], bool) and m["mde"] > 0
+    assert m["se_seed"] == 0.0  # one seed: the interval is the test split's alone
     md = (out / "accuracy.md").read_text()
+    assert "Paired differences against mmoe" in md and "| sb | mmoe | 1 |" in md
     assert "| mmoe | 1 |" in md and "| sb | 1 |" in md
     assert "income AUC" in md and "expert MFLOPs / inst" in md and "income NE" in md
     # a second call reuses the finished runs
