@@ -38,7 +38,8 @@ Writes to `--out`: `scaling.json` (`rows`, `comparisons`, `config`; the `runs` r
 and GAUC against E, one line per train size, 95% intervals; MMoE dashed). Run
 directories go to `--runs` (default `outputs/bench/<out folder name>`); a run whose
 directory holds `summary.json` is reused, so a grid can be grown in several calls, and
-`--no-train` aggregates the runs that exist without launching any.
+`--no-train` aggregates the runs that exist without launching any (it scores those not
+yet scored).
 """
 
 from __future__ import annotations
@@ -361,9 +362,13 @@ def _existing(v: Variant, seed: int, out: Path, extra: list[str], args: argparse
     if not (run_dir / "summary.json").exists():
         return None
     cmd, _ = accuracy.run_command(v, seed, extra, run_dir, args.nproc)
+    launched = run_dir / ".hydra" / "overrides.yaml"  # what the run was really launched with
+    if launched.exists():
+        cmd = [*cmd[:3], *[str(o) for o in OmegaConf.load(launched)]] if args.nproc == 1 else cmd
     rec = accuracy.run_record(v, seed, run_dir, 0, None, cmd)
-    pred = run_dir / "predictions" / "test.parquet"
-    rec["predictions"] = str(pred) if pred.exists() else None
+    if rec["ok"]:
+        pred = accuracy.predict_test(run_dir, args.timeout)  # scored now if it was not yet
+        rec["predictions"] = None if pred is None else str(pred)
     return rec
 
 

@@ -6,7 +6,8 @@
 Inputs are the tables `python -m trainer.predict run_dir=RUN split=test` writes
 (`RUN/predictions/test.parquet`; a run directory stands for that file): one row per test
 row, in the same order for every run on the same data, a float64 probability column per
-task named after it, `label_<task>` (int8) and `user_id` when the data has users. Runs
+task named after it, `label_<task>` (int8) and `user_id` (or `user`, the group index of
+sources without key columns) when the data has users. Runs
 are paired by position (`a[s]` and `b[s]` share training seed `s`); every run must have
 the same rows: the same length, the same labels and the same user ids, else ValueError
 naming the file. The AUCs of the probabilities equal those of the logits the trainer
@@ -408,7 +409,8 @@ def _rank_all(sides: list[list[Item]], tasks: list[str] | None, n_boot: int, see
     tasks = list(tasks) if tasks else _default_tasks(first_names)
     if not tasks:
         raise ValueError(f"{sides[0][0]}: no task has both a score column and label_<task>")
-    columns = ["user_id", *tasks, *(f"label_{t}" for t in tasks)]
+    user_col = "user_id" if "user_id" in first_names else "user"  # raw ids, or trainer.predict's group index
+    columns = [user_col, *tasks, *(f"label_{t}" for t in tasks)]
     side_names = "ab" if len(sides) == 2 else "r"
     runs = [[_load(it, f"{side_names[x]}[{s}]", columns) for s, it in enumerate(side)] for x, side in enumerate(sides)]
     ref = runs[0][0]
@@ -416,8 +418,8 @@ def _rank_all(sides: list[list[Item]], tasks: list[str] | None, n_boot: int, see
     if n_rows == 0:
         raise ValueError(f"{ref.name}: no rows")
     labels = {t: _column(ref, f"label_{t}").to_numpy() for t in tasks}
-    has_users = "user_id" in ref.table.column_names
-    users = ref.table.column("user_id").combine_chunks() if has_users else None
+    has_users = user_col in ref.table.column_names
+    users = ref.table.column(user_col).combine_chunks() if has_users else None
     for run in (r for side in runs for r in side):
         if run.table.num_rows != n_rows:
             raise ValueError(f"{run.name}: {run.table.num_rows} rows, {ref.name} has {n_rows}: not the same test rows")
@@ -425,12 +427,12 @@ def _rank_all(sides: list[list[Item]], tasks: list[str] | None, n_boot: int, see
             _column(run, t)
             if not np.array_equal(_column(run, f"label_{t}").to_numpy(), labels[t]):
                 raise ValueError(f"{run.name}: label_{t} differs from {ref.name}: not the same test rows (or order)")
-        if users is not None and not _column(run, "user_id").combine_chunks().equals(users):
-            raise ValueError(f"{run.name}: user_id differs from {ref.name}: not the same test rows (or order)")
+        if users is not None and not _column(run, user_col).combine_chunks().equals(users):
+            raise ValueError(f"{run.name}: {user_col} differs from {ref.name}: not the same test rows (or order)")
     codes, n_users = None, 0
     if users is not None:
         if users.null_count:
-            raise ValueError(f"{ref.name}: {users.null_count} rows without a user_id")
+            raise ValueError(f"{ref.name}: {users.null_count} rows without a {user_col}")
         encoded = users.dictionary_encode()
         codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         n_users = len(encoded.dictionary)

@@ -32,7 +32,9 @@ first '.'>.parquet`): one row per scored input row, in input order, padding drop
 - the key columns the source keeps: `file` and `row` (the row number in that file,
   from 1, header excluded, as in data errors) for the file sources, plus `user_id`
   (KuaiRand; a tabular source's `data.user_id` column) and `video_id` (KuaiRand); a
-  source without files (synthetic) gets `row`, the position in the split;
+  source that keeps no key columns (synthetic, parquet_stream) gets `row`, the position
+  in the split, and with users `user`, the user's group index in the split (the GAUC
+  group, not the raw id);
 - one probability column per task, named after the task (float64:
   `sigmoid(logit)`);
 - `label_<task>` (int8) for each task whose labels the rows have (a split always;
@@ -149,9 +151,19 @@ def select_rows(cfg: PredictConfig, dataset: Dataset) -> Scoring:
     return Scoring(rows=rows, name=cfg.split, labelled=dataset.spec.tasks)
 
 
+def _row_keys(rows: Split, index_B: np.ndarray) -> dict[str, np.ndarray]:
+    """Keys of a source that keeps no key columns: `row` (the position in the split) and,
+    when the rows have users, `user` (the user's group index in the split: the GAUC
+    group, not the raw id)."""
+    keys = {"row": index_B}
+    if rows.user_id is not None:
+        keys["user"] = np.asarray(rows.user_id)[index_B].astype(np.int64)
+    return keys
+
+
 def _schema(rows: Split, tasks: tuple[str, ...], labelled: tuple[str, ...], *, experts: bool = False) -> pa.Schema:
     """Output columns (the same on every rank: key dtypes are the global arrays')."""
-    keys = rows.keys if rows.keys is not None else {"row": np.zeros(0, dtype=np.int64)}
+    keys = rows.keys if rows.keys is not None else _row_keys(rows, np.zeros(0, dtype=np.int64))
     fields = [pa.field(k, pa.int64() if v.dtype.kind in "iu" else pa.string()) for k, v in keys.items()]
     fields += [pa.field(t, pa.float64()) for t in tasks]
     fields += [pa.field(f"label_{t}", pa.int8()) for t in labelled]
@@ -173,7 +185,7 @@ def _batch_table(
 ) -> pa.Table:
     columns: dict[str, Any] = {}
     if rows.keys is None:
-        columns["row"] = index_B
+        columns.update(_row_keys(rows, index_B))
     else:
         columns.update({k: v[index_B] for k, v in rows.keys.items()})
     for t, z_B in logits.items():

@@ -237,3 +237,23 @@ def test_interval_and_cli(tmp_path: Path, data: tuple, capsys: pytest.CaptureFix
     paired.main(["--a", *map(str, a[:2]), "--b", *map(str, a[1:]), "--n-boot", "20", "--out", str(out)])
     assert "| mean_auc |" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["metrics"]) >= {"mean_auc", "gauc/like"}
+
+
+def test_group_index_user_column_gives_the_same_gauc(tmp_path: Path, data: tuple) -> None:
+    """Sources without key columns name users by their group index (`user`, trainer.predict):
+    the same GAUC figures as with raw `user_id` values."""
+    y, users = data
+    a, b = _runs(tmp_path, "a", 1.0, [1], y, users), _runs(tmp_path, "b", 0.5, [1], y, users)
+
+    def renamed(paths: list[Path], name: str) -> list[Path]:
+        out = []
+        for p in paths:
+            t = pq.read_table(p)
+            t = t.rename_columns(["user" if c == "user_id" else c for c in t.column_names])
+            out.append(_write(tmp_path / name / p.name, t))
+        return out
+
+    raw = paired.compare(a, b, n_boot=20, seed=0)
+    grouped = paired.compare(renamed(a, "ga"), renamed(b, "gb"), n_boot=20, seed=0)
+    assert grouped["n_users"] == raw["n_users"] == 150
+    assert grouped["metrics"]["mean_gauc"] == raw["metrics"]["mean_gauc"]

@@ -88,6 +88,8 @@ def test_predict_experts_column_at_one_and_two_ranks(smes_run: Path, tmp_path: P
     dataset = build_dataset(run.data)
     user_cluster = np.asarray(dataset.info["user_cluster"])
     clusters = user_cluster[dataset.test.user_id]
+    # a source without key columns names each row's user by its group index (GAUC groups)
+    np.testing.assert_array_equal(one["user"].to_numpy(), dataset.test.user_id)
     assert len(clusters) == 600 and len(set(clusters.tolist())) > 1
     score = cluster_expert_nmi(one["experts"].to_pylist(), clusters)
     assert score is not None and 0 <= score <= 1
