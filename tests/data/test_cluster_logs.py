@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
@@ -20,6 +19,7 @@ from data import cluster_logs as cl
 from data.build import build_dataset, build_train_loader
 from data.generate import generate, parse_args
 from data.stream import ParquetStreamConfig
+from tests.data.test_generate import _auc, _split
 
 ROWS = 40_000
 ARGS = ["--kind", "clusters", "--rows", str(ROWS), "--files", "2", "--row-group-size", "5000", "--val-rows", "20000"]
@@ -31,17 +31,6 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("clusters")
     generate(parse_args([*ARGS, "--out", str(path)]))
     return path
-
-
-def _split(out: Path, name: str) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted((out / name).glob("*.parquet"))])
-
-
-def _auc(y: np.ndarray, s: np.ndarray) -> float:
-    ranks = np.empty(len(s))
-    ranks[np.argsort(s, kind="stable")] = np.arange(1, len(s) + 1)
-    pos = y.sum()
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos)))
 
 
 def _world() -> cl.ClusterWorld:
