@@ -11,7 +11,7 @@ every N, so only the training data grows):
    Parquet, `--files` files of `--row-group-size` row groups, vocabulary and dense
    statistics), written once: a folder whose `meta.json` has the same arguments is
    reused, one with other arguments is an error (remove it or pick another root).
-2. Loader: `python -m data.stream bench` (conf/data/parquet_stream.yaml on that folder,
+2. Loader: `python -m benchmarks.stream_loader` (conf/data/parquet_stream.yaml on that folder,
    no prefetch thread) as rank r of 2, r = 0 and 1 at once (two processes, as the
    two training ranks read side by side):
    `--loader-batches` batches of `--batch-size / 2` rows (default about 6 shuffle
@@ -155,7 +155,7 @@ def loader_bench(path: str, a: argparse.Namespace) -> dict[str, Any]:
     """Rows/s and peak RSS of the streaming loader: ranks 0 and 1 of 2 at once, as in training."""
     cmds = [
         [
-            sys.executable, "-m", "data.stream", "bench", "--config", "conf/data/parquet_stream.yaml",
+            sys.executable, "-m", "benchmarks.stream_loader", "--config", "conf/data/parquet_stream.yaml",
             "--batch-size", str(a.batch_size // WORLD), "--world-size", str(WORLD), "--rank", str(rank),
             "--batches", str(a.loader_batches), *data_overrides(path, ""),
         ]
@@ -396,8 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-users", type=int)
     p.add_argument("--eval-tasks", type=int, default=6, help="tasks in the evaluation (the data's 6)")
     for key in ("split_rows", "files", "row_group_size", "users", "videos"):
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"data.generate (default {FULL[key]})")
-    p.add_argument("--seed", type=int, default=0, help="data.generate seed")
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"python -m data.generate (default {FULL[key]})")
+    p.add_argument("--seed", type=int, default=0, help="python -m data.generate seed")
     a = p.parse_args(argv)
     for key, value in (QUICK if a.quick else FULL).items():
         if getattr(a, key) is None:

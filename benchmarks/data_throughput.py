@@ -40,10 +40,10 @@ import torch
 from omegaconf import OmegaConf
 
 from data.build import build_dataset, build_train_loader
-from data.census import CensusIncomeConfig
+from data.sources.census import CensusIncomeConfig
 from data.columns import Dataset
-from data.stream import ParquetStreamConfig
-from data.synthetic import SyntheticConfig
+from data.sources.parquet_stream import ParquetStreamConfig
+from data.sources.synthetic import SyntheticConfig
 
 WORLD_SIZE, RANK = 2, 0
 SOURCES = {"census_income": CensusIncomeConfig, "parquet_stream": ParquetStreamConfig, "synthetic": SyntheticConfig}

@@ -6,8 +6,8 @@ sources in `SCORABLE` also take `score_files` (other files with the source's sch
 encoded like its train split: `Dataset.scored`) and `keep_keys` (keep the rows' key
 columns, `Split.keys`); both serve `trainer.predict`.
 `build_train_loader` is the one way to batch a dataset's train split: in memory
-(`data.loader.TrainLoader`) or streamed (`data.stream_loader.StreamLoader`), both
-`data.loader.TrainBatches`.
+(`data.loaders.in_memory.TrainLoader`) or streamed (`data.loaders.stream.StreamLoader`), both
+`data.loaders.in_memory.TrainBatches`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from data.census import CensusIncomeConfig, census_names, load_census_income
 from data.columns import Dataset, check_dataset
-from data.kuairand import KuaiRandConfig, kuairand_names, load_kuairand
-from data.loader import TrainBatches, TrainLoader
-from data.stream import ParquetStreamConfig, StreamTrain, load_parquet_stream, stream_names
-from data.stream_loader import StreamLoader
-from data.synthetic import SyntheticConfig, load_synthetic, synthetic_names
-from data.tabular import TabularConfig, load_tabular, tabular_names
+from data.loaders.in_memory import TrainBatches, TrainLoader
+from data.loaders.stream import StreamLoader
+from data.sources.census import CensusIncomeConfig, census_names, load_census_income
+from data.sources.kuairand import KuaiRandConfig, kuairand_names, load_kuairand
+from data.sources.parquet_stream import ParquetStreamConfig, StreamTrain, load_parquet_stream, stream_names
+from data.sources.synthetic import SyntheticConfig, load_synthetic, synthetic_names
+from data.sources.tabular import TabularConfig, load_tabular, tabular_names
 
 # name -> (config dataclass, loader)
 SOURCES: dict[str, tuple[type, Callable[..., Dataset]]] = {

@@ -1,7 +1,7 @@
 """In-memory columnar splits that every source produces and the loader batches.
 
 Sources parse their files into a `Split` (numpy arrays, one row per instance); the
-loader (`data/loader.py`) slices rows into `Batch`es. Keeping one columnar layout means
+loader (`data/loaders/in_memory.py`) slices rows into `Batch`es. Keeping one columnar layout means
 each source only parses, and batching, sharding and normalisation are written once.
 
 Legend: N rows, Dn dense columns, nnz total ids of a sparse feature.
@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from data.bad_rows import check_policy
+from data.parsing.bad_rows import check_policy
 from data.spec import DatasetSpec
 
 log = logging.getLogger("data")
@@ -121,7 +121,7 @@ def concat_splits(parts: list[Split]) -> Split:
 
 
 class StreamedSplit(Protocol):
-    """A split a source does not hold in memory (`data.stream.StreamTrain`): a row count
+    """A split a source does not hold in memory (`data.sources.parquet_stream.StreamTrain`): a row count
     from metadata, and batches only through its own loader (`data.build.build_train_loader`)."""
 
     def __len__(self) -> int: ...

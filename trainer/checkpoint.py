@@ -12,7 +12,7 @@ A checkpoint is a folder `<run_dir>/checkpoints/step_<N>/` holding DCP shards of
 - `ema`: the moving average of the dense weights, with `trainer.ema` on
   (`trainer/ema.py`); `load_model` loads it over the trained weights, since it is the
   run's evaluated model;
-- `meta`: step, scheduler, every rank's loader state (`data.loader.TrainBatches`: the
+- `meta`: step, scheduler, every rank's loader state (`data.loaders.in_memory.TrainBatches`: the
   in-memory loader's is global, the streaming loader's per rank), counters, and every
   rank's RNG states (pickled, written once). At the same world size each rank loads its
   own loader state; at another, every loader gets all old states (`load_resharded`, its

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.bad_rows import check_policy
+from data.parsing.bad_rows import check_policy
 from data.build import SOURCES, declared_names
 from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, validate_smes_config

@@ -68,7 +68,7 @@ from torch import nn
 
 from data.build import build_dataset
 from data.columns import Dataset, Split
-from data.loader import eval_batches
+from data.loaders.in_memory import eval_batches
 from model.build import MultiTaskModel, table_name
 from model.core import CoreOutput
 from model.smes import SMES

@@ -23,7 +23,7 @@ What it does, on every rank:
    `checkpoint=best` is the model whose test metrics `summary.json` reports as `eval`
    (`best_step`), `last` the newest periodic checkpoint, or a checkpoint folder.
 4. scoring in evaluation mode (`model.eval()`, no grad, the run's `trainer.precision`):
-   every rank takes a contiguous chunk of the rows (`data.loader.eval_batches`), a
+   every rank takes a contiguous chunk of the rows (`data.loaders.in_memory.eval_batches`), a
    progress bar on rank 0.
 
 Output (`out=`, default `RUN/predictions/<split, or the first file's name up to its
@@ -85,7 +85,7 @@ from tqdm import tqdm
 
 from data.build import build_dataset
 from data.columns import Dataset, Split
-from data.loader import eval_batches
+from data.loaders.in_memory import eval_batches
 from model.moe.host import host_ints, to_host
 from model.moe.router import union_experts
 from model.smes import SMESLayer

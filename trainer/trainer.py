@@ -46,7 +46,7 @@ from tqdm import tqdm
 from data.batch import Batch
 from data.build import build_dataset, build_train_loader
 from data.columns import Dataset, Split
-from data.loader import TrainBatches, eval_batches
+from data.loaders.in_memory import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
 from model.moe.host import host_flag, to_host
 from parallel.dist import DistInfo, all_gather_object, all_reduce, all_reduce_mean, init_distributed

@@ -33,7 +33,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from data.loader import TrainLoader
+from data.loaders.in_memory import TrainLoader
 from model.build import MultiTaskModel
 from parallel import dist as pdist
 from parallel.dist import DistInfo

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from data.build import build_dataset
 from data.columns import Dataset
-from data.stream import ParquetStreamConfig
+from data.sources.parquet_stream import ParquetStreamConfig
 
 TRAIN_FILE_ROWS = (1000, 700, 1300)  # row groups of 200: units of 200 and 100 rows
 ROW_GROUP = 200

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from data.build import build_dataset
-from data.census import (
+from data.columns import Dataset, validation_rows
+from data.sources.census import (
     CATEGORICAL,
     CONTINUOUS,
     DEFAULT_DIR,
@@ -19,7 +20,6 @@ from data.census import (
     load_census_income,
     read_raw,
 )
-from data.columns import Dataset, validation_rows
 
 LIMIT = 2000
 

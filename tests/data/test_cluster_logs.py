@@ -1,5 +1,5 @@
 """The capacity-binding generator (`python -m data.generate --kind clusters`,
-data/cluster_logs.py): layout and schema, every task at >= 2% positives, hundreds of
+data/generators/clusters.py): layout and schema, every task at >= 2% positives, hundreds of
 latent cluster pairs with their own non-linear label functions, noisy cluster proxies,
 labels that only a pair-aware model can rank, and `conf/data/capacity_logs.yaml`
 streaming the files."""
@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 from omegaconf import OmegaConf
 
-from data import cluster_logs as cl
 from data.build import build_dataset, build_train_loader
-from data.generate import generate, parse_args
-from data.stream import ParquetStreamConfig
+from data.generators import clusters as cl
+from data.generators.logs import generate, parse_args
+from data.sources.parquet_stream import ParquetStreamConfig
 from tests.data.test_generate import _auc, _split
 
 ROWS = 40_000
@@ -98,7 +98,7 @@ def test_labels_need_the_pair(out: Path) -> None:
     w = _world()
     val = _split(out, "val")
     rows = []
-    for c, start in enumerate(range(0, val.num_rows, 262_144)):  # data.generate's chunking of val
+    for c, start in enumerate(range(0, val.num_rows, 262_144)):  # data/generators/logs.py's chunking of val
         n = min(262_144, val.num_rows - start)
         rows.append(cl._draw(w, np.random.default_rng([0, 1, 0, c]), n))
     assert len(rows) == 1

@@ -15,9 +15,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from data.build import build_dataset, build_train_loader
-from data.generate import DENSE, TASKS, build_world, generate, parse_args
-from data.prepare import read_vocab
-from data.stream import ParquetStreamConfig
+from data.generators.logs import DENSE, TASKS, build_world, generate, parse_args
+from data.parsing.prepare import read_vocab
+from data.sources.parquet_stream import ParquetStreamConfig
 
 ARGS = ["--rows", "30000", "--files", "3", "--row-group-size", "4000", "--val-rows", "5000", "--test-rows", "5000"]
 ARGS += ["--users", "3000", "--videos", "1500"]

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from data.build import build_dataset
 from data.columns import Dataset, Split
-from data.kuairand import DEFAULT_TASKS, KuaiRandConfig, load_kuairand, long_view
+from data.sources.kuairand import DEFAULT_TASKS, KuaiRandConfig, load_kuairand, long_view
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "kuairand" / "kuairand1k_sample.csv"
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from data.build import build_dataset
 from data.columns import Dataset, Split
-from data.kuairand import KuaiRandConfig, load_kuairand
+from data.sources.kuairand import KuaiRandConfig, load_kuairand
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "conf" / "data" / "kuairand_pure.yaml"

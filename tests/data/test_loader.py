@@ -11,7 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
 from data.columns import SparseColumn, Split
-from data.loader import TrainLoader, eval_batches
+from data.loaders.in_memory import TrainLoader, eval_batches
 from data.spec import DatasetSpec, SparseFeature
 
 NUM_ROWS = 50

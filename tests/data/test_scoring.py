@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from data.build import build_dataset
-from data.census import DEFAULT_DIR, CensusIncomeConfig
 from data.columns import Split
-from data.kuairand import KuaiRandConfig
-from data.synthetic import SyntheticConfig
-from data.tabular import TabularConfig
+from data.sources.census import DEFAULT_DIR, CensusIncomeConfig
+from data.sources.kuairand import KuaiRandConfig
+from data.sources.synthetic import SyntheticConfig
+from data.sources.tabular import TabularConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests/fixtures/kuairand/kuairand1k_sample.csv"

@@ -15,9 +15,9 @@ import torch
 
 from data.build import build_train_loader
 from data.columns import Dataset
-from data.loader import TrainLoader
-from data.stream import StreamTrain
-from data.stream_loader import StreamLoader
+from data.loaders.in_memory import TrainLoader
+from data.loaders.stream import StreamLoader
+from data.sources.parquet_stream import StreamTrain
 from tests.data._stream_files import ROW_GROUP, TRAIN_FILE_ROWS, dataset, write_layout
 
 NUM_ROWS = sum(TRAIN_FILE_ROWS)
@@ -169,7 +169,7 @@ def test_fewer_row_groups_than_ranks_is_an_error(ds: Dataset) -> None:
 
 def test_factory_keeps_the_in_memory_loader() -> None:
     from data.build import build_dataset
-    from data.synthetic import SyntheticConfig
+    from data.sources.synthetic import SyntheticConfig
 
     mem = build_dataset(SyntheticConfig(num_train=400, num_val=50, num_test=50))
     loader = build_train_loader(mem, batch_size=16, rank=1, world_size=2, seed=3, prefetch=0)

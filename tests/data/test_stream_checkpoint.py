@@ -13,7 +13,7 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from data.build import build_train_loader
-from data.stream_loader import StreamLoader
+from data.loaders.stream import StreamLoader
 from tests._dist import run_ranks
 from tests.data._stream_files import dataset, write_layout
 from trainer import checkpoint

@@ -14,11 +14,11 @@ import pytest
 
 from data.build import build_train_loader
 from data.columns import Dataset
-from data.hashing import HashEncoder, VocabEncoder, hashed_group_ids
-from data.parse import signed_log1p
-from data.prepare import main as prepare
-from data.prepare import read_vocab
-from data.stream_loader import StreamLoader
+from data.loaders.stream import StreamLoader
+from data.parsing.files import signed_log1p
+from data.parsing.hashing import HashEncoder, VocabEncoder, hashed_group_ids
+from data.parsing.prepare import main as prepare
+from data.parsing.prepare import read_vocab
 from tests.data._stream_files import TRAIN_FILE_ROWS, dataset, rows_table, write_layout
 
 NUM_ROWS = sum(TRAIN_FILE_ROWS)
@@ -26,7 +26,7 @@ P, M64 = 0x100000001B3, 2**64
 
 
 def ref_hash(text: str) -> int:
-    """The documented text hash, written out in plain Python (data/hashing.py docstring)."""
+    """The documented text hash, written out in plain Python (data/parsing/hashing.py docstring)."""
     b = text.encode()
     p = sum((x + 1) * pow(P, i, M64) for i, x in enumerate(b)) % M64
     z = ((p ^ (len(b) * 0x9E3779B97F4A7C15 % M64)) + 0x9E3779B97F4A7C15) % M64

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from data.build import build_dataset
 from data.columns import Dataset
-from data.loader import TrainLoader, eval_batches
-from data.synthetic import SyntheticConfig, load_synthetic
+from data.loaders.in_memory import TrainLoader, eval_batches
+from data.sources.synthetic import SyntheticConfig, load_synthetic
 
 SMALL = {"num_train": 3000, "num_val": 500, "num_test": 500, "num_users": 100}
 

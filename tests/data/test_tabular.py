@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from data.build import build_dataset
 from data.columns import Split
-from data.tabular import Rule, TabularConfig, apply_rule, load_tabular, parse_rule, tabular_names
+from data.sources.tabular import Rule, TabularConfig, apply_rule, load_tabular, parse_rule, tabular_names
 
 HEADER = ["row", "user", "item.id", "tags", "price", "rating", "clicked", "action"]
 ACTIONS = ["view", "buy", "cart", "view", "share"]

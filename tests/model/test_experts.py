@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from data.census import CATEGORICAL, CONTINUOUS
+from data.sources.census import CATEGORICAL, CONTINUOUS
 from data.spec import DatasetSpec, SparseFeature
 from model.build import MultiTaskModel
 from model.moe import experts as experts_mod

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data.columns import SparseColumn, Split
-from data.loader import TrainLoader
+from data.loaders.in_memory import TrainLoader
 from data.spec import DatasetSpec, SparseFeature
 from model.baselines import MMoEConfig
 from model.build import MultiTaskModel, TowerConfig

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from data.loader import TrainLoader
+from data.loaders.in_memory import TrainLoader
 from model.build import MultiTaskModel, TowerConfig
 from model.moe.host import count_host_syncs
 from model.smes import SMES, SMESConfig

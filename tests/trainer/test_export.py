@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from data.build import build_dataset
-from data.census import CensusIncomeConfig
+from data.sources.census import CensusIncomeConfig
 from data.columns import Dataset
-from data.loader import eval_batches
-from data.synthetic import SyntheticConfig
+from data.loaders.in_memory import eval_batches
+from data.sources.synthetic import SyntheticConfig
 from model.baselines import MMoEConfig, PLEConfig, SharedBottomConfig
 from model.build import MultiTaskModel, TowerConfig
 from model.home import HoMEConfig

@@ -1,4 +1,4 @@
-"""KuaiRand's files as tables (used by `data/kuairand.py`): a `Source` (the log, the user
+"""KuaiRand's files as tables (used by `data/sources/kuairand.py`): a `Source` (the log, the user
 table or one video table, each one or more row-wise files), reading its columns under the
 bad-row policy, and joining a feature table to the log rows by id.
 
@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data.bad_rows import SkipLog
-from data.parse import binary_labels, category_codes, delimiter_hint, file_format, floats, read_columns, strings
+from data.parsing.bad_rows import SkipLog
+from data.parsing.files import binary_labels, category_codes, delimiter_hint, file_format, floats, read_columns, strings
 
 
 @dataclass(slots=True)

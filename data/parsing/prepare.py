@@ -2,7 +2,7 @@
 
 Vocabulary file (`data.vocab_file`, written by `write_vocab`): one Parquet file with
 columns `feature` (the source column name, string), `value` (the value's text as the
-source reads it: `data.parse.strings`, e.g. "123" for the integer 123; string) and
+source reads it: `data.parsing.files.strings`, e.g. "123" for the integer 123; string) and
 `count` (train occurrences, int64). The rows of one feature are in id order: the k-th
 row of a feature is id k (from 1; id 0 = empty or out of vocabulary). `build_vocab`
 orders by descending count, then value, and can cut by `min_count` / `max_size`, so the
@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data.bad_rows import SkipLog
-from data.parse import floats, signed_log1p, split_lists, strings
+from data.parsing.bad_rows import SkipLog
+from data.parsing.files import floats, signed_log1p, split_lists, strings
 
 VOCAB_SCHEMA = pa.schema([("feature", pa.string()), ("value", pa.string()), ("count", pa.int64())])
 

@@ -1,5 +1,5 @@
 """KuaiRand column names: the default tasks and features, the columns that may never be
-features, and the dataset's `long_view` definition (used by `data/kuairand.py`).
+features, and the dataset's `long_view` definition (used by `data/sources/kuairand.py`).
 
 Outcome columns are recorded after the video was shown (play time, stay times, the
 interaction flags), so a model that reads them at training time sees its labels. The

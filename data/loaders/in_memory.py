@@ -64,7 +64,7 @@ def make_batch(split: Split, rows_B: np.ndarray, spec: DatasetSpec, num_valid: i
 
 
 class TrainBatches(Protocol):
-    """What the trainer needs from a training loader (`TrainLoader`, `data.stream_loader.StreamLoader`).
+    """What the trainer needs from a training loader (`TrainLoader`, `data.loaders.stream.StreamLoader`).
 
     Attributes:
         num_rows: train rows over all ranks (known without reading the data).

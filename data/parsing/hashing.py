@@ -2,9 +2,9 @@
 
 Streaming sources cannot build a vocabulary from the whole train split before training,
 so a categorical value becomes an id either by a precomputed vocabulary (`VocabEncoder`,
-file format in `data/prepare.py`) or by hashing into the configured table
+file format in `data/parsing/prepare.py`) or by hashing into the configured table
 (`HashEncoder`). Both work on the value's text: the cell cast to a trimmed string
-exactly as the tabular source reads it (`data.parse.strings`), so an integer column and
+exactly as the tabular source reads it (`data.parsing.files.strings`), so an integer column and
 a string column holding the same digits give the same ids, in every split and file.
 
 The hash (fixed here; any change re-maps every trained embedding row):
@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data.parse import strings
+from data.parsing.files import strings
 
 P = np.uint64(0x100000001B3)
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -1,5 +1,5 @@
 """Reading CSV / Parquet files and converting their cells: shared by the file sources
-(`data/tabular.py`, `data/kuairand.py`).
+(`data/sources/tabular.py`, `data/sources/kuairand.py`).
 
 - CSV is read with every column as a string (no type guessing from the first block,
   which breaks on files whose column turns non-integer after a million rows); each role
@@ -7,7 +7,7 @@
   Rows are numbered from 1, header excluded. Only an empty cell is null.
 - Bad cells (non-numeric, non-finite dense, labels other than 0 / 1) and CSV lines with
   the wrong field count are bad rows under the `data.on_bad_row` policy
-  (`data/bad_rows.py`): an error naming file, row and column, or skipped and counted.
+  (`data/parsing/bad_rows.py`): an error naming file, row and column, or skipped and counted.
 - Encoding: dictionary codes, train-only vocabularies (id 0 = empty or unseen), user ids.
 - `data.delimiter` accepts one character, or `tab` / the two characters `\\t` (what a
   shell passes for `data.delimiter='\\t'`) for a tab; a file that reads as one column
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data.bad_rows import BadRows, SkipLog, first_ragged_line
+from data.parsing.bad_rows import BadRows, SkipLog, first_ragged_line
 
 FORMATS = ("auto", "csv", "parquet")
 NAME_RE = re.compile(r"[^A-Za-z0-9_]")

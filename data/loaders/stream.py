@@ -1,4 +1,4 @@
-"""Batches of a streamed Parquet train split (`data.stream.StreamTrain`), sharded by rank.
+"""Batches of a streamed Parquet train split (`data.sources.parquet_stream.StreamTrain`), sharded by rank.
 
 Order, per rank r of W, epoch e (every rank counts its own epochs):
 
@@ -47,10 +47,7 @@ Legend: B local batch, U units, W world size.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,14 +55,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data.bad_rows import SkipLog
 from data.batch import Batch
 from data.columns import Split, concat_splits
-from data.loader import check_pin_memory, make_batch, prefetched
+from data.loaders.in_memory import check_pin_memory, make_batch, prefetched
+from data.parsing.bad_rows import SkipLog
 from data.spec import DatasetSpec
 
 if TYPE_CHECKING:
-    from data.stream import StreamTrain
+    from data.sources.parquet_stream import StreamTrain
 
 log = logging.getLogger("data")
 KIND = "parquet_stream"
@@ -226,7 +223,7 @@ class StreamLoader:
 
     def _stream(self, start: _Position) -> Iterator[tuple[Batch, _Position]]:
         """(batch, position after it) from `start` on; runs in the prefetch thread if any."""
-        from data.stream import FileCache
+        from data.sources.parquet_stream import FileCache
 
         files = FileCache()
         first = SkipLog(self.train.on_bad_row)  # first epoch: counted
@@ -288,58 +285,3 @@ class StreamLoader:
         self.held_rows = rows
         self.peak_held_rows = max(self.peak_held_rows, rows)
         assert rows <= self.held_limit, (rows, self.held_limit)
-
-
-# ---------------------------------------------------------------------------- bench
-
-
-def bench(argv: list[str]) -> None:
-    """`python -m data.stream bench`: this rank's loader rows/s on real files (JSON line)."""
-    from omegaconf import OmegaConf
-
-    from data.build import build_dataset, build_train_loader
-    from data.stream import ParquetStreamConfig
-
-    p = argparse.ArgumentParser(prog="python -m data.stream bench")
-    p.add_argument("--config", default="conf/data/parquet_stream.yaml")
-    p.add_argument("--batch-size", type=int, default=4096, help="local batch size")
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--batches", type=int, default=200)
-    p.add_argument("--prefetch", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="data config overrides, e.g. shuffle_buffer=100000")
-    args = p.parse_args(argv)
-    node = OmegaConf.merge(
-        OmegaConf.structured(ParquetStreamConfig), OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides)
-    )
-    cfg = OmegaConf.to_object(node)
-    t0 = time.perf_counter()
-    dataset = build_dataset(cfg)
-    setup_s = time.perf_counter() - t0
-    loader = build_train_loader(
-        dataset,
-        batch_size=args.batch_size,
-        rank=args.rank,
-        world_size=args.world_size,
-        seed=args.seed,
-        prefetch=args.prefetch,
-    )
-    it = iter(loader)
-    t0 = time.perf_counter()
-    for _ in range(args.batches):
-        next(it)
-    wall = time.perf_counter() - t0
-    out = {
-        "rank": args.rank,
-        "world_size": args.world_size,
-        "batch_size": args.batch_size,
-        "batches": args.batches,
-        "rows": loader.built_rows,
-        "build_rows_per_s": loader.built_rows / max(1e-9, loader.build_s),
-        "wall_rows_per_s": args.batches * args.batch_size / max(1e-9, wall),
-        "setup_s": setup_s,
-        "peak_held_rows": getattr(loader, "peak_held_rows", None),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    print(json.dumps(out))

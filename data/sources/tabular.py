@@ -20,7 +20,7 @@ tasks. Choices:
   there; so is the user id (no GAUC).
 - Dense values must be finite numbers (an empty cell, NaN or Inf is a bad row: impute
   upstream); bad rows raise, or are skipped and counted with `data.on_bad_row=skip`
-  (`data/bad_rows.py`); `log1p` columns get `sign(x) * log1p(|x|)`; all dense columns are then
+  (`data/parsing/bad_rows.py`); `log1p` columns get `sign(x) * log1p(|x|)`; all dense columns are then
   standardised with train statistics.
 - A task is `{name, column, rule}`. Without a rule the column must hold 0 / 1. A rule
   is a tiny comparison parsed here (never `eval`-ed): `>= 4`, `> 0.5`, `== 1`,
@@ -29,7 +29,7 @@ tasks. Choices:
 - Sparse feature names are the column names with characters outside `[A-Za-z0-9_]`
   replaced by `_` (they become TorchRec table / module names).
 
-Reading and cell conversion live in `data/parse.py` (shared with `data/kuairand.py`).
+Reading and cell conversion live in `data/parsing/files.py` (shared with `data/sources/kuairand.py`).
 
 Legend: N rows, Dn dense columns, nnz ids of a multi-hot column.
 """
@@ -45,7 +45,6 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from data.bad_rows import BadRows, SkipLog
 from data.columns import (
     SCORED,
     TEST,
@@ -59,7 +58,8 @@ from data.columns import (
     split_rows,
     standardize_dense,
 )
-from data.parse import (
+from data.parsing.bad_rows import BadRows, SkipLog
+from data.parsing.files import (
     bad_rows_for,
     binary_labels,
     category_dictionary,
@@ -303,7 +303,7 @@ def parse_table(
         path: how messages name the rows' origin (a file, or a file and row group).
         row_offset: file rows before the table's first row (messages number rows from 1).
         raw_ids: keep categorical, multi-hot (integer lists) and user id columns as read
-            instead of as trimmed strings (`data.hashing` hashes integers' text directly).
+            instead of as trimmed strings (`data.parsing.hashing` hashes integers' text directly).
     """
     bad = skips.file(path, table.num_rows, row_offset=row_offset)
     dense_cols = []

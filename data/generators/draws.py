@@ -1,4 +1,4 @@
-"""Random draws shared by the log generators (`data/generate.py`, `data/cluster_logs.py`)."""
+"""Random draws shared by the log generators (`data/generators/logs.py`, `data/generators/clusters.py`)."""
 
 from __future__ import annotations
 

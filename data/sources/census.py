@@ -28,12 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from data.bad_rows import BadRows, SkipLog, first_ragged_line
 from data.columns import Dataset, SparseColumn, Split, concat_splits, standardize_dense, validation_rows
-from data.parse import file_keys
+from data.parsing.bad_rows import BadRows, SkipLog, first_ragged_line
+from data.parsing.files import file_keys
 from data.spec import DatasetSpec, SparseFeature
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "files" / "census-income"
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "files" / "census-income"
 NUM_COLUMNS = 42
 LABEL_COL, MARITAL_COL, WEIGHT_COL = 41, 7, 24
 CONTINUOUS = {
@@ -97,7 +97,7 @@ class CensusIncomeConfig:
         seed: seed of the validation carve-out.
         limit_rows: read only the first N rows of each file (tests, smoke runs); 0 = all.
         on_bad_row: error (raise naming file, row, column) or skip (drop and count; see
-            `data/bad_rows.py`). With `limit_rows`, lines with a wrong field count are
+            `data/parsing/bad_rows.py`). With `limit_rows`, lines with a wrong field count are
             counted over the whole file.
     """
 

@@ -15,7 +15,7 @@ its own non-linear label function of the row's context:
   `ctx_a` (10 values) enters the pair functions, `ctx_b` (20 values) only the additive part.
 - The pair functions are drawn independently per pair (`W1 ~ N(0, gain^2 / D)`, so the
   tanh units saturate); the tasks of one pair share a read-out direction with weight
-  `task_correlation`, as in `data/synthetic.py`.
+  `task_correlation`, as in `data/sources/synthetic.py`.
 - Both parts are standardised per task on a 200k-row calibration sample, so `w`
   (`cluster_weight`) is the share of the score's variance that is pair-specific.
 - `a_t` (intercepts) are solved by bisection on the same sample for `RATES` (20%, 10%,
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from data.draws import power_law
+from data.generators.draws import power_law
 
 TASKS = ("task0", "task1", "task2", "task3")
 RATES = (0.20, 0.10, 0.05, 0.02)

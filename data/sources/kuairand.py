@@ -24,7 +24,7 @@ Choices:
   `user_features` when given, else from the log; video columns from the first video
   table that has them, else from the log. Outcome columns (play_time_ms, stay times,
   the is_* signals, and the columns the Pure Parquet files derive from them, listed in
-  `data/kuairand_schema.py`) and the task columns are never features, not even when
+  `data/sources/kuairand_schema.py`) and the task columns are never features, not even when
   listed explicitly (an error): they leak the labels. The video
   statistics are averages over the whole month, test dates included, as the dataset
   ships them; set `video_dense: []` to leave them out.
@@ -60,7 +60,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from data.bad_rows import SkipLog
 from data.columns import (
     SCORED,
     TEST,
@@ -74,21 +73,8 @@ from data.columns import (
     split_rows,
     standardize_dense,
 )
-from data.kuairand_schema import (
-    DEFAULT_LOG_CATEGORICAL,
-    DEFAULT_LOG_DENSE,
-    DEFAULT_TASKS,
-    DEFAULT_USER_CATEGORICAL,
-    DEFAULT_USER_DENSE,
-    DEFAULT_VIDEO_CATEGORICAL,
-    DEFAULT_VIDEO_DENSE,
-    DEFAULT_VIDEO_MULTI_HOT,
-    LONG_VIEW_INPUTS,
-    NOT_FEATURES,
-    long_view,
-)
-from data.kuairand_tables import Feature, Read, Source, concat_reads, join_table, read_source
-from data.parse import (
+from data.parsing.bad_rows import SkipLog
+from data.parsing.files import (
     binary_labels,
     category_codes,
     category_dictionary,
@@ -102,6 +88,20 @@ from data.parse import (
     split_lists,
     train_vocab,
 )
+from data.sources.kuairand_schema import (
+    DEFAULT_LOG_CATEGORICAL,
+    DEFAULT_LOG_DENSE,
+    DEFAULT_TASKS,
+    DEFAULT_USER_CATEGORICAL,
+    DEFAULT_USER_DENSE,
+    DEFAULT_VIDEO_CATEGORICAL,
+    DEFAULT_VIDEO_DENSE,
+    DEFAULT_VIDEO_MULTI_HOT,
+    LONG_VIEW_INPUTS,
+    NOT_FEATURES,
+    long_view,
+)
+from data.sources.kuairand_tables import Feature, Read, Source, concat_reads, join_table, read_source
 from data.spec import DatasetSpec, SparseFeature
 
 SPLITS = ("date", "fraction")
@@ -131,7 +131,7 @@ class KuaiRandConfig:
         limit_rows: read only the first N rows of each log file; 0 = all.
         on_bad_row: error (raise naming file, row, column) or skip: a bad log row is
             dropped, a bad feature-table row too (its ids then count as unknown and are
-            imputed like any other missing row); see `data/bad_rows.py`.
+            imputed like any other missing row); see `data/parsing/bad_rows.py`.
         format: auto (by extension: .parquet / .pq, else CSV), csv or parquet; for
             every file (logs and tables).
         delimiter: CSV field separator: one character, or `tab` / `\\t` for a tab.
