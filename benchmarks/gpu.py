@@ -51,7 +51,7 @@ JSON keys:
   (K_s + T*K_a, min(E, T*(K_s+K_a)) or E), `expert_tflop_per_step`,
   `expert_tflops` (on the step time), `mfu_vs_spec`, `mfu_vs_matmul`,
   `syncs_per_step` (CUDA: warnings of `torch.cuda.set_sync_debug_mode("warn")` in
-  one step; null on CPU), `python_sync_points_per_step` (`model.moe.host.count_host_syncs`
+  one step; null on CPU), `python_sync_points_per_step` (`benchmarks.host_syncs.count_host_syncs`
   in one step), `peak_mem_gb` (`torch.cuda.max_memory_allocated`; null on CPU);
   `progressive` rows add the expert part alone, forward + backward to x, measured
   round-robin: the plan's rows gathered as the dispatcher does and run through the
@@ -88,9 +88,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.host_syncs import count_host_syncs
 from model.mlp import TaskTower
 from model.moe.experts import GroupedExperts
-from model.moe.host import count_host_syncs
 from model.moe.router import max_union
 from model.smes import SMESConfig, SMESLayer
 from trainer.ema import WeightAverage

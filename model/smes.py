@@ -148,6 +148,11 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
         raise ValueError(f"model.grouped_backend must be one of {GROUPED_BACKENDS}, got {cfg.grouped_backend!r}")
 
 
+def mix_dense(weights_BTE: torch.Tensor, y_EBH: torch.Tensor) -> torch.Tensor:
+    """Per-task weighted sum of every expert's output: `[B, T, E], [E, B, H] -> [B, T, H]`."""
+    return torch.einsum("bte,ebh->bth", weights_BTE, y_EBH)
+
+
 def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Per-task weighted sum of the pair outputs: `[N, H] -> [B, T, H]`.
 
@@ -160,7 +165,7 @@ def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """
     B = plan.weights_BTK.shape[0]
     if plan.dense:
-        return torch.einsum("bte,ebh->bth", plan.weights_BTK, y_NH.view(plan.num_experts, B, -1))
+        return mix_dense(plan.weights_BTK, y_NH.view(plan.num_experts, B, -1))
     U, H = plan.num_slots, y_NH.shape[1]
     rows_N = plan.pair_instance_N * U + plan.pair_slot_N
     # in place on a fresh buffer: the out-of-place index_copy would clone it once more

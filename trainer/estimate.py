@@ -50,8 +50,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,6 +61,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.build import build_dataset
 from model.build import MultiTaskModel, table_name
+from model.moe.grouped import any_dtype_kernel_meta
 from model.moe.router import PlanSizes
 from model.smes import SMES
 from parallel.embedding_sharding import RecEBCSharder, build_constraints, describe_plan, quiet_torchrec
@@ -201,28 +200,6 @@ def state_bytes(run: RunConfig, cfg: EstimateConfig, dense: int, experts: int) -
 # -- activations -------------------------------------------------------------------
 
 
-def _grouped_mm_meta(a: torch.Tensor, b: torch.Tensor, offs: Any = None, bias: Any = None, out_dtype: Any = None):
-    """Output shape of `torch._grouped_mm` for any float dtype (the stock meta kernel
-    accepts bf16 only, the CUDA fast path's dtype; fp32 runs take the loop on CUDA and
-    the kernel on CPU, with outputs of this shape)."""
-    dtype = out_dtype or a.dtype
-    if b.dim() == 3:
-        return a.new_empty((a.shape[0], b.shape[-1]), dtype=dtype)
-    return a.new_empty((offs.shape[0], a.shape[0], b.shape[-1]), dtype=dtype)
-
-
-@contextmanager
-def _any_dtype_grouped_mm() -> Iterator[None]:
-    lib = torch.library.Library("aten", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lib.impl("_grouped_mm", _grouped_mm_meta, "Meta")
-    try:
-        yield
-    finally:
-        lib._destroy()
-
-
 def pairs_per_instance(model: MultiTaskModel, cfg: EstimateConfig) -> float:
     """The mean |U| the estimate assumes (the bound unless given)."""
     if not isinstance(model.core, SMES):
@@ -235,7 +212,7 @@ def trace_activations(run: RunConfig, spec: Any, batch: int, pairs: float) -> di
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    with FakeTensorMode(), _any_dtype_grouped_mm(), warnings.catch_warnings():
+    with FakeTensorMode(), any_dtype_kernel_meta(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = MultiTaskModel(
             spec, core_cfg=run.model.core, embedding_dim=run.model.embedding_dim, tower=run.model.tower,

@@ -22,32 +22,32 @@ program).
 
 Why `torch.export` and what it exports. MMoE, PLE, SharedBottom and HoME export as
 they are (their forwards have static shapes; HoME's batch norm traces in eval mode).
-The SMES layer's training forward does not trace (tried, torch 2.13, `strict=False`,
+The SMES layer's forward as a whole does not trace (tried, torch 2.13, `strict=False`,
 dynamic batch): its one host read of N (`host_ints`, `.tolist()`) traces as an
 unbacked SymInt, but the grouped experts then branch on it (`if x_ND.shape[0] == 0`:
 a guard on a data-dependent value), the dense plan specialises the batch size
-(`torch.full((E,), B)`), and `torch._grouped_mm`'s tracing rule accepts bf16 only,
+(`torch.full((E,), B)`), and the grouped kernel's tracing rule accepts bf16 only,
 although the CPU kernel runs fp32. (The layer before the one-sync rework failed
-earlier, on `torch.unique` / `bincount` sizes and `if N == 0`.) Also tried: a
-`torch._grouped_mm` call on fp32 rows inside a traced function (rejected by its fake
-kernel), hence the custom op below. Not tried: TorchScript (deprecated in favour of
-`torch.export`; the layer's frozen-dataclass plan and keyword-only helpers would need
-rewriting for it anyway), and routing and experts as two programs (the data-dependent
-N would still sit between them, now in the serving code). Chosen: the program
-holds `SMESInference` below, the evaluation-mode formulation of the same layer with the
-same parameters: routers, Stage I / II selection by the trained `Router.select`,
-mixing weights as the softmax of the selected logits (= the probabilities renormalised
-over each task's set), deduplication by a sort with static shapes, and one
-data-dependent size, N (pairs to run), read once with `.item()` and traced as an
-unbacked SymInt (bounded by `torch._check`), so expert compute scales with |U| per
-instance as in training. The experts are the opaque custom op
-`smes_serving::grouped_mlp` (`trainer/serving.py`); dense routing runs every expert
-as one batched matmul. The tests check every task's logits against the training
-model's on real evaluation batches: SMES progressive, independent, dense and with a
-selection bias, MMoE, HoME, PLE and SharedBottom all export and agree to 1e-5.
+earlier, on data-dependent output sizes and `if N == 0`.) Also tried: a grouped-kernel
+call on fp32 rows inside a traced function (rejected by its fake kernel), hence the
+custom op. Not tried: TorchScript (deprecated in favour of `torch.export`; the layer's
+frozen-dataclass plan and keyword-only helpers would need rewriting for it anyway),
+and routing and experts as two programs (the data-dependent N would still sit between
+them, now in the serving code). Chosen: the program holds `SMESInference` below, which
+runs the layer's own code from `model/` with the same parameters and swaps only what
+does not trace: the routing plan is `Router.forward` (selection, mixing weights, the
+expert-contiguous pairs of `model.moe.router.sparse_plan`) with a size reader that
+bounds the traced N by `torch._check`, so expert compute scales with |U| per instance
+as in training; the experts are the opaque custom op `smes_serving::grouped_mlp`
+(`trainer/serving.py`), which runs `model.moe.grouped.expert_mlp`; the tasks are mixed
+by `model.smes.mix_tasks`. Dense routing runs every expert as one batched matmul
+(`model.moe.grouped.dense_mlp`) without a plan. The tests check every task's logits
+against the training model's on real evaluation batches: SMES progressive,
+independent, dense and with a selection bias, MMoE, HoME, PLE and SharedBottom all
+export and agree to 1e-5.
 
 Legend: B instances, D core input width, E experts, H width, K experts per task,
-M = B*T*K selections, N deduplicated pairs, T tasks, U max experts per instance.
+N (instance, expert) pairs, T tasks.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ import json
 import logging
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,9 @@ from data.columns import Dataset, Split
 from data.loaders.in_memory import eval_batches
 from model.build import MultiTaskModel, table_name
 from model.core import CoreOutput
-from model.smes import SMES
+from model.moe.grouped import dense_mlp
+from model.moe.router import PlanSizes, read_local_sizes
+from model.smes import SMES, mix_dense, mix_tasks
 from trainer import serving
 from trainer.checkpoint import MARKER
 from trainer.config import RunConfig
@@ -83,7 +86,9 @@ CHECK_ROWS = 2048
 
 class SMESInference(nn.Module):
     """Evaluation-mode forward of a trained `SMES` core that `torch.export` traces
-    (module doc). Shares the core's parameters and buffers (no copies)."""
+    (module doc). Shares the core's parameters and buffers (no copies); the math is the
+    layer's own: `Router.forward` (selection, pairs, slots, mixing weights), the grouped
+    expert MLP of `model.moe.grouped` (behind the serving op) and `model.smes`'s mixing."""
 
     def __init__(self, core: SMES) -> None:
         super().__init__()
@@ -99,43 +104,27 @@ class SMESInference(nn.Module):
         self.out_dim = layer.out_dim
 
     def forward(self, x_BD: torch.Tensor) -> CoreOutput:
-        logits_BTE = self.router.gating(x_BD)
-        if self.routing == "dense":
-            out_BTH = self._dense(x_BD, torch.softmax(logits_BTE, dim=-1))
+        weights, biases = list(self.weights), list(self.biases)
+        if self.routing == "dense":  # every expert on every instance, no plan (its B would be specialised)
+            probs_BTE = torch.softmax(self.router.gating(x_BD), dim=-1)
+            out_BTH = mix_dense(probs_BTE, dense_mlp(x_BD, weights, biases))
         else:
-            out_BTH = self._sparse(x_BD, logits_BTE)
+            max_pairs = x_BD.shape[0] * self.num_tasks * (self.router.num_shared + self.router.num_adaptive)
+            plan = self.router(x_BD, self.bias_E, read_sizes=partial(traced_sizes, max_pairs=max_pairs))
+            x_ND = x_BD.index_select(0, plan.pair_instance_N)
+            y_NH = torch.ops.smes_serving.grouped_mlp(x_ND, plan.counts_E, weights, biases)
+            out_BTH = mix_tasks(y_NH, plan)
         return CoreOutput(task_reprs={t: out_BTH[:, i] for i, t in enumerate(self.tasks)})
 
-    def _dense(self, x_BD: torch.Tensor, probs_BTE: torch.Tensor) -> torch.Tensor:
-        """Every expert on every instance (`GroupedExperts.forward_dense`), mixed by p."""
-        h_EBH = x_BD.unsqueeze(0).expand(self.num_experts, -1, -1)
-        for w_EDH, b_EH in zip(self.weights, self.biases, strict=True):
-            h_EBH = torch.relu(torch.baddbmm(b_EH.unsqueeze(1), h_EBH, w_EDH))
-        return torch.einsum("bte,ebh->bth", probs_BTE, h_EBH)
 
-    def _sparse(self, x_BD: torch.Tensor, logits_BTE: torch.Tensor) -> torch.Tensor:
-        B, T, E = logits_BTE.shape
-        experts_BTK = self.router.select(torch.softmax(logits_BTE, dim=-1), self.bias_E, logits_BTE=logits_BTE)
-        weights_BTK = torch.softmax(logits_BTE.gather(-1, experts_BTK), dim=-1)
-        K = experts_BTK.shape[-1]
-        # deduplicate: sort keys expert*B + instance; a run's first key is a pair
-        instance_B11 = torch.arange(B, device=x_BD.device).view(B, 1, 1)
-        key_M, order_M = (experts_BTK * B + instance_B11).reshape(-1).sort(stable=True)
-        expert_M = torch.div(key_M, B, rounding_mode="floor")
-        first_M = torch.cat([key_M.new_ones(1, dtype=torch.bool), key_M[1:] != key_M[:-1]])
-        pair_M = torch.cumsum(first_M, 0) - 1
-        counts_E = torch.zeros(E, dtype=torch.long, device=x_BD.device).scatter_add_(0, expert_M, first_M.long())
-        num_pairs = cast(int, counts_E.sum().item())  # the one data-dependent size (an unbacked SymInt)
-        torch._check(num_pairs >= 0)
-        torch._check(num_pairs <= B * T * K)
-        dest_M = torch.where(first_M, pair_M, num_pairs)  # duplicates go to a discarded row N
-        instance_M = key_M - expert_M * B
-        instance_N = instance_M.new_empty(num_pairs + 1).index_copy_(0, dest_M, instance_M)[:num_pairs]
-        y_NH = torch.ops.smes_serving.grouped_mlp(
-            x_BD.index_select(0, instance_N), counts_E, list(self.weights), list(self.biases)
-        )
-        index_BTK = torch.empty_like(pair_M).scatter_(0, order_M, pair_M).view(B, T, K)
-        return (weights_BTK.unsqueeze(-1) * y_NH[index_BTK]).sum(dim=2)
+def traced_sizes(counts_E: torch.Tensor, *, max_pairs: int) -> PlanSizes:
+    """The router's size reader in the exported program: N, the one data-dependent size,
+    read as in training (`read_local_sizes`) and traced as an unbacked SymInt, bounded
+    by `0 <= N <= max_pairs` (B*T*K) for the tracer."""
+    sizes = read_local_sizes(counts_E)
+    torch._check(sizes.num_pairs >= 0)
+    torch._check(sizes.num_pairs <= max_pairs)
+    return sizes
 
 
 class DenseProgram(nn.Module):

@@ -1,8 +1,16 @@
 """Reference scorer of an exported model: `InferenceModel.load(DIR)(batch) -> logits`.
 
-Imports only torch, safetensors and the standard library (no torchrec, hydra or project
-modules), so a serving process needs this one file and the artifact folder that
-`python -m trainer.export` writes:
+Imports only torch, safetensors, the standard library and the project's torch-only
+grouped-matmul op (no torchrec, hydra or data / training modules), so a serving
+process needs, besides torch and safetensors, these files of the project, at these
+paths under one folder on its `sys.path`:
+
+    trainer/__init__.py, trainer/serving.py     this scorer
+    model/__init__.py, model/moe/__init__.py    packages (they import nothing)
+    model/moe/grouped.py                        the grouped expert MLP the op runs
+    model/moe/host.py                           its one host read (the loop's sizes)
+
+and the artifact folder that `python -m trainer.export` writes:
 
     DIR/model.json          format, tasks, features (table, size, multi-hot), embedding
                             width, dense columns with their train mean / std and
@@ -26,10 +34,10 @@ vocabularies and statistics.
 
 The SMES program runs its experts through the custom op `smes_serving::grouped_mlp`
 (defined here, so importing this module is what makes `dense.pt2` loadable): the
-grouped matmul over expert-contiguous rows, `torch._grouped_mm` where it runs (CPU
-fp32 / bf16; rows of an unaligned width are padded, an unaligned layer width is not)
-and one `addmm` per active expert otherwise.
-It is an opaque op because `torch._grouped_mm`'s tracing rule accepts bf16 only (the
+expert MLP over expert-contiguous rows of `model.moe.grouped`, the code the training
+model evaluates with (`GroupedExperts`, `auto` backend): the grouped kernel where it
+runs, with the same alignment and padding rules, else one `addmm` per active expert.
+It is an opaque op because the grouped kernel's tracing rule accepts bf16 only (the
 CUDA kernel's contract), although the CPU kernel takes fp32 (see `trainer/export.py`).
 
 Legend: B instances, D program input width, Dn dense columns, E experts, H width,
@@ -46,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from model.moe.grouped import expert_mlp, kernel_choice
+
 FORMAT = "smes-rec-inference/1"
 MODEL_JSON, VOCAB_JSON, TABLES, PROGRAM = "model.json", "vocab.json", "tables.safetensors", "dense.pt2"
 
@@ -53,43 +63,16 @@ MODEL_JSON, VOCAB_JSON, TABLES, PROGRAM = "model.json", "vocab.json", "tables.sa
 # ------------------------------------------------------------------ the experts op
 
 
-def _grouped_linear(
-    x_ND: torch.Tensor, w_EDH: torch.Tensor, b_EH: torch.Tensor, counts_E: torch.Tensor
-) -> torch.Tensor:
-    """`x[n] @ w[e(n)] + b[e(n)]` for expert-contiguous rows: `[N, D] -> [N, H]`.
-
-    The kernel wants 16-byte aligned row strides: rows of an unaligned width D are
-    copied into zero-padded `[N, D_pad]` storage and passed as its `[N, D]` view (as
-    `model.moe.experts` does); an unaligned H takes the loop."""
-    N, D = x_ND.shape
-    align = 16 // x_ND.element_size()
-    if (
-        hasattr(torch, "_grouped_mm")
-        and x_ND.device.type == "cpu"
-        and x_ND.dtype in (torch.float32, torch.bfloat16)
-        and w_EDH.shape[2] % align == 0
-    ):
-        if D % align or x_ND.stride(0) % align or x_ND.data_ptr() % 16 or x_ND.stride(1) != 1:
-            padded = x_ND.new_zeros(N, -(-D // align) * align)
-            padded[:, :D] = x_ND
-            x_ND = padded[:, :D]
-        y_NH = torch._grouped_mm(x_ND, w_EDH, offs=torch.cumsum(counts_E, 0).to(torch.int32))
-        return y_NH + b_EH.repeat_interleave(counts_E, dim=0, output_size=N)
-    counts = counts_E.tolist()  # host read: the segment sizes (inside the op, not the graph)
-    outs = [torch.addmm(b_EH[e], x, w_EDH[e]) for e, x in enumerate(torch.split(x_ND, counts)) if counts[e]]
-    return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDH.shape[2])
-
-
 @torch.library.custom_op("smes_serving::grouped_mlp", mutates_args=())
 def grouped_mlp(
     x_ND: torch.Tensor, counts_E: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
 ) -> torch.Tensor:
-    """The expert MLPs (Linear -> ReLU per layer, as `model.moe.experts.GroupedExperts`)
-    over rows sorted by expert, `counts_E` rows each: `[N, D] -> [N, H]`."""
-    h_NH = x_ND
-    for w_EDH, b_EH in zip(weights, biases, strict=True):
-        h_NH = torch.relu(_grouped_linear(h_NH, w_EDH, b_EH, counts_E))
-    return h_NH.clone() if h_NH is x_ND else h_NH
+    """The expert MLPs (Linear -> ReLU per layer, `model.moe.grouped.expert_mlp`, as
+    `GroupedExperts` runs them with the `auto` backend) over rows sorted by expert,
+    `counts_E` rows each: `[N, D] -> [N, H]`."""
+    choice = kernel_choice(x_ND, weights[0], "auto")
+    h_NH = expert_mlp(x_ND, counts_E, weights, biases, choice=choice)
+    return h_NH.clone() if h_NH is x_ND else h_NH.contiguous()
 
 
 @grouped_mlp.register_fake

@@ -45,6 +45,10 @@ parallelism that read also brings the all-to-all split sizes, see `model.moe.hos
 then writes every pair's fields to its row with one index-copy (duplicate keys and
 dropped pairs go to a discarded row N). No `unique`, `bincount`, `nonzero` or boolean
 indexing (each a host sync on CUDA). Cost: O(M log M) for the sort, independent of E.
+`sparse_plan` is the project's one implementation of it: training, evaluation and the
+program `trainer.export` traces (through `Router.forward`, with a reader that bounds
+the traced N) all build their pairs there; the tests check it against a brute-force
+reference.
 
 The layer's per-instance table has the static width `max_union(...)` (`num_slots`):
 min(E, K_s + T*K_a) for `progressive`, min(E, T*(K_s + K_a)) for `independent`, E for
@@ -295,21 +299,6 @@ def gather_pairs(
     return list(out_FN[:, :num_pairs].unbind(0))
 
 
-def deduplicate(
-    experts_BTK: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dropless union of every instance's task sets as expert-contiguous pairs (reads N once).
-
-    Returns:
-        `(pair_instance_N, pair_expert_N, counts_E, pair_index_BTK)`, see `RoutingPlan`.
-    """
-    sel = sort_selections(experts_BTK, num_experts)
-    num_pairs = read_local_sizes(sel.counts_E).num_pairs
-    inst_N, exp_N = gather_pairs(sel, sel.pair_M, [sel.instance_M, sel.expert_M], num_pairs)
-    index = torch.empty_like(sel.pair_M).scatter_(0, sel.order_M, sel.pair_M)
-    return inst_N, exp_N, sel.counts_E, index.view_as(experts_BTK)
-
-
 def dense_pairs(
     B: int, T: int, num_experts: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,6 +344,64 @@ def apply_capacity(
     kept_start_E = torch.cumsum(kept_E, 0) - kept_E
     row_M = torch.where(rank_M < capacity, kept_start_E[sel.expert_M] + rank_M, num_kept)
     return row_M, kept_E, num_kept, num_pairs - num_kept
+
+
+def sparse_plan(
+    logits_BTE: torch.Tensor,
+    probs_BTE: torch.Tensor,
+    experts_BTK: torch.Tensor,
+    *,
+    num_slots: int,
+    read_sizes: SizeReader,
+    capacity_factor: float | None = None,
+) -> RoutingPlan:
+    """The plan of a sparse selection: deduplicated expert-contiguous pairs, the slots of
+    every instance's union, the capacity limit and the mixing weights (module doc).
+
+    The one implementation of the SMES deduplication and pair order, for training,
+    evaluation and the exported program alike (`trainer.export` traces it through
+    `Router.forward`): static shapes and no host read except `read_sizes(counts_E)`,
+    which sizes the pair tensors (N, the one data-dependent size: under `torch.export`
+    an unbacked SymInt, which the exporting reader bounds).
+
+    Args:
+        logits_BTE: router logits; `probs_BTE` their softmax.
+        experts_BTK: the selection (`Router.select`).
+        num_slots: static bound on |U| (`max_union`).
+        read_sizes: the step's one host read, `counts_E -> PlanSizes`.
+        capacity_factor: None for dropless, else see `apply_capacity`.
+    """
+    B, T, E = probs_BTE.shape
+    sel = sort_selections(experts_BTK, E)
+    slot_BTK = instance_slots(experts_BTK)
+    if capacity_factor is None:
+        row_M, counts_E, num_dropped = sel.pair_M, sel.counts_E, sel.counts_E.new_zeros(())
+    else:
+        row_M, counts_E, _, num_dropped = apply_capacity(sel, capacity_factor=capacity_factor)
+    sizes = read_sizes(counts_E)  # the step's one host sync
+    N = sizes.num_pairs
+    slot_M = slot_BTK.reshape(-1).index_select(0, sel.order_M)
+    inst_N, exp_N, slot_N = gather_pairs(sel, row_M, [sel.instance_M, sel.expert_M, slot_M], N)
+    index_BTK = torch.empty_like(row_M).scatter_(0, sel.order_M, row_M).view(B, T, -1)
+    if capacity_factor is not None:
+        slot_BTK = slot_BTK.masked_fill(index_BTK == N, num_slots)
+        num_slots += 1
+    return RoutingPlan(
+        logits_BTE=logits_BTE,
+        probs_BTE=probs_BTE,
+        experts_BTK=experts_BTK,
+        weights_BTK=renormalised_weights(experts_BTK, logits_BTE=logits_BTE),
+        pair_instance_N=inst_N,
+        pair_expert_N=exp_N,
+        counts_E=counts_E,
+        pair_index_BTK=index_BTK,
+        pair_slot_N=slot_N,
+        slot_BTK=slot_BTK,
+        num_slots=num_slots,
+        num_dropped=num_dropped,
+        dense=False,
+        sizes=sizes,
+    )
 
 
 def float32_routing(device: torch.device) -> Any:
@@ -470,40 +517,15 @@ class Router(nn.Module):
     def _plan(self, x_BD: torch.Tensor, bias_E: torch.Tensor | None, read_sizes: SizeReader | None) -> RoutingPlan:
         logits_BTE = self.gating(x_BD)
         probs_BTE = torch.softmax(logits_BTE, dim=-1)
-        B, T, E = probs_BTE.shape
         if self.routing == "dense":
             return self._dense_plan(logits_BTE, probs_BTE)
-        experts_BTK = self.select(probs_BTE, bias_E, logits_BTE=logits_BTE)
-        sel = sort_selections(experts_BTK, E)
-        slot_BTK = instance_slots(experts_BTK)
-        capacity_factor = self.capacity_factor if self.training else None
-        if capacity_factor is None:
-            row_M, counts_E, num_dropped = sel.pair_M, sel.counts_E, sel.counts_E.new_zeros(())
-        else:
-            row_M, counts_E, _, num_dropped = apply_capacity(sel, capacity_factor=capacity_factor)
-        sizes = (read_sizes or read_local_sizes)(counts_E)  # the step's one host sync
-        N, num_slots = sizes.num_pairs, self.max_union
-        slot_M = slot_BTK.reshape(-1).index_select(0, sel.order_M)
-        inst_N, exp_N, slot_N = gather_pairs(sel, row_M, [sel.instance_M, sel.expert_M, slot_M], N)
-        index_BTK = torch.empty_like(row_M).scatter_(0, sel.order_M, row_M).view(B, T, -1)
-        if capacity_factor is not None:
-            slot_BTK = slot_BTK.masked_fill(index_BTK == N, num_slots)
-            num_slots += 1
-        return RoutingPlan(
-            logits_BTE=logits_BTE,
-            probs_BTE=probs_BTE,
-            experts_BTK=experts_BTK,
-            weights_BTK=renormalised_weights(experts_BTK, logits_BTE=logits_BTE),
-            pair_instance_N=inst_N,
-            pair_expert_N=exp_N,
-            counts_E=counts_E,
-            pair_index_BTK=index_BTK,
-            pair_slot_N=slot_N,
-            slot_BTK=slot_BTK,
-            num_slots=num_slots,
-            num_dropped=num_dropped,
-            dense=False,
-            sizes=sizes,
+        return sparse_plan(
+            logits_BTE,
+            probs_BTE,
+            self.select(probs_BTE, bias_E, logits_BTE=logits_BTE),
+            num_slots=self.max_union,
+            read_sizes=read_sizes or read_local_sizes,
+            capacity_factor=self.capacity_factor if self.training else None,
         )
 
     def _dense_plan(self, logits_BTE: torch.Tensor, probs_BTE: torch.Tensor) -> RoutingPlan:

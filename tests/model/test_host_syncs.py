@@ -1,7 +1,7 @@
 """Host syncs per SMES step: exactly one per layer (the router's read of N through
 `host_ints`), none elsewhere in forward, backward, load statistics or the bias update.
 
-Counted with `model.moe.host.count_host_syncs`, which patches the Python-visible sync
+Counted with `benchmarks.host_syncs.count_host_syncs`, which patches the Python-visible sync
 entry points (each a device-to-host sync on CUDA, free on CPU). The expert-parallel
 count (ep = 2 on 2 gloo ranks) is in `tests/parallel/test_expert_parallel.py`.
 
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.moe.host import count_host_syncs, host_flag, host_ints, to_host
+from benchmarks.host_syncs import count_host_syncs
+from model.moe.host import host_flag, host_ints, to_host
 from model.smes import SMESConfig, SMESLayer
 
 

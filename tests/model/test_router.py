@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 
 from model.moe.router import (
     Router,
-    deduplicate,
-    instance_slots,
     max_union,
+    read_local_sizes,
     renormalised_weights,
     select_independent,
     select_progressive,
     selection_counts,
+    sparse_plan,
 )
 from model.smes import SMESConfig
 
@@ -65,32 +65,41 @@ def test_progressive_sets_are_bounded(case) -> None:
     assert bool((w_BTK > 0).all())
 
 
+def brute_force_pairs(experts_BTK: torch.Tensor) -> dict:
+    """The executed pairs of a selection by plain Python: every instance's distinct
+    experts, ordered by (expert, instance); each selection's pair row, and its slot (the
+    rank of its expert among its instance's distinct experts)."""
+    B, T, K = experts_BTK.shape
+    sel = experts_BTK.tolist()
+    union = [sorted({e for t in range(T) for e in sel[b][t]}) for b in range(B)]
+    pairs = sorted((e, b) for b in range(B) for e in union[b])
+    row = {pair: n for n, pair in enumerate(pairs)}
+    return dict(
+        pair_instance_N=[b for _, b in pairs],
+        pair_expert_N=[e for e, _ in pairs],
+        pair_slot_N=[union[b].index(e) for e, b in pairs],
+        pair_index_BTK=[[[row[(e, b)] for e in sel[b][t]] for t in range(T)] for b in range(B)],
+        slot_BTK=[[[union[b].index(e) for e in sel[b][t]] for t in range(T)] for b in range(B)],
+    )
+
+
 @settings(max_examples=40, deadline=None)
 @given(routing_case())
-def test_dedup_plan_is_expert_contiguous_and_consistent(case) -> None:
+def test_plan_pairs_equal_the_brute_force_reference(case) -> None:
+    """The router's pairs (`sparse_plan`, the one deduplication): each (instance, expert)
+    pair of the selection once, expert-contiguous, every slot reading its own pair."""
     probs_BTE, w_T, Ks, Ka = case
     B, T, E = probs_BTE.shape
     experts_BTK = select_progressive(probs_BTE, w_T, num_shared=Ks, num_adaptive=Ka)
-    inst_N, exp_N, counts_E, index_BTK = deduplicate(experts_BTK, E)
-    assert bool((exp_N[1:] >= exp_N[:-1]).all())  # expert-contiguous
-    pairs = list(zip(inst_N.tolist(), exp_N.tolist(), strict=True))
-    assert len(pairs) == len(set(pairs))  # each pair computed once
-    expected = {(b, e) for b in range(B) for e in experts_BTK[b].flatten().tolist()}
-    assert set(pairs) == expected
-    assert torch.equal(counts_E, torch.bincount(exp_N, minlength=E))
-    # every slot reads its own (instance, expert) pair
-    assert torch.equal(exp_N[index_BTK], experts_BTK)
-    assert torch.equal(inst_N[index_BTK], torch.arange(B).view(B, 1, 1).expand_as(experts_BTK))
-    # per-instance slots: distinct inside an instance, dense from 0, in expert order,
-    # and within the static bound of the layer's table
-    slot_BTK = instance_slots(experts_BTK)
-    slot_N = torch.empty_like(inst_N).scatter_(0, index_BTK.reshape(-1), slot_BTK.reshape(-1))
-    for b in range(B):
-        experts_b = sorted(set(experts_BTK[b].flatten().tolist()))
-        assert slot_N[inst_N == b].tolist() == list(range(len(experts_b)))
-        assert exp_N[inst_N == b].tolist() == experts_b
     bound = max_union("progressive", num_experts=E, num_tasks=T, num_shared=Ks, num_adaptive=Ka)
-    assert int(slot_N.max()) < bound
+    plan = sparse_plan(probs_BTE.log(), probs_BTE, experts_BTK, num_slots=bound, read_sizes=read_local_sizes)
+    ref = brute_force_pairs(experts_BTK)
+    for key, want in ref.items():
+        assert getattr(plan, key).tolist() == want, key
+    assert plan.counts_E.tolist() == [ref["pair_expert_N"].count(e) for e in range(E)]
+    assert plan.num_pairs == plan.sizes.num_pairs == len(ref["pair_expert_N"])
+    assert plan.num_slots == bound and int(plan.num_dropped) == 0
+    assert plan.num_pairs == 0 or int(plan.pair_slot_N.max()) < bound
     counts_TE = selection_counts(experts_BTK, E)
     assert counts_TE.sum().item() == B * T * (Ks + Ka)
     assert torch.equal(counts_TE.sum(1), torch.full((T,), float(B * (Ks + Ka))))

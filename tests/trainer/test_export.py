@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from data.build import build_dataset
-from data.sources.census import CensusIncomeConfig
 from data.columns import Dataset
 from data.loaders.in_memory import eval_batches
+from data.sources.census import CensusIncomeConfig
 from data.sources.synthetic import SyntheticConfig
 from model.baselines import MMoEConfig, PLEConfig, SharedBottomConfig
 from model.build import MultiTaskModel, TowerConfig
 from model.home import HoMEConfig
+from model.moe.experts import GroupedExperts
 from model.smes import SMESConfig
 from tests.trainer.test_launch import launch
 from tests.trainer.test_predict import ok, predict
@@ -102,9 +103,10 @@ def test_artifact_logits_equal_the_models_in_eval_mode(core: str, synthetic: Dat
     assert_scores_like(model, synthetic, art, batch_size=1, rows=16)
 
 
-def test_smes_on_census_widths_pads_rows_or_loops(tmp_path: Path) -> None:
+def test_smes_on_census_widths_pads_rows_and_weights(tmp_path: Path) -> None:
     """Census: 32 tables of 16 + 7 dense = 519 input columns, not 16-byte aligned (the
-    experts op pads the rows), and a first layer 30 wide (the op loops over experts)."""
+    experts op pads the rows), and a first layer 30 wide (the op pads the weight's
+    columns), as the training model's experts do."""
     dataset = build_dataset(CensusIncomeConfig(limit_rows=600))
     torch.manual_seed(0)
     cfg = SMESConfig(num_experts=8, expert_hidden=[30, 16])
@@ -129,21 +131,41 @@ def _meta(dataset: Dataset) -> dict:
     }  # fmt: skip
 
 
-def test_scorer_imports_only_torch_and_safetensors() -> None:
-    tree = ast.parse((ROOT / "trainer/serving.py").read_text())
-    roots = set()
-    for node in ast.walk(tree):
+def test_scorer_imports_only_torch_safetensors_and_the_grouped_op() -> None:
+    """The scorer runs with torch, safetensors and the project files its module doc lists."""
+    modules = set()
+    for node in ast.walk(ast.parse((ROOT / "trainer/serving.py").read_text())):
         if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
+            modules |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "json", "pathlib", "typing", "torch", "safetensors"}, roots
+            modules.add(node.module)
+    roots = {m.split(".")[0] for m in modules}
+    assert roots <= {"__future__", "json", "pathlib", "typing", "torch", "safetensors", "model"}, roots
+    assert {m for m in modules if m.startswith("model")} == {"model.moe.grouped"}
     code = (
         "import sys, trainer.serving; "
-        "print([m for m in ('torchrec', 'hydra', 'omegaconf', 'data', 'model') if m in sys.modules])"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torchrec', 'hydra', 'omegaconf', 'data', 'model', 'trainer', 'parallel')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    want = ["model", "model.moe", "model.moe.grouped", "model.moe.host", "trainer", "trainer.serving"]
+    assert out.stdout.strip() == str(want)
+
+
+def test_serving_op_runs_the_models_grouped_mlp() -> None:
+    """`smes_serving::grouped_mlp` equals `GroupedExperts` (evaluation, `auto` backend)
+    exactly, for aligned and unaligned input and layer widths and for no rows."""
+    for D, hidden in ((16, [32, 16]), (19, [30, 16]), (7, [5])):
+        torch.manual_seed(D)
+        experts = GroupedExperts(4, D, hidden)
+        counts_E = torch.tensor([3, 0, 5, 2])
+        for N in (10, 0):
+            counts = counts_E if N else torch.zeros(4, dtype=torch.long)
+            x_ND = torch.randn(N, D)
+            with torch.no_grad():
+                want = experts(x_ND, counts)
+                got = torch.ops.smes_serving.grouped_mlp(x_ND, counts, list(experts.weights), list(experts.biases))
+            assert torch.equal(got, want), (D, hidden, N)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ layer's read of its pair count and the trainer's non-finite-loss skip decision;
 nothing else in forward, loss, backward, the optimizer step, the weight average
 (`trainer.ema`), bias balancing or the device-side loss and expert-load accumulators.
 
-Counted with `model.moe.host.count_host_syncs` (patches the sync entry points, which
+Counted with `benchmarks.host_syncs.count_host_syncs` (patches the sync entry points, which
 are free on CPU and a device-to-host sync on CUDA); calls from TorchRec's and torch's
 own code are left to them: the sparse-dist pipeline exists to overlap TorchRec's.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from model.moe.host import count_host_syncs
+from benchmarks.host_syncs import count_host_syncs
 from parallel.dist import DistInfo
 from tests._dist import run_ranks
 from trainer.config import build_run_config
