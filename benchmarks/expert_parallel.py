@@ -80,14 +80,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.smes import SMES, SMESConfig
+from parallel.capacity import apply_capacity_factor
 from parallel.dist import free_port, local_rank_env
 from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import (
-    a2a_stats,
-    apply_capacity_factor,
-    apply_expert_parallel,
-    build_mesh,
-)
+from parallel.expert_parallel import a2a_stats, apply_expert_parallel
+from parallel.mesh import build_mesh
 
 WORLD = 2
 BALANCE_BETA = 0.01

@@ -53,7 +53,8 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from model.build import ModelOutput
-from parallel.expert_parallel import ExpertMesh, smes_layers
+from parallel.expert_params import expert_parameters, smes_layers
+from parallel.mesh import ExpertMesh
 from parallel.parallelize import EMBEDDING_PREFIX, ParallelModel, dense_parameters, unwrap
 
 ENGINES = ("native", "deepspeed")
@@ -191,11 +192,11 @@ def ds_config(cfg: DeepSpeedConfig, *, global_batch: int, world_size: int, grad_
 
 
 def mark_expert_parameters(pm: ParallelModel) -> list[nn.Parameter]:
-    """Tag the sharded expert parameters (ep > 1) with DeepSpeed's MoE attributes."""
+    """Tag the sharded expert parameters (ep > 1, `parallel.expert_params`) with DeepSpeed's MoE attributes."""
     mesh = pm.mesh
     if mesh is None or mesh.ep == 1:
         return []
-    params = [p for n, p in pm.dmp.named_parameters() if ".dispatcher.experts." in n]
+    params = expert_parameters(pm.dmp)
     for p in params:
         p.allreduce = False  # type: ignore[attr-defined]
         p.group_name = group_name(mesh.ep)  # type: ignore[attr-defined]

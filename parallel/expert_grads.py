@@ -3,8 +3,8 @@
 Sharded experts (`parallel.ep` > 1) are kept out of DDP. After backward, an expert's
 gradient on a rank holds the contributions of its expert-parallel group's ranks; it
 must be summed over the expert-data-parallel group (the ranks holding the same experts,
-W / ep of them) and divided by the world size W (`parallel.expert_parallel`'s module
-doc derives the scale). `ExpertGradSync` does that per SMES layer:
+W / ep of them) and divided by the world size W. `ExpertGradSync` does that per SMES
+layer, over its expert parameters (`parallel.expert_params`):
 
 - Replica group of one (ep = W): nothing to communicate. The gradients are divided
   by W in place, one fused multi-tensor op; no copy.
@@ -26,6 +26,12 @@ doc derives the scale). `ExpertGradSync` does that per SMES layer:
   a bucket whose gradients never arrived (a rank whose experts received no rows and
   so saw no backward through them) is started by `finish()` in its turn, with the
   zeros `prepare` left in it.
+
+Gradient scale: every rank's loss is the mean over its local batch and DDP averages
+dense gradients over W. An expert's gradient on its owner holds the sum of the
+contributions of its expert-parallel group's ranks; the expert-data-parallel
+all-reduce sums over the groups, and dividing by W gives the gradient of the global
+mean loss, the same as single-process training on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import torch
 from torch import nn
 
 from parallel import dist as pdist
-from parallel.expert_parallel import ExpertMesh, smes_layers
+from parallel.expert_params import expert_modules, smes_layers
+from parallel.mesh import ExpertMesh
 
 
 class _Bucket:
@@ -146,5 +153,5 @@ def build_expert_grad_sync(model: nn.Module, mesh: ExpertMesh) -> ExpertGradSync
     ep = 1: DDP reduces them like any dense parameter)."""
     if mesh.ep == 1 or mesh.world_size == 1:
         return None
-    layers = [list(layer.experts.parameters()) for layer in smes_layers(model)]
+    layers = [[p for m in expert_modules(layer) for p in m.parameters()] for layer in smes_layers(model)]
     return ExpertGradSync(layers, mesh) if any(layers) else None

@@ -46,7 +46,8 @@ from torch.distributed.tensor import DTensor
 from torchrec.optim.keyed import KeyedOptimizer
 
 from parallel.dist import all_gather_object, all_reduce, barrier, host_group
-from parallel.expert_parallel import ExpertMesh, checkpoint_view
+from parallel.expert_checkpoint import checkpoint_view
+from parallel.mesh import ExpertMesh
 from parallel.parallelize import dense_parameters
 
 log = logging.getLogger("trainer.checkpoint")
@@ -96,7 +97,7 @@ class TrainState:
         if self.ema is not None and ema:
             state["ema"] = self.ema.tensors()
         # sharded experts: global-shape DTensor views, so ep / world size can change
-        return checkpoint_view(state, self.expert_mesh)
+        return checkpoint_view(state, self.expert_mesh, model=self.model)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -247,13 +248,13 @@ def load_model(state: TrainState, path: Path) -> None:
     and, if it holds one, the moving average over the dense weights (`trainer/ema.py`)."""
     if not (path / MARKER).exists():
         raise ValueError(f"{path} is not a complete checkpoint folder (no {MARKER} marker)")
-    tensors = checkpoint_view({"model": state.model.state_dict()}, state.expert_mesh)
+    tensors = checkpoint_view({"model": state.model.state_dict()}, state.expert_mesh, model=state.model)
     dcp.load(tensors, checkpoint_id=str(path), process_group=_dcp_group())
     sharded_experts = state.expert_mesh is not None and state.expert_mesh.ep > 1
     state.model.load_state_dict(state.model.state_dict() if sharded_experts else tensors["model"])
     if holds_average(path):  # into the parameters in place (expert slices through their DTensor views)
         dense = {name: p.detach() for name, p in dense_parameters(state.model)}
-        dcp.load(checkpoint_view({"ema": dense}, state.expert_mesh), checkpoint_id=str(path),
+        dcp.load(checkpoint_view({"ema": dense}, state.expert_mesh, model=state.model), checkpoint_id=str(path),
                  process_group=_dcp_group())  # fmt: skip
 
 

@@ -16,13 +16,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.parsing.bad_rows import check_policy
 from data.build import SOURCES, declared_names
+from data.parsing.bad_rows import check_policy
 from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, validate_smes_config
+from parallel.capacity import check_capacity_factor
 from parallel.deepspeed_engine import DeepSpeedConfig, check_engine
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
-from parallel.expert_parallel import check_capacity_factor, check_ep
+from parallel.mesh import check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.ema import EMAConfig

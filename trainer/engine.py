@@ -28,8 +28,8 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from data.batch import Batch
 from model.build import ModelOutput
 from model.moe.router import Router
+from parallel.clip import clip_grad_norm_
 from parallel.deepspeed_engine import DeepSpeedDense
-from parallel.expert_parallel import clip_grad_norm_
 from parallel.parallelize import ParallelModel, dense_parameters
 from trainer.config import RunConfig
 from trainer.optim import build_dense_optimizer

@@ -27,7 +27,7 @@ from torch import nn
 
 from data.columns import Dataset
 from parallel.dist import DistInfo
-from parallel.expert_parallel import checkpoint_view
+from parallel.expert_checkpoint import checkpoint_view
 from parallel.parallelize import ParallelModel
 from trainer import checkpoint
 from trainer.checkpoint import MARKER, TrainState
@@ -149,7 +149,7 @@ def load_model_from(run: RunConfig, dataset: Dataset, info: DistInfo, path: Path
 def load_into(pm: ParallelModel, path: Path) -> None:
     """`checkpoint.load_model` into a freshly parallelised model (collective)."""
     # global shapes: under ep > 1 each rank holds E / ep experts, the checkpoint all E
-    check_shapes(checkpoint_view({"model": pm.dmp.state_dict()}, pm.mesh)["model"], path)
+    check_shapes(checkpoint_view({"model": pm.dmp.state_dict()}, pm.mesh, model=pm.dmp)["model"], path)
     state = TrainState(
         model=pm.dmp,
         sparse_optim=None,  # type: ignore[arg-type]  # load_model reads the model only

@@ -36,9 +36,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from data.loaders.in_memory import TrainLoader
 from model.build import MultiTaskModel
 from parallel import dist as pdist
+from parallel.capacity import apply_capacity_factor
 from parallel.dist import DistInfo
 from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import apply_capacity_factor, apply_expert_parallel, build_mesh, expert_parameters
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.expert_params import expert_parameters
+from parallel.mesh import build_mesh
 from parallel.parallelize import ParallelModel, dense_parameters, sync_batch_norms
 from tests._dist import run_ranks
 from tests.cuda_sim.sim import SIM_BACKEND, collective_log, plain, sim_module, simulate_cuda, to_sim

@@ -1,4 +1,4 @@
-"""Gradient clipping by the global norm (`parallel.expert_parallel.clip_grad_norm_`): the
+"""Gradient clipping by the global norm (`parallel.clip.clip_grad_norm_`): the
 norm of float64 accuracy without a float64 copy of any gradient (one float32 norm per
 tensor from a fused multi-tensor kernel; only those norms are summed in float64)."""
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from parallel.expert_parallel import clip_grad_norm_
+from parallel.clip import clip_grad_norm_
 
 
 class _Float64Copies(TorchDispatchMode):

@@ -17,7 +17,8 @@ from torch import nn
 from model.smes import SMESConfig, SMESLayer
 from parallel import dist as pdist
 from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import apply_expert_parallel, build_mesh
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.mesh import build_mesh
 from tests._dist import run_ranks
 
 B, D, E = 16, 10, 8
@@ -65,11 +66,11 @@ def _worker(rank: int, world: int, ep: int, prepare: bool) -> dict:
     y, aux, _ = plain.layer(x_BD.clone().requires_grad_())
     (y.square().mean() * 2 + sum(aux.values())).backward()
     want = {}
-    for n, p in plain.layer.dispatcher.experts.named_parameters():
+    for n, p in plain.layer.experts.named_parameters():
         g = p.grad.clone()
         pdist.all_reduce(g, group=mesh.edp_group)
         want[n] = g / world
-    got = {n: p.grad.clone() for n, p in core.layer.dispatcher.experts.named_parameters()}
+    got = {n: p.grad.clone() for n, p in core.layer.experts.named_parameters()}
     return {"want": want, "got": got, "started": started, "calls": calls[0], "views": sync.communicate}
 
 

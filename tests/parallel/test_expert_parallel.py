@@ -13,20 +13,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks.host_syncs import count_host_syncs
 from data.loaders.in_memory import TrainLoader
 from model.build import MultiTaskModel, TowerConfig
-from model.moe.host import count_host_syncs
 from model.smes import SMES, SMESConfig
+from parallel.capacity import apply_capacity_factor
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.expert_parallel import (
-    a2a_stats,
-    apply_capacity_factor,
-    apply_expert_parallel,
-    build_mesh,
-    check_ep,
-    smes_layers,
-)
+from parallel.expert_parallel import a2a_stats, apply_expert_parallel
+from parallel.expert_params import expert_parameter_names, smes_layers
+from parallel.mesh import build_mesh, check_ep
 from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
@@ -111,8 +107,9 @@ def ep_worker(rank: int, world: int, init: dict, ep: int) -> dict:
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         res["losses"].append(mean.item() / world)
-    res["state"] = {k: v for k, v in gather_full_state(pm.dmp).items() if ".dispatcher.experts." not in k}
-    res["experts"] = {n: p.detach().clone() for n, p in pm.dmp.named_parameters() if ".dispatcher.experts." in n}
+    experts = expert_parameter_names(pm.dmp)
+    res["state"] = {k: v for k, v in gather_full_state(pm.dmp).items() if k not in experts}
+    res["experts"] = {n: p.detach().clone() for n, p in pm.dmp.named_parameters() if n in experts}
     res["a2a_bytes"] = sum(s.bytes_sent for s in a2a_stats(pm.dmp))
     res["ep_rank"] = smes_layers(pm.dmp)[0].dispatcher.mesh.ep_rank
     return res
@@ -127,6 +124,7 @@ def expert_slice(full: torch.Tensor, ep_rank: int, ep: int) -> torch.Tensor:
 @pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
 def test_expert_parallel_matches_single_process(world: int, ep: int) -> None:
     ref = reference()
+    experts = expert_parameter_names(build("meta"))
     ranks = run_ranks(ep_worker, world, ref["init"], ep)
     np.testing.assert_allclose(ranks[0]["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
     for t in SPEC.tasks:
@@ -135,11 +133,9 @@ def test_expert_parallel_matches_single_process(world: int, ep: int) -> None:
     torch.testing.assert_close(ranks[0]["counts"], ref["counts"])  # global balance counts
     for r in ranks:
         assert r["a2a_bytes"] > 0  # rows really crossed ranks
+        assert r["experts"].keys() == experts
         for name, g in r["grads"].items():
-            if ".dispatcher.experts." in name:
-                want = expert_slice(ref["grads"][name], r["ep_rank"], ep)
-            else:
-                want = ref["grads"][name]
+            want = expert_slice(ref["grads"][name], r["ep_rank"], ep) if name in experts else ref["grads"][name]
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=name)
         for name, w in r["experts"].items():
             torch.testing.assert_close(w, expert_slice(ref["state"][name], r["ep_rank"], ep), rtol=1e-4, atol=1e-6)

@@ -15,6 +15,7 @@ import torch
 
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig
+from parallel.expert_params import named_expert_parameters
 from parallel.parallelize import ParallelConfig, parallelize
 from parallel.state import gather_full_state, seeded_table_rows
 from tests._dist import run_ranks
@@ -53,7 +54,7 @@ def init_worker(rank: int, world: int) -> dict:
         pm = parallelize(mmoe.build("meta"), cfg, info, seed=SEED)  # build seeds torch with 0
         out[str(stype)] = {"plan": pm.plan, "state": gather_full_state(pm.dmp), "next_rand": torch.rand(3)}
     pm = parallelize(smes.build("meta"), ParallelConfig(ep=world), info, seed=SEED)
-    out["experts"] = {n: p.detach().clone() for n, p in pm.dmp.named_parameters() if ".dispatcher.experts." in n}
+    out["experts"] = {n: p.detach().clone() for n, p in named_expert_parameters(pm.dmp)}
     out["ep_rank"] = rank
     return out
 

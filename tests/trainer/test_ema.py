@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from parallel.dist import DistInfo
+from parallel.expert_params import expert_parameter_names
 from tests._dist import run_ranks
 from trainer import checkpoint
 from trainer.config import build_run_config
@@ -89,7 +90,14 @@ def _train(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> d
     start = ema and {name: t.clone() for name, t in ema.tensors().items()}
     trainer.train()
     summary = trainer.finish()
-    return {"summary": summary, "average": ema and ema.tensors(), "updates": ema and ema.num_updates, "start": start}
+    experts = expert_parameter_names(trainer.pm.dmp)
+    return {
+        "summary": summary,
+        "average": ema and ema.tensors(),
+        "updates": ema and ema.num_updates,
+        "start": start,
+        "experts": experts,
+    }
 
 
 def _best_dir(run_dir: str) -> Path:
@@ -152,7 +160,7 @@ def test_expert_parallel_average_reshards_into_one_process(tmp_path: Path) -> No
     run_dir = str(tmp_path / "run")
     ep2 = ("trainer.steps=8", "parallel.ep=2")
     outs = run_ranks(_train, 2, run_dir, ep2)
-    expert_keys = [k for k in outs[0]["average"] if ".dispatcher.experts." in k]
+    expert_keys = [k for k in outs[0]["average"] if k in outs[0]["experts"]]
     assert expert_keys and all(outs[0]["average"][k].shape[0] == 2 for k in expert_keys)  # E/ep slices
     assert not torch.equal(outs[0]["average"][expert_keys[0]], outs[1]["average"][expert_keys[0]])
     (got,) = run_ranks(_reported_and_trained, 1, run_dir, ("trainer.steps=8",))

@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 
 from model.moe.host import host_ints
 from parallel.dist import DistInfo
+from parallel.expert_params import expert_parameter_names
 from parallel.parallelize import TABLE_PREFIX
 from tests._dist import run_ranks
 from trainer.config import build_run_config
@@ -67,7 +68,7 @@ def _built(rank: int, world: int, run_dir: str, extra: list[str]) -> dict:
     trainer.train_start = 0.0
     trainer.train_step()
     named = dict(trainer.pm.dmp.named_parameters())
-    experts = {n for n in named if ".dispatcher.experts." in n}
+    experts = expert_parameter_names(trainer.pm.dmp)
     dense = [p for n, p in named.items() if not n.startswith("ebc.") and n not in experts]
     expert = [named[n] for n in experts]
     params = {id(p): p for p in [*dense, *expert]}
