@@ -1,7 +1,7 @@
 """AUC, DeLong and the paired bootstrap engine behind `benchmarks/paired.py` (numpy only).
 
 - `auc(scores, labels, weights)`: weighted AUC with midranks, O(N log N); equals
-  `trainer.metrics.auc` on unweighted input (bit for bit: both sum exact half-integers).
+  `trainer.evaluation.metrics.auc` on unweighted input (bit for bit: both sum exact half-integers).
 - `delong(scores_KN, labels_N)`: AUCs and covariance of K classifiers on the same rows,
   the fast midrank algorithm of Sun & Xu (2014), O(K N log N).
 - `RankedScores`: one (run, task) score vector sorted once; `weighted_aucs(W_RN)` then
@@ -48,7 +48,7 @@ def auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = Non
 
     Args:
         scores: `[N]` scores (any monotone transform gives the same AUC).
-        labels: `[N]`, positive where > 0.5 (as `trainer.metrics`).
+        labels: `[N]`, positive where > 0.5 (as `trainer.evaluation.metrics`).
         weights: `[N]` non-negative row weights (a row of weight w counts as w copies);
             None = all 1.
 
@@ -128,8 +128,8 @@ class RankedScores:
 
     Attributes:
         n_pos, n_neg: class counts.
-        auc: the AUC (NaN with one class), equal to `trainer.metrics.auc`.
-        gauc, gauc_users: GAUC as `trainer.metrics.gauc_and_users` (NaN, 0 without users).
+        auc: the AUC (NaN with one class), equal to `trainer.evaluation.metrics.auc`.
+        gauc, gauc_users: GAUC as `trainer.evaluation.metrics.gauc_and_users` (NaN, 0 without users).
         user_num_U, user_den_U: per user `impressions x AUC` and `impressions`, both 0
             for users with one class: GAUC = sum(num) / sum(den) and, under user weights
             v, sum(v num) / sum(v den).

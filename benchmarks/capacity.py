@@ -99,7 +99,7 @@ def cluster_nmi(predictions: str, test_files: list[str], columns: list[str]) -> 
     """NMI between each test row's experts (the `experts` column of its predictions) and
     its latent cluster (the combination of `columns` in the test files); None when
     either is missing."""
-    from trainer.expert_stats import cluster_expert_nmi
+    from trainer.evaluation.experts import cluster_expert_nmi
 
     table = pq.read_table(predictions)
     if "experts" not in table.column_names or not test_files:

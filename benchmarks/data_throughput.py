@@ -40,8 +40,8 @@ import torch
 from omegaconf import OmegaConf
 
 from data.build import build_dataset, build_train_loader
-from data.sources.census import CensusIncomeConfig
 from data.columns import Dataset
+from data.sources.census import CensusIncomeConfig
 from data.sources.parquet_stream import ParquetStreamConfig
 from data.sources.synthetic import SyntheticConfig
 

@@ -7,7 +7,7 @@ Every mode is its own `--world`-process gloo run (spawned here, fresh processes,
 mode's allocations do not lower the other's peak). Each rank builds its shard of
 `--rows / --world` rows (seeded by rank, the same in every mode): user ids uniform over
 `--users`, labels Bernoulli(0.3), logits `label + N(0, 1)` in float32, one tie group of
-1% of the rows at logit 0; fills `trainer.metrics.Predictions` in `--batch`-row batches
+1% of the rows at logit 0; fills `trainer.evaluation.metrics.Predictions` in `--batch`-row batches
 as the evaluation loop does; then all ranks meet, the peak-RSS counter is reset
 (`/proc/self/clear_refs` = 5) and `compute_metrics(preds, tasks, mode=...)` runs.
 
@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel.dist import barrier, free_port, local_rank_env
-from trainer.metrics import Predictions, compute_metrics
+from trainer.evaluation.metrics import Predictions, compute_metrics
 
 
 def _status_kb(field: str) -> int:

@@ -14,7 +14,7 @@ naming the file. The AUCs of the probabilities equal those of the logits the tra
 scores (`sigmoid` is monotone) unless float64 `sigmoid` saturates to 1.0 (logits above
 ~36.7), which would tie rows that the logits separate.
 
-Metrics, as `trainer/metrics.py` defines them: `auc/<task>` (exact ROC AUC, ties count
+Metrics, as `trainer/evaluation/metrics.py` defines them: `auc/<task>` (exact ROC AUC, ties count
 half), `gauc/<task>` (the per-user AUCs averaged with weights = the user's number of
 impressions, over the users who have both classes), `mean_auc` and `mean_gauc` (their
 mean over the tasks). `compare(a, b)` reports for each metric the seed-mean of either

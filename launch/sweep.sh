@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Hydra multirun sweep: every point runs as its own distributed job (launch/torchrun.sh
 # with NPROC processes), one after another; sweep_table.csv, sweep_table.md and
-# sweep_plot.png are then written into the sweep directory (trainer/sweep.py).
+# sweep_plot.png are then written into the sweep directory (trainer/reporting/sweep.py).
 #
 #   NPROC=2 bash launch/sweep.sh model=smes model.num_experts=4,8,16 trainer.steps=300
 #

@@ -28,7 +28,7 @@ from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.ema import EMAConfig
 from trainer.ema import check_config as check_ema
-from trainer.metrics import check_mode
+from trainer.evaluation.metrics import check_mode
 from trainer.selection import EarlyStoppingConfig, check_config
 
 DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
@@ -55,7 +55,7 @@ class TrainerConfig:
             `trainer/ema.py`).
         eval_mode: exact (every rank gathers all rows: O(N) memory per rank) |
             distributed (distributed sort, O(N / W) per rank) | auto (distributed above
-            2M evaluation rows on more than one rank). See `trainer/metrics.py`.
+            2M evaluation rows on more than one rank). See `trainer/evaluation/metrics.py`.
         log_every: log training metrics every N steps.
         seed: seed of model init and data order.
         device: auto | cpu | cuda.

@@ -1,6 +1,6 @@
 """Inference artifact of a trained run: `python -m trainer.export RUN_DIR --out DIR`.
 
-Writes what `trainer.serving.InferenceModel.load(DIR)` scores with on one process,
+Writes what `trainer.serving.scorer.InferenceModel.load(DIR)` scores with on one process,
 without the training stack (no torchrec, hydra or process group):
 
 - `tables.safetensors`: every embedding table as a plain `[V, De]` tensor;
@@ -39,7 +39,7 @@ does not trace: the routing plan is `Router.forward` (selection, mixing weights,
 expert-contiguous pairs of `model.moe.router.sparse_plan`) with a size reader that
 bounds the traced N by `torch._check`, so expert compute scales with |U| per instance
 as in training; the experts are the opaque custom op `smes_serving::grouped_mlp`
-(`trainer/serving.py`), which runs `model.moe.grouped.expert_mlp`; the tasks are mixed
+(`trainer/serving/scorer.py`), which runs `model.moe.grouped.expert_mlp`; the tasks are mixed
 by `model.smes.mix_tasks`. Dense routing runs every expert as one batched matmul
 (`model.moe.grouped.dense_mlp`) without a plan. The tests check every task's logits
 against the training model's on real evaluation batches: SMES progressive,
@@ -75,10 +75,10 @@ from model.core import CoreOutput
 from model.moe.grouped import dense_mlp
 from model.moe.router import PlanSizes, read_local_sizes
 from model.smes import SMES, mix_dense, mix_tasks
-from trainer import serving
 from trainer.checkpoint import MARKER
 from trainer.config import RunConfig
-from trainer.restore import check_shapes, checkpoint_step, resolve_checkpoint, run_config, run_node
+from trainer.serving import scorer
+from trainer.serving.restore import check_shapes, checkpoint_step, resolve_checkpoint, run_config, run_node
 
 log = logging.getLogger("trainer.export")
 CHECK_ROWS = 2048
@@ -179,7 +179,7 @@ def metadata(run: RunConfig, dataset: Dataset, *, run_dir: Path, ckpt: Path) -> 
     stats: dict = info.get("dense_stats") or {}  # type: ignore[assignment]
     transforms = info.get("dense_transforms") or [None] * spec.num_dense
     return {
-        "format": serving.FORMAT,
+        "format": scorer.FORMAT,
         "dataset": spec.name,
         "model": run.model.name,
         "tasks": list(spec.tasks),
@@ -209,22 +209,22 @@ def write_artifact(model: MultiTaskModel, dataset: Dataset, meta: dict[str, Any]
     batch, valid = batches[0]
     with torch.no_grad():
         x_BD = model.embed(batch.dense, batch.sparse)[:valid]
-    torch.export.save(export_program(model, x_BD), str(out / serving.PROGRAM))
+    torch.export.save(export_program(model, x_BD), str(out / scorer.PROGRAM))
     tables = {
         table_name(f.name): model.ebc.embedding_bags[table_name(f.name)].weight.detach().contiguous()
         for f in dataset.spec.sparse
     }
-    save_file(tables, str(out / serving.TABLES))
+    save_file(tables, str(out / scorer.TABLES))
     vocab = dataset.info.get("vocab")
     if vocab:
-        (out / serving.VOCAB_JSON).write_text(json.dumps({k: v.to_pylist() for k, v in vocab.items()}))  # type: ignore[attr-defined]
-    (out / serving.MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        (out / scorer.VOCAB_JSON).write_text(json.dumps({k: v.to_pylist() for k, v in vocab.items()}))  # type: ignore[attr-defined]
+    (out / scorer.MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @torch.no_grad()
 def check_artifact(model: MultiTaskModel, dataset: Dataset, out: Path, *, rows: int) -> dict[str, Any]:
     """Max |logit difference| of the loaded artifact vs the model on `rows` test rows."""
-    loaded = serving.InferenceModel.load(out)
+    loaded = scorer.InferenceModel.load(out)
     worst, n = 0.0, 0
     for batch, valid in example_batches(dataset.test, dataset, rows=rows):
         want = model(batch).logits
@@ -247,7 +247,7 @@ def export(run_dir: Path, out: Path, *, checkpoint: str = "best", data: dict[str
     meta = metadata(run, dataset, run_dir=run_dir, ckpt=ckpt)
     write_artifact(model, dataset, meta, out)
     meta["check"] = check_artifact(model, dataset, out, rows=check_rows)
-    (out / serving.MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / scorer.MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -46,13 +46,13 @@ first '.'>.parquet`): one row per scored input row, in input order, padding drop
   computed the row. The layer keeps each batch's routing plan while
   `SMESLayer.record_plan` is set (only here; training never sets it) and
   `model.moe.router.union_experts` reads the rows' experts from it, one host copy per
-  batch. `trainer.expert_stats.cluster_expert_nmi(table["experts"].to_pylist(),
+  batch. `trainer.evaluation.experts.cluster_expert_nmi(table["experts"].to_pylist(),
   clusters)` then measures how specialised the experts are by a latent grouping
   of the rows.
 
 Each rank writes its part (`<out>.parts/rank<r>.parquet`); after a barrier rank 0
 concatenates them in rank order into `<out>` and deletes the parts. When labels are
-present, the metrics of the scored rows (`trainer.metrics.compute_metrics`, the run's
+present, the metrics of the scored rows (`trainer.evaluation.metrics.compute_metrics`, the run's
 `trainer.eval_mode`) are printed and written to `<out stem>.metrics.json`; on the run's
 own test split with the reported checkpoint they are the run's `summary.json` `eval`.
 
@@ -92,8 +92,8 @@ from model.smes import SMESLayer
 from parallel.dist import DistInfo, barrier, init_distributed, shutdown
 from parallel.expert_params import smes_layers
 from trainer.config import RunConfig
-from trainer.metrics import Predictions, compute_metrics
-from trainer.restore import load_model_from, resolve_checkpoint, run_config, run_node
+from trainer.evaluation.metrics import Predictions, compute_metrics
+from trainer.serving.restore import load_model_from, resolve_checkpoint, run_config, run_node
 
 log = logging.getLogger("trainer.predict")
 RANK = int(os.environ.get("RANK", "0"))

@@ -17,7 +17,7 @@ report, so it is the last thing on the screen. Anything else is a bug: every ran
 its traceback.
 
 In a Hydra multirun (`-m`) outside torchrun, each job launches its point as its own
-torchrun job instead of training in this process (`trainer/sweep.py`).
+torchrun job instead of training in this process (`trainer/reporting/sweep.py`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.dist import init_distributed, shutdown
-from trainer import sweep
 from trainer.config import build_run_config
+from trainer.reporting import sweep
 from trainer.trainer import train
 
 log = logging.getLogger("trainer")

@@ -51,18 +51,19 @@ from model.build import ModelOutput, MultiTaskModel
 from model.moe.host import host_flag, to_host
 from parallel.dist import DistInfo, all_gather_object, all_reduce, all_reduce_mean, init_distributed
 from parallel.parallelize import ParallelModel, dense_parameters, parallelize
-from trainer import checkpoint, report
+from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, to_plain, validate_against_data
 from trainer.ema import WeightAverage
 from trainer.engine import build_engine
-from trainer.expert_stats import ExpertLoadMeter
+from trainer.evaluation.experts import ExpertLoadMeter
+from trainer.evaluation.metrics import Predictions, compute_metrics
 from trainer.faults import FaultInjector
-from trainer.logger import MetricLogger
 from trainer.loss import total_loss
-from trainer.metrics import Predictions, compute_metrics
 from trainer.optim import build_scheduler
 from trainer.pipeline import InlineSteps, LoaderCursor, SparseDistPipeline
+from trainer.reporting import report
+from trainer.reporting.logger import MetricLogger
 from trainer.selection import ModelSelector
 from trainer.timer import StepTimer
 

@@ -5,7 +5,7 @@
 terms as pure functions. The layer that wires them together is `model.smes.SMESLayer`.
 
 The names below are imported on first use (PEP 562), so that importing one submodule
-loads only what it imports: the serving scorer (`trainer/serving.py`) needs
+loads only what it imports: the serving scorer (`trainer/serving/scorer.py`) needs
 `model.moe.grouped` and `model.moe.host` alone.
 """
 

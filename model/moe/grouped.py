@@ -2,7 +2,7 @@
 
 Pure math on given tensors (no module state, no warnings, no config): the one
 implementation behind `model.moe.experts` (training and evaluation) and the serving op
-`smes_serving::grouped_mlp` (`trainer/serving.py`), so that an exported program scores
+`smes_serving::grouped_mlp` (`trainer/serving/scorer.py`), so that an exported program scores
 with the kernel choice, alignment and padding the model evaluates with. This file
 imports only torch and `model.moe.host` (torch only, for the loop's segment sizes):
 a serving process needs these two files, not the training stack.

@@ -1,5 +1,5 @@
 """`benchmarks/paired.py`: the AUC, DeLong and bootstrap-replicate math against brute force
-and `trainer.metrics`, the bootstrap standard error against DeLong's, and `compare` /
+and `trainer.evaluation.metrics`, the bootstrap standard error against DeLong's, and `compare` /
 `interval` on prediction parquet files (identical models, a clearly better one, rows that
 do not match)."""
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks import paired
-from trainer import metrics
+from trainer.evaluation import metrics
 
 
 def _brute_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:

@@ -48,7 +48,7 @@ from tests.cuda_sim.sim import SIM_BACKEND, collective_log, plain, sim_module, s
 from trainer.config import build_run_config
 from trainer.ema import WeightAverage
 from trainer.engine import NativeDense
-from trainer.expert_stats import ExpertLoadMeter
+from trainer.evaluation.experts import ExpertLoadMeter
 from trainer.faults import FaultInjector
 from trainer.optim import build_dense_optimizer, build_scheduler
 from trainer.pipeline import InlineSteps, LoaderCursor
@@ -212,7 +212,7 @@ def _run(rank: int, world: int, simulate: bool) -> dict:
             with trainer.averaged():
                 val = trainer.evaluate(trainer.dataset.val)
             out[name] = {
-                "window": trainer.logger.rows if trainer.logger else None,
+                "window": trainer.reporting.logger.rows if trainer.reporting.logger else None,
                 "val": val,
                 "collectives": logs,
                 "on_device": [p.device.type for p in trainer.model.core.parameters()][:1],

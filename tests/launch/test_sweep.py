@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainer import sweep
+from trainer.reporting import sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = (
@@ -156,5 +156,5 @@ def test_default_config_composes_with_the_sweep_parts() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["launcher.nproc=4"], return_hydra_config=True)
     assert cfg.launcher.nproc == 4 and cfg.launcher.torchrun_args == ""
-    assert cfg.hydra.callbacks.sweep_report._target_ == "trainer.sweep.SweepReport"
+    assert cfg.hydra.callbacks.sweep_report._target_ == "trainer.reporting.sweep.SweepReport"
     assert not sweep.is_sweep_parent()  # no Hydra job running here

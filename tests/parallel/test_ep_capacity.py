@@ -29,7 +29,7 @@ from tests._dist import run_ranks
 from tests.parallel.test_embedding_parity import SPEC
 from tests.parallel.test_expert_parallel import build, expert_slice, loader, total_loss
 from tests.trainer.test_config import compose_run
-from trainer.expert_stats import ExpertLoadMeter
+from trainer.evaluation.experts import ExpertLoadMeter
 
 WORLD, CAPACITY = 2, 0.5
 

@@ -1,4 +1,4 @@
-"""Brute-force metric definitions that share no code with `trainer/metrics.py`.
+"""Brute-force metric definitions that share no code with `trainer/evaluation/metrics.py`.
 
 AUC counts every (positive, negative) pair, ties 1/2; GAUC loops over users. Kept apart
 from the test modules so that spawned ranks import them without torchrec or Hydra.

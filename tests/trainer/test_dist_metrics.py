@@ -19,8 +19,8 @@ import torch
 
 from tests._dist import run_ranks
 from tests.trainer.metric_refs import brute_auc, brute_gauc
-from trainer import dist_metrics
-from trainer.metrics import Predictions, compute_metrics
+from trainer.evaluation import distributed as dist_metrics
+from trainer.evaluation.metrics import Predictions, compute_metrics
 
 TASKS = ("ties", "smooth", "flat", "oneclass")
 ROWS_PER_RANK = 600

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from model.smes import SMES, SMESConfig
-from trainer.expert_stats import ExpertLoadMeter, cluster_expert_nmi, load_figures, nmi
-from trainer.report import expert_log
+from trainer.evaluation.experts import ExpertLoadMeter, cluster_expert_nmi, load_figures, nmi
+from trainer.reporting.report import expert_log
 
 
 def reference_nmi(a: list[int], b: list[int]) -> float | None:

@@ -27,8 +27,8 @@ from model.moe.experts import GroupedExperts
 from model.smes import SMESConfig
 from tests.trainer.test_launch import launch
 from tests.trainer.test_predict import ok, predict
-from trainer import serving
 from trainer.export import write_artifact
+from trainer.serving import scorer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def one_thread() -> Iterator[None]:
 
 
 def assert_scores_like(
-    model: MultiTaskModel, dataset: Dataset, art: serving.InferenceModel, batch_size: int, rows: int | None = None
+    model: MultiTaskModel, dataset: Dataset, art: scorer.InferenceModel, batch_size: int, rows: int | None = None
 ) -> None:
     """Every task's logits on `rows` test rows (default all) in evaluation batches."""
     split = dataset.test if rows is None else dataset.test.take(np.arange(rows))
@@ -96,8 +96,8 @@ def test_artifact_logits_equal_the_models_in_eval_mode(core: str, synthetic: Dat
     torch.manual_seed(0)
     model = MultiTaskModel(synthetic.spec, core_cfg=CORES[core], embedding_dim=16, tower=TowerConfig(hidden=[8]))
     model = trained_like(model, seed=1)
-    write_artifact(model, synthetic, {"format": serving.FORMAT, **_meta(synthetic)}, tmp_path)
-    art = serving.InferenceModel.load(tmp_path)
+    write_artifact(model, synthetic, {"format": scorer.FORMAT, **_meta(synthetic)}, tmp_path)
+    art = scorer.InferenceModel.load(tmp_path)
     assert art.tasks == synthetic.spec.tasks
     assert_scores_like(model, synthetic, art, batch_size=256)  # the batch size is dynamic: 700 rows pad the last
     assert_scores_like(model, synthetic, art, batch_size=1, rows=16)
@@ -112,10 +112,10 @@ def test_smes_on_census_widths_pads_rows_and_weights(tmp_path: Path) -> None:
     cfg = SMESConfig(num_experts=8, expert_hidden=[30, 16])
     model = MultiTaskModel(dataset.spec, core_cfg=cfg, embedding_dim=16, tower=TowerConfig(hidden=[8]))
     model = trained_like(model, seed=2)
-    write_artifact(model, dataset, {"format": serving.FORMAT, **_meta(dataset)}, tmp_path)
-    art = serving.InferenceModel.load(tmp_path)
+    write_artifact(model, dataset, {"format": scorer.FORMAT, **_meta(dataset)}, tmp_path)
+    art = scorer.InferenceModel.load(tmp_path)
     assert_scores_like(model, dataset, art, batch_size=128)
-    vocab = json.loads((tmp_path / serving.VOCAB_JSON).read_text())
+    vocab = json.loads((tmp_path / scorer.VOCAB_JSON).read_text())
     assert len(vocab["education"]) + 1 == dataset.spec.feature("education").num_embeddings
     ids = art.encode_ids("education", [vocab["education"][3], "no such value", None])
     assert ids.tolist() == [4, 0, 0]
@@ -134,7 +134,7 @@ def _meta(dataset: Dataset) -> dict:
 def test_scorer_imports_only_torch_safetensors_and_the_grouped_op() -> None:
     """The scorer runs with torch, safetensors and the project files its module doc lists."""
     modules = set()
-    for node in ast.walk(ast.parse((ROOT / "trainer/serving.py").read_text())):
+    for node in ast.walk(ast.parse((ROOT / "trainer/serving/scorer.py").read_text())):
         if isinstance(node, ast.Import):
             modules |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -143,12 +143,20 @@ def test_scorer_imports_only_torch_safetensors_and_the_grouped_op() -> None:
     assert roots <= {"__future__", "json", "pathlib", "typing", "torch", "safetensors", "model"}, roots
     assert {m for m in modules if m.startswith("model")} == {"model.moe.grouped"}
     code = (
-        "import sys, trainer.serving; "
+        "import sys, trainer.serving.scorer; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torchrec', 'hydra', 'omegaconf', 'data', 'model', 'trainer', 'parallel')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    want = ["model", "model.moe", "model.moe.grouped", "model.moe.host", "trainer", "trainer.serving"]
+    want = [
+        "model",
+        "model.moe",
+        "model.moe.grouped",
+        "model.moe.host",
+        "trainer",
+        "trainer.serving",
+        "trainer.serving.scorer",
+    ]
     assert out.stdout.strip() == str(want)
 
 
@@ -181,13 +189,13 @@ def test_export_cli_matches_trainer_predict(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "trainer.export", str(run_dir), "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    meta = json.loads((out / serving.MODEL_JSON).read_text())
+    meta = json.loads((out / scorer.MODEL_JSON).read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert meta["step"] == summary["best_step"] and meta["check"]["max_abs_logit_diff"] < 1e-5
     ok(predict(f"run_dir={run_dir}", f"out={tmp_path / 'test.parquet'}"))
     table = pq.read_table(tmp_path / "test.parquet")
     dataset = build_dataset(CensusIncomeConfig(limit_rows=1500))
-    art = serving.InferenceModel.load(out)
+    art = scorer.InferenceModel.load(out)
     got = {t: [] for t in art.tasks}
     for batch in eval_batches(dataset.test, spec=dataset.spec, batch_size=512):
         valid = int((batch.weights > 0).sum())

@@ -1,6 +1,6 @@
 """AUC / GAUC / NE against brute-force definitions, the cross-rank gather, eval_mode.
 
-The references here share no code with `trainer/metrics.py`: AUC by counting every
+The references here share no code with `trainer/evaluation/metrics.py`: AUC by counting every
 (positive, negative) pair (ties 1/2), GAUC by looping over users, NE by its formula.
 The 2- and 3-rank agreement of both evaluation modes is in `test_dist_metrics.py`.
 """
@@ -18,8 +18,16 @@ from torchrec.metrics.auc import compute_auc
 from tests._dist import run_ranks
 from tests.trainer.metric_refs import brute_auc, brute_gauc
 from trainer.config import build_run_config
-from trainer.dist_metrics import ne_sums
-from trainer.metrics import Predictions, auc, compute_metrics, gauc, normalized_entropy, resolve_mode, task_metrics
+from trainer.evaluation.distributed import ne_sums
+from trainer.evaluation.metrics import (
+    Predictions,
+    auc,
+    compute_metrics,
+    gauc,
+    normalized_entropy,
+    resolve_mode,
+    task_metrics,
+)
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

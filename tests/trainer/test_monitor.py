@@ -16,8 +16,8 @@ import torch
 from matplotlib.image import imread
 
 from tests.trainer.test_launch import launch
-from trainer import monitor
-from trainer.logger import MAX_HISTOGRAM_BINS, _for_wandb
+from trainer.reporting import monitor
+from trainer.reporting.logger import MAX_HISTOGRAM_BINS, _for_wandb
 from trainer.timer import StepTimer
 
 TASKS = ("ctr", "like")

@@ -19,9 +19,9 @@ from data.build import build_dataset
 from model.baselines import MMoE, MMoEConfig
 from tests.trainer.test_launch import launch
 from tests.trainer.test_predict import ok, predict
-from trainer.expert_stats import cluster_expert_nmi, nmi
+from trainer.evaluation.experts import cluster_expert_nmi, nmi
 from trainer.predict import experts_layer
-from trainer.restore import run_config, run_node
+from trainer.serving.restore import run_config, run_node
 
 E, KS, KA, T = 8, 2, 1, 3
 TASKS = tuple(f"task{t}" for t in range(T))

@@ -1,6 +1,6 @@
 """Distributed evaluation metrics: exact AUC, GAUC and NE with O(N / W) memory per rank.
 
-Why: the exact path (`trainer/metrics.py`) all-gathers every evaluation row onto every
+Why: the exact path (`trainer/evaluation/metrics.py`) all-gathers every evaluation row onto every
 rank and sorts the whole set there, O(N) memory and O(N log N) time per rank whatever the
 world size. Here each rank keeps its own rows and receives about N / W entries; nothing
 of size N is built anywhere.

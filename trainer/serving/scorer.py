@@ -5,7 +5,7 @@ grouped-matmul op (no torchrec, hydra or data / training modules), so a serving
 process needs, besides torch and safetensors, these files of the project, at these
 paths under one folder on its `sys.path`:
 
-    trainer/__init__.py, trainer/serving.py     this scorer
+    trainer/__init__.py, trainer/serving/scorer.py     this scorer
     model/__init__.py, model/moe/__init__.py    packages (they import nothing)
     model/moe/grouped.py                        the grouped expert MLP the op runs
     model/moe/host.py                           its one host read (the loop's sizes)

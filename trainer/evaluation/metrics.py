@@ -22,7 +22,7 @@ the padding is dropped before any metric). `mode` (`trainer.eval_mode`):
 - `exact`: `Predictions.gather` all-gathers every row onto every rank, which computes the
   metrics over the full arrays (`task_metrics`). O(N) memory and O(N log N) time per
   rank: for small sets, and the reference the distributed path is tested against.
-- `distributed`: `trainer/dist_metrics.py`, a distributed sort (exact AUC and GAUC, NE
+- `distributed`: `trainer/evaluation/distributed.py`, a distributed sort (exact AUC and GAUC, NE
   from summed parts); O(N / W) memory and O((N / W) log(N / W)) time per rank.
 - `auto` (default): `distributed` when the world has more than one rank and more than
   `AUTO_DISTRIBUTED_ROWS` (2,000,000) evaluation rows in all, else `exact`. At 2M rows
@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from model.moe.host import to_host
 from parallel.dist import all_gather_cat, world_size
-from trainer.dist_metrics import distributed_task_metrics, rank_sum
+from trainer.evaluation.distributed import distributed_task_metrics, rank_sum
 
 EVAL_MODES = ("exact", "distributed", "auto")
 AUTO_DISTRIBUTED_ROWS = 2_000_000

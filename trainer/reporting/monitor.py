@@ -177,6 +177,6 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m trainer.monitor <run_dir>")
+        sys.exit("usage: python -m trainer.reporting.monitor <run_dir>")
     written = write_plots(Path(sys.argv[1]))
     print("\n".join(map(str, written)) or "no expert-load records in metrics.jsonl")

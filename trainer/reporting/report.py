@@ -10,16 +10,51 @@ import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from trainer import monitor
-
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+from data.columns import Dataset
+from data.spec import DatasetSpec
+from parallel.dist import DistInfo
+from parallel.parallelize import ParallelModel
+from trainer.checkpoint import TrainState
+from trainer.config import RunConfig, TrainerConfig
+from trainer.evaluation.experts import ExpertLoadMeter
+from trainer.reporting import monitor
+from trainer.reporting.logger import MetricLogger
+from trainer.selection import ModelSelector
+from trainer.timer import StepTimer
 
 log = logging.getLogger("trainer")
 Metrics = dict[str, dict[str, float | None]]
 MAX_EXPERT_KEYS = 64
+
+
+class FinishedRun(Protocol):
+    """What the report reads from a run at its end (`trainer.trainer.Trainer` is one):
+    a structural type, so that reporting does not import the loop that calls it."""
+
+    run: RunConfig
+    cfg: TrainerConfig
+    info: DistInfo
+    run_dir: Path
+    dataset: Dataset
+    spec: DatasetSpec
+    pm: ParallelModel
+    state: TrainState
+    selector: ModelSelector
+    timer: StepTimer
+    run_meter: ExpertLoadMeter
+    logger: MetricLogger | None
+    num_dense_params: int
+    start_step: int
+    resumed_from: Path | None
+    last_val: Metrics | None
+    wall_start: float
+    setup_s: float
+    train_s: float
+    eval_s: float
+    ckpt_s: float
 
 
 RECORD_KEYS = ("auc", "gauc", "ne", "num_rows", "positive_rate", "gauc_users")
@@ -58,10 +93,10 @@ def _task_view(metrics: Metrics | None) -> dict[str, dict[str, float | None]]:
     return {task: {k: m[k] for k in RECORD_KEYS if k in m} for task, m in (metrics or {}).items()}
 
 
-def _skips(tr: Trainer, streamed: list[dict[str, int]]) -> tuple[int, dict[str, int]]:
+def _skips(tr: FinishedRun, streamed: list[dict[str, int]]) -> tuple[int, dict[str, int]]:
     """Rows dropped by `data.on_bad_row=skip`: at load time (in-memory splits) plus what
     every rank's streaming loader dropped so far."""
-    by_reason = dict((tr.dataset.info.get("skipped") or {}).get("by_reason", {}))  # type: ignore[union-attr]
+    by_reason = dict((tr.dataset.info.get("skipped") or {}).get("by_reason", {}))  # type: ignore[union-attr,attr-defined]
     total = tr.dataset.skipped_rows
     for rank_skips in streamed:
         for reason, n in rank_skips.items():
@@ -71,7 +106,7 @@ def _skips(tr: Trainer, streamed: list[dict[str, int]]) -> tuple[int, dict[str, 
 
 
 def summary(
-    tr: Trainer,
+    tr: FinishedRun,
     *,
     test: Metrics,
     test_last: Metrics,
@@ -133,7 +168,7 @@ def summary(
     }
 
 
-def write(tr: Trainer, summary_: dict[str, Any], test: Metrics) -> None:
+def write(tr: FinishedRun, summary_: dict[str, Any], test: Metrics) -> None:
     """Rank 0: test metrics to the logger, `summary.json`, expert-load plots."""
     logger = tr.logger
     assert logger is not None

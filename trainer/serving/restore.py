@@ -34,7 +34,7 @@ from trainer.checkpoint import MARKER, TrainState
 from trainer.config import RunConfig, build_run_config
 from trainer.trainer import build_model
 
-log = logging.getLogger("trainer.restore")
+log = logging.getLogger("trainer.serving.restore")
 CHOICES = ("best", "last")
 
 

@@ -19,7 +19,7 @@ multirun, the sweep directory gets:
 
 Each point also leaves `sweep_point.json` (its overrides, exit code, wall time) in its
 own directory, beside the run's `summary.json`, so the report can be rebuilt from disk
-at any time with `python -m trainer.sweep <sweep_dir>`.
+at any time with `python -m trainer.reporting.sweep <sweep_dir>`.
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m trainer.sweep <sweep_dir>")
+        sys.exit("usage: python -m trainer.reporting.sweep <sweep_dir>")
     written = write_report(Path(sys.argv[1]))
     if not written:
         sys.exit(f"no finished sweep points ({POINT_FILE}) under {sys.argv[1]}")
