@@ -13,9 +13,9 @@ sharded expert parameters are kept out of DDP. `--threads` torch threads per ran
 - `ep1`: our SMES core (E experts of one `Linear(D, H)` + ReLU, progressive routing,
   T tasks, K_s shared, K_a adaptive per task), every expert on both ranks (pure data
   parallel: expert gradients all-reduced by DDP).
-- `ep2`: the same, experts sharded by `parallel.expert_parallel.apply_expert_parallel`
+- `ep2`: the same, experts sharded by `parallel.expert.dispatcher.apply_expert_parallel`
   (E/2 per rank), pairs moved by `AllToAllDispatcher`, expert gradients by
-  `parallel.expert_grads`.
+  `parallel.expert.grads`.
 - `deepspeed`: `deepspeed.moe.layer.MoE(hidden_size=D, expert=Linear(D, H) + ReLU,
   num_experts=E, ep_size=2, k=2)` with a torch optimizer (no DeepSpeed engine). Not the
   same model: one top-2 gate over the instance, no per-task routing, no task-shared
@@ -80,11 +80,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.smes import SMES, SMESConfig
-from parallel.capacity import apply_capacity_factor
 from parallel.dist import free_port, local_rank_env
-from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import a2a_stats, apply_expert_parallel
-from parallel.mesh import build_mesh
+from parallel.expert.capacity import apply_capacity_factor
+from parallel.expert.dispatcher import a2a_stats, apply_expert_parallel
+from parallel.expert.grads import build_expert_grad_sync
+from parallel.expert.mesh import build_mesh
 
 WORLD = 2
 BALANCE_BETA = 0.01

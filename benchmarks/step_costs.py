@@ -116,8 +116,8 @@ def _rank(rank: int, port: int, root: str | None, experts: list[int], batch: int
     os.environ.update(local_rank_env(rank, 2, port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from parallel.expert_parallel import a2a_stats, apply_expert_parallel
-    from parallel.mesh import build_mesh
+    from parallel.expert.dispatcher import a2a_stats, apply_expert_parallel
+    from parallel.expert.mesh import build_mesh
 
     result: dict[str, Any] = {}
     for num_experts in experts:

@@ -4,7 +4,7 @@ The native engine (`trainer.engine`) clips with `clip_grad_norm_` after the grad
 sync; DeepSpeed clips inside its own step (`parallel.deepspeed_engine`). By then the
 non-expert gradients are the same on every rank (DDP) and each rank holds the gradient
 of its E/ep expert slice (the same slice as its expert-data-parallel peers,
-`parallel.expert_grads`). The squared norm is the local non-expert part plus the expert
+`parallel.expert.grads`). The squared norm is the local non-expert part plus the expert
 part summed over the expert-parallel group, so every rank clips by the same coefficient
 and counts each expert once. A per-rank norm (over only the local experts) would clip
 the replicated weights differently on each rank and let them drift apart.
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from parallel import dist as pdist
-from parallel.mesh import ExpertMesh
+from parallel.expert.mesh import ExpertMesh
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def clip_grad_norm_(
         params: every parameter the dense optimizer steps (experts included).
         max_norm: the norm to clip to.
         sharded_experts: the expert parameters sharded over the expert-parallel group
-            (`parallel.expert_params.expert_parameters`; empty when they are replicated).
+            (`parallel.expert.params.expert_parameters`; empty when they are replicated).
         mesh: this rank's expert mesh (None: one process, nothing sharded).
 
     Returns:

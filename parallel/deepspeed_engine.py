@@ -22,7 +22,7 @@ expert-data-parallel groups of that name with the ranks of our `ExpertMesh` (che
 ZeRO then partitions that group over the expert-data-parallel group only and reduces
 its gradients there. Scale: ZeRO divides every gradient by the data-parallel world
 size W before summing it over the parameter's group, so an expert gradient becomes
-(sum over its expert-data-parallel group) / W, which is what `parallel.expert_grads` does
+(sum over its expert-data-parallel group) / W, which is what `parallel.expert.grads` does
 for the native engine. ZeRO's gradient norm (`trainer.grad_clip`) counts each expert
 slice once.
 
@@ -53,8 +53,8 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from model.build import ModelOutput
-from parallel.expert_params import expert_parameters, smes_layers
-from parallel.mesh import ExpertMesh
+from parallel.expert.mesh import ExpertMesh
+from parallel.expert.params import expert_parameters, smes_layers
 from parallel.parallelize import EMBEDDING_PREFIX, ParallelModel, dense_parameters, unwrap
 
 ENGINES = ("native", "deepspeed")
@@ -192,7 +192,7 @@ def ds_config(cfg: DeepSpeedConfig, *, global_batch: int, world_size: int, grad_
 
 
 def mark_expert_parameters(pm: ParallelModel) -> list[nn.Parameter]:
-    """Tag the sharded expert parameters (ep > 1, `parallel.expert_params`) with DeepSpeed's MoE attributes."""
+    """Tag the sharded expert parameters (ep > 1, `parallel.expert.params`) with DeepSpeed's MoE attributes."""
     mesh = pm.mesh
     if mesh is None or mesh.ep == 1:
         return []

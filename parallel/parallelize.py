@@ -19,13 +19,13 @@ expert normalisation) get an all-gather (forward) and an all-reduce (backward) o
 ranks, so their statistics, gradients and running statistics are those of the global
 batch.
 
-Between 1 and 2, the capacity factor (`parallel/capacity.py`) and expert parallelism
-(`parallel/mesh.py`, `parallel/expert_parallel.py`): every SMES layer gets
+Between 1 and 2, the capacity factor (`parallel/expert/capacity.py`) and expert parallelism
+(`parallel/expert/mesh.py`, `parallel/expert/dispatcher.py`): every SMES layer gets
 `capacity_factor` (per expert, per source rank's local batch, applied by the router
 before dispatch), then keeps only its E/ep experts behind an all-to-all dispatcher, and
 its balance counts are all-reduced over all ranks; sharded expert parameters (found by
-`parallel.expert_params`) are kept out of DDP and reduced inside their
-expert-data-parallel group by `parallel.expert_grads` (started during backward,
+`parallel.expert.params`) are kept out of DDP and reduced inside their
+expert-data-parallel group by `parallel.expert.grads` (started during backward,
 finished by `ParallelModel.after_backward()`).
 
 With `dense_engine="deepspeed"` (`trainer.engine`), step 2 leaves the non-embedding part
@@ -53,7 +53,6 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from model.build import MultiTaskModel
 from model.mlp import ReducibleBatchNorm1d
 from parallel import dist as pdist
-from parallel.capacity import apply_capacity_factor
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import (
     EmbeddingShardingConfig,
@@ -63,10 +62,11 @@ from parallel.embedding_sharding import (
     shard_embeddings,
     sparse_optimizer_class,
 )
-from parallel.expert_grads import ExpertGradSync, build_expert_grad_sync
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.expert_params import expert_parameters
-from parallel.mesh import ExpertMesh, build_mesh
+from parallel.expert.capacity import apply_capacity_factor
+from parallel.expert.dispatcher import apply_expert_parallel
+from parallel.expert.grads import ExpertGradSync, build_expert_grad_sync
+from parallel.expert.mesh import ExpertMesh, build_mesh
+from parallel.expert.params import expert_parameters
 from parallel.state import init_tables_seeded
 
 EMBEDDING_PREFIX = "ebc."
@@ -84,7 +84,7 @@ class ParallelConfig:
         capacity_factor: None = dropless (default); else every rank sends each expert
             at most `ceil(capacity_factor * N_local / E)` of its N_local deduplicated
             (instance, expert) pairs per step and drops the rest (see
-            `parallel.capacity`). SMES cores with sparse routing only.
+            `parallel.expert.capacity`). SMES cores with sparse routing only.
     """
 
     embedding: EmbeddingShardingConfig = field(default_factory=EmbeddingShardingConfig)
@@ -106,7 +106,7 @@ class ParallelModel:
 
     def prepare_grads(self) -> None:
         """Before backward (after the gradients were zeroed): sharded experts' gradients
-        become views of their all-reduce buckets (`parallel.expert_grads`)."""
+        become views of their all-reduce buckets (`parallel.expert.grads`)."""
         if self.expert_grads is not None:
             self.expert_grads.prepare()
 

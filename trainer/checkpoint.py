@@ -46,8 +46,8 @@ from torch.distributed.tensor import DTensor
 from torchrec.optim.keyed import KeyedOptimizer
 
 from parallel.dist import all_gather_object, all_reduce, barrier, host_group
-from parallel.expert_checkpoint import checkpoint_view
-from parallel.mesh import ExpertMesh
+from parallel.expert.checkpoint import checkpoint_view
+from parallel.expert.mesh import ExpertMesh
 from parallel.parallelize import dense_parameters
 
 log = logging.getLogger("trainer.checkpoint")

@@ -20,10 +20,10 @@ from data.build import SOURCES, declared_names
 from data.parsing.bad_rows import check_policy
 from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, validate_smes_config
-from parallel.capacity import check_capacity_factor
 from parallel.deepspeed_engine import DeepSpeedConfig, check_engine
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
-from parallel.mesh import check_ep
+from parallel.expert.capacity import check_capacity_factor
+from parallel.expert.mesh import check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.ema import EMAConfig

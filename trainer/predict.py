@@ -90,7 +90,7 @@ from model.moe.host import host_ints, to_host
 from model.moe.router import union_experts
 from model.smes import SMESLayer
 from parallel.dist import DistInfo, barrier, init_distributed, shutdown
-from parallel.expert_params import smes_layers
+from parallel.expert.params import smes_layers
 from trainer.config import RunConfig
 from trainer.evaluation.metrics import Predictions, compute_metrics
 from trainer.serving.restore import load_model_from, resolve_checkpoint, run_config, run_node

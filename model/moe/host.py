@@ -4,7 +4,7 @@ Budget (DESIGN section 5): per SMES layer and step at most one device-to-host sy
 the read of the sizes that shape the step's tensors. At ep = 1 that is N, the number
 of (instance, expert) pairs to execute; under expert parallelism it is the split sizes
 of the uneven all-to-all, read together with N in one copy after the per-expert
-counts were exchanged (`parallel.expert_parallel.AllToAllDispatcher.plan_sizes`).
+counts were exchanged (`parallel.expert.dispatcher.AllToAllDispatcher.plan_sizes`).
 Everything else (routing, deduplication, capacity, slots, dispatch, experts, mixing,
 load statistics, the bias update) stays on the device with static shapes or shapes
 derived from those host ints. Every intended read goes through `host_ints`, so a

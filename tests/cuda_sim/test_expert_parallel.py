@@ -28,12 +28,12 @@ from torch import nn
 from model.moe.router import selection_counts
 from model.smes import SMESConfig, SMESLayer
 from parallel import dist as pdist
-from parallel.capacity import apply_capacity_factor
 from parallel.clip import clip_grad_norm_
-from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.expert_params import expert_parameter_names, expert_parameters
-from parallel.mesh import build_mesh
+from parallel.expert.capacity import apply_capacity_factor
+from parallel.expert.dispatcher import apply_expert_parallel
+from parallel.expert.grads import build_expert_grad_sync
+from parallel.expert.mesh import build_mesh
+from parallel.expert.params import expert_parameter_names, expert_parameters
 from tests._dist import run_ranks
 from tests.cuda_sim.sim import SIM_BACKEND, collective_log, plain, sim_module, simulate_cuda, to_sim
 

@@ -36,12 +36,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from data.loaders.in_memory import TrainLoader
 from model.build import MultiTaskModel
 from parallel import dist as pdist
-from parallel.capacity import apply_capacity_factor
 from parallel.dist import DistInfo
-from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.expert_params import expert_parameters
-from parallel.mesh import build_mesh
+from parallel.expert.capacity import apply_capacity_factor
+from parallel.expert.dispatcher import apply_expert_parallel
+from parallel.expert.grads import build_expert_grad_sync
+from parallel.expert.mesh import build_mesh
+from parallel.expert.params import expert_parameters
 from parallel.parallelize import ParallelModel, dense_parameters, sync_batch_norms
 from tests._dist import run_ranks
 from tests.cuda_sim.sim import SIM_BACKEND, collective_log, plain, sim_module, simulate_cuda, to_sim
@@ -212,7 +212,7 @@ def _run(rank: int, world: int, simulate: bool) -> dict:
             with trainer.averaged():
                 val = trainer.evaluate(trainer.dataset.val)
             out[name] = {
-                "window": trainer.reporting.logger.rows if trainer.reporting.logger else None,
+                "window": trainer.logger.rows if trainer.logger else None,
                 "val": val,
                 "collectives": logs,
                 "on_device": [p.device.type for p in trainer.model.core.parameters()][:1],

@@ -27,7 +27,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from parallel.deepspeed_engine import DeepSpeedConfig, DeepSpeedDense
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.expert_params import expert_parameter_names
+from parallel.expert.params import expert_parameter_names
 from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
 from parallel.state import load_full_state
 from tests._dist import run_ranks

@@ -1,6 +1,6 @@
 """`parallel.capacity_factor` under expert parallelism.
 
-Definition under test (`parallel.capacity` module doc): the capacity is per
+Definition under test (`parallel.expert.capacity` module doc): the capacity is per
 expert and per source rank's local batch, decided by that rank's router before
 dispatch. So the reference is one plain process run on each rank's batch in turn (with
 the balance counts made global, as the data-parallel count reducer does), and the loss
@@ -18,11 +18,11 @@ import torch
 from model.baselines import MMoEConfig
 from model.build import MultiTaskModel, TowerConfig
 from model.smes import SMESConfig
-from parallel.capacity import apply_capacity_factor, check_capacity_factor
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.expert_parallel import a2a_stats
-from parallel.expert_params import expert_parameter_names, smes_layers
+from parallel.expert.capacity import apply_capacity_factor, check_capacity_factor
+from parallel.expert.dispatcher import a2a_stats
+from parallel.expert.params import expert_parameter_names, smes_layers
 from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
 from parallel.state import load_full_state
 from tests._dist import run_ranks

@@ -1,4 +1,4 @@
-"""The expert-gradient sync (`parallel.expert_grads`) on gloo ranks.
+"""The expert-gradient sync (`parallel.expert.grads`) on gloo ranks.
 
 - 4 ranks, ep = 2 (replica groups of 2): the bucket's all-reduce starts during backward,
   before the gradient reaches the layer's input (it overlaps the rest of backward);
@@ -16,9 +16,9 @@ from torch import nn
 
 from model.smes import SMESConfig, SMESLayer
 from parallel import dist as pdist
-from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.mesh import build_mesh
+from parallel.expert.dispatcher import apply_expert_parallel
+from parallel.expert.grads import build_expert_grad_sync
+from parallel.expert.mesh import build_mesh
 from tests._dist import run_ranks
 
 B, D, E = 16, 10, 8

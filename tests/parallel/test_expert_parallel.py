@@ -17,12 +17,12 @@ from benchmarks.host_syncs import count_host_syncs
 from data.loaders.in_memory import TrainLoader
 from model.build import MultiTaskModel, TowerConfig
 from model.smes import SMES, SMESConfig
-from parallel.capacity import apply_capacity_factor
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.expert_parallel import a2a_stats, apply_expert_parallel
-from parallel.expert_params import expert_parameter_names, smes_layers
-from parallel.mesh import build_mesh, check_ep
+from parallel.expert.capacity import apply_capacity_factor
+from parallel.expert.dispatcher import a2a_stats, apply_expert_parallel
+from parallel.expert.mesh import build_mesh, check_ep
+from parallel.expert.params import expert_parameter_names, smes_layers
 from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
@@ -180,4 +180,4 @@ def test_one_host_sync_per_layer_step_under_expert_parallelism(capacity_factor: 
     for syncs in run_ranks(sync_worker, 2, capacity_factor):
         assert len(syncs) == 1, syncs
         name, where, intended = syncs[0]
-        assert intended and "parallel/expert_parallel.py" in where and "plan_sizes" in where
+        assert intended and "parallel/expert/dispatcher.py" in where and "plan_sizes" in where

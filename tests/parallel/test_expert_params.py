@@ -1,4 +1,4 @@
-"""Expert parameters are found by module type (`parallel.expert_params`), not by name.
+"""Expert parameters are found by module type (`parallel.expert.params`), not by name.
 
 - On today's layout the mechanism finds exactly the parameters of the `GroupedExperts`
   modules, which are the names under `.dispatcher.experts.` (the rule it replaced).
@@ -19,11 +19,11 @@ from torch.distributed.tensor import DTensor
 from model.moe.dispatch import LocalDispatcher
 from model.moe.experts import GroupedExperts
 from model.smes import SMESConfig, SMESLayer
-from parallel.expert_checkpoint import checkpoint_view
-from parallel.expert_grads import build_expert_grad_sync
-from parallel.expert_parallel import apply_expert_parallel
-from parallel.expert_params import expert_parameter_names, expert_parameters, named_expert_parameters
-from parallel.mesh import build_mesh
+from parallel.expert.checkpoint import checkpoint_view
+from parallel.expert.dispatcher import apply_expert_parallel
+from parallel.expert.grads import build_expert_grad_sync
+from parallel.expert.mesh import build_mesh
+from parallel.expert.params import expert_parameter_names, expert_parameters, named_expert_parameters
 from tests._dist import run_ranks
 from tests.parallel.test_expert_parallel import build
 

@@ -15,7 +15,7 @@ import torch
 
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig
-from parallel.expert_params import named_expert_parameters
+from parallel.expert.params import named_expert_parameters
 from parallel.parallelize import ParallelConfig, parallelize
 from parallel.state import gather_full_state, seeded_table_rows
 from tests._dist import run_ranks

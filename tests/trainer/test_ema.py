@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from parallel.dist import DistInfo
-from parallel.expert_params import expert_parameter_names
+from parallel.expert.params import expert_parameter_names
 from tests._dist import run_ranks
 from trainer import checkpoint
 from trainer.config import build_run_config

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 
 from model.moe.host import host_ints
 from parallel.dist import DistInfo
-from parallel.expert_params import expert_parameter_names
+from parallel.expert.params import expert_parameter_names
 from parallel.parallelize import TABLE_PREFIX
 from tests._dist import run_ranks
 from trainer.config import build_run_config

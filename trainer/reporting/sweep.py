@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("trainer")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POINT_FILE = "sweep_point.json"
 TABLE_CSV = "sweep_table.csv"
 TABLE_MD = "sweep_table.md"

@@ -27,7 +27,7 @@ from torch import nn
 
 from data.columns import Dataset
 from parallel.dist import DistInfo
-from parallel.expert_checkpoint import checkpoint_view
+from parallel.expert.checkpoint import checkpoint_view
 from parallel.parallelize import ParallelModel
 from trainer import checkpoint
 from trainer.checkpoint import MARKER, TrainState

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from parallel.expert_params import smes_layers
+from parallel.expert.params import smes_layers
 
 
 def check_capacity_factor(

@@ -2,15 +2,15 @@
 
 Expert parameters are handled apart from the dense ones wherever experts are sharded
 over ranks (`parallel.ep` > 1): they are kept out of DDP, their gradients are reduced by
-`parallel.expert_grads` inside the expert-data-parallel group, gradient clipping sums
+`parallel.expert.grads` inside the expert-data-parallel group, gradient clipping sums
 their norm over the expert-parallel group (`parallel.clip`), checkpoints store them as
-DTensors of the full expert stack (`parallel.expert_checkpoint`), and DeepSpeed puts
+DTensors of the full expert stack (`parallel.expert.checkpoint`), and DeepSpeed puts
 them in its MoE parameter group (`parallel.deepspeed_engine`). All of these ask this
 module.
 
 Definition: the expert parameters of a model are the parameters of the
 `model.moe.experts.GroupedExperts` modules inside its `model.smes.SMESLayer`s, i.e. the
-routed experts that `parallel.expert_parallel.apply_expert_parallel` slices over the
+routed experts that `parallel.expert.dispatcher.apply_expert_parallel` slices over the
 expert-parallel group (whatever dispatcher holds them, under whatever attribute name).
 The search is by type, over `module.modules()`, so it sees through wrappers (DMP, DDP)
 and does not depend on parameter names: renaming an attribute on the path to the experts

@@ -4,7 +4,7 @@ Sharded experts (`parallel.ep` > 1) are kept out of DDP. After backward, an expe
 gradient on a rank holds the contributions of its expert-parallel group's ranks; it
 must be summed over the expert-data-parallel group (the ranks holding the same experts,
 W / ep of them) and divided by the world size W. `ExpertGradSync` does that per SMES
-layer, over its expert parameters (`parallel.expert_params`):
+layer, over its expert parameters (`parallel.expert.params`):
 
 - Replica group of one (ep = W): nothing to communicate. The gradients are divided
   by W in place, one fused multi-tensor op; no copy.
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from parallel import dist as pdist
-from parallel.expert_params import expert_modules, smes_layers
-from parallel.mesh import ExpertMesh
+from parallel.expert.mesh import ExpertMesh
+from parallel.expert.params import expert_modules, smes_layers
 
 
 class _Bucket:

@@ -9,7 +9,7 @@ share storage with the live tensors, so loading writes into them in place. With 
 (or no mesh) the state is returned as it is.
 
 Which entries are expert slices: those under a key that names an expert parameter
-(`parallel.expert_params`) at any depth of the state: `{"model": {name: tensor}}`,
+(`parallel.expert.params`) at any depth of the state: `{"model": {name: tensor}}`,
 `{"optim/dense": {"state": {name: {"exp_avg": tensor, ...}}}}`, `{"ema": {name: tensor}}`
 alike; scalars among them (an optimizer's `step`) stay as they are. The names are
 computed from the model whose state (or whose optimizers' state) it is, so they always
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel.expert_params import expert_parameter_names
-from parallel.mesh import ExpertMesh
+from parallel.expert.mesh import ExpertMesh
+from parallel.expert.params import expert_parameter_names
 
 
 def checkpoint_view(state: dict[str, Any], mesh: ExpertMesh | None, *, model: nn.Module) -> dict[str, Any]:

@@ -6,7 +6,7 @@ Layout (DESIGN section 5). World W, expert-parallel size `ep` (divides W and E):
 - expert-parallel groups: consecutive ranks `[g*ep, (g+1)*ep)`; inside one, rank with
   local index j owns experts `[j*E/ep, (j+1)*E/ep)`;
 - expert-data-parallel groups: ranks holding the same experts, `{j, j+ep, j+2ep, ...}`
-  (size W/ep); expert gradients are all-reduced only there (`parallel.expert_grads`).
+  (size W/ep); expert gradients are all-reduced only there (`parallel.expert.grads`).
 
 `ExpertMesh` holds this rank's groups as c10d process groups (what the collectives of
 `parallel.dist` take) and, for checkpoints, the same layout as a `(W/ep, ep)` DTensor

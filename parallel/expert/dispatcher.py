@@ -2,10 +2,10 @@
 
 `apply_expert_parallel(model, mesh)` gives every SMES layer of a plain model its slice
 of the experts (the E/ep experts its rank owns in the expert-parallel group, see
-`parallel.mesh`) behind an `AllToAllDispatcher`, in place of `LocalDispatcher`, and makes
+`parallel.expert.mesh`) behind an `AllToAllDispatcher`, in place of `LocalDispatcher`, and makes
 its balance counts global (all-reduced over the data-parallel ranks). It returns the
-names of the sharded expert parameters (`parallel.expert_params`), which `parallelize`
-keeps out of DDP; their gradients are reduced by `parallel.expert_grads`.
+names of the sharded expert parameters (`parallel.expert.params`), which `parallelize`
+keeps out of DDP; their gradients are reduced by `parallel.expert.grads`.
 
 Dispatch (`AllToAllDispatcher`): the routing plan's deduplicated pairs are already
 expert-contiguous, hence sorted by owner. Per step: exchange per-expert pair counts (one
@@ -22,8 +22,8 @@ gradients flow back through them to the source ranks. Every collective takes dev
 tensors and explicit split sizes, as NCCL requires.
 
 Each dispatcher counts its traffic and, with `time_phases` on, its phase times in an
-`A2AStats` (`parallel.dispatch_stats`); `a2a_stats(model)` collects them. Capacity
-(`parallel.capacity`) is decided by each source rank's router before dispatch; the
+`A2AStats` (`parallel.expert.stats`); `a2a_stats(model)` collects them. Capacity
+(`parallel.expert.capacity`) is decided by each source rank's router before dispatch; the
 dispatcher moves whatever pairs the plan holds.
 
 Legend: B local batch, D input width, H expert output width, E experts, L = E/ep
@@ -44,9 +44,9 @@ from model.moe.experts import GroupedExperts
 from model.moe.host import host_ints
 from model.moe.router import PlanSizes, RoutingPlan
 from parallel import dist as pdist
-from parallel.dispatch_stats import A2AStats, count_backward_bytes, stamp
-from parallel.expert_params import expert_modules, named_expert_parameters, smes_layers
-from parallel.mesh import ExpertMesh, check_ep
+from parallel.expert.mesh import ExpertMesh, check_ep
+from parallel.expert.params import expert_modules, named_expert_parameters, smes_layers
+from parallel.expert.stats import A2AStats, count_backward_bytes, stamp
 
 
 @dataclass(frozen=True, slots=True)
