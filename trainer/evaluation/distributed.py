@@ -44,12 +44,11 @@ per rank, ties broken by sort order). The distributed sort costs O(N / W) memory
 O((N / W) log(N / W)) time per rank plus one all-to-all of at most ~N / W entries (28
 bytes each with float32 logits), so exactness is free here.
 
-Cost, measured: ~72 bytes per local row at peak (numpy buffers, tracemalloc; the test
-bounds it), against ~124 bytes per *global* row for the exact path. 2M rows, 100k users,
-2 gloo ranks (`python -m benchmarks.eval_scale --rows 2000000 --users 100000`): 1.3-2.0 s
-and +81 MB RSS per rank, against 7.7-9.7 s and +315 MB for the exact path. Sorting uses
-one uint64 key (user, score bits) when the scores are float32 and the ids fit in 32
-bits (the trainer's case), else a two-key lexsort (about 3x slower).
+Cost: a few numpy buffers per local row at peak (the test bounds the bytes per local
+row), against a full copy of every global row per rank for the exact path; measured
+figures are in `benchmarks/results/eval_scale/`. Sorting uses one uint64 key (user,
+score bits) when the scores are float32 and the ids fit in 32 bits (the trainer's case),
+else a two-key lexsort (slower).
 
 Why range partitioning for GAUC rather than hash(user) % W: hashing puts all of a user's
 rows on one rank, so a heavy user (or unlucky hashing) breaks the N / W bound; sorting by

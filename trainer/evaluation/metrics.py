@@ -25,10 +25,9 @@ the padding is dropped before any metric). `mode` (`trainer.eval_mode`):
 - `distributed`: `trainer/evaluation/distributed.py`, a distributed sort (exact AUC and GAUC, NE
   from summed parts); O(N / W) memory and O((N / W) log(N / W)) time per rank.
 - `auto` (default): `distributed` when the world has more than one rank and more than
-  `AUTO_DISTRIBUTED_ROWS` (2,000,000) evaluation rows in all, else `exact`. At 2M rows
-  and one task the exact path adds ~315 MB RSS and ~8 s per rank (every rank sorts
-  all rows), the distributed one ~81 MB and ~1.5 s on 2 ranks (`benchmarks/eval_scale.py`):
-  still affordable below, growing with N above. The distributed AUC equals the exact one
+  `AUTO_DISTRIBUTED_ROWS` (2,000,000) evaluation rows in all, else `exact`: below the
+  threshold every rank sorting all rows is still affordable, above it the exact path's
+  memory and time grow with N on every rank (figures: `benchmarks/results/eval_scale/`). The distributed AUC equals the exact one
   bit for bit (both sum integers exactly), GAUC and NE agree to float64 rounding, so the
   switch does not move the numbers.
 
