@@ -4,7 +4,7 @@ Every (model, seed) is a real training run launched as a subprocess, exactly as 
 would launch it (`python -m trainer.train ...` for `--nproc 1`, else
 `NPROC=n bash launch/torchrun.sh ...`); its `summary.json` is the source of truth.
 The table has the layout of the SMES paper's main table: per task test AUC and GAUC
-(mean +- sample standard deviation over the seeds), their mean over tasks, dense
+(mean +- sample standard deviation over the seeds), their mean over tasks, network
 parameters, activated expert FLOPs per instance (`benchmarks/flops.py`), mean |U|,
 train samples/s and the best (selected) step; a second table gives NE per task.
 
@@ -59,6 +59,7 @@ from typing import Any, cast
 from omegaconf import OmegaConf
 
 from benchmarks.flops import expert_flops
+from trainer.config import load_saved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = {"census_income": "census", "kuairand_pure": "kuairand"}
@@ -156,7 +157,7 @@ def predict_test(run_dir: Path, timeout: float | None) -> Path | None:
     out = run_dir / "predictions" / "test.parquet"
     if out.exists():
         return out
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_saved_config(run_dir / "config.yaml")
     cmd = [sys.executable, "-m", "trainer.predict", f"run_dir={run_dir}", "split=test", "progress=false"]
     if cfg.model.name == "smes":
         cmd.append("experts=true")
@@ -180,7 +181,7 @@ def run_record(variant: Variant, seed: int, run_dir: Path, code: int, wall_s: fl
         rec["ok"] = False
         return rec
     s = json.loads(summary_path.read_text())
-    cfg = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
+    cfg = cast(dict[str, Any], OmegaConf.to_container(load_saved_config(run_dir / "config.yaml"), resolve=True))
     model = cfg["model"]
     in_dim, num_tasks = core_input(cfg["data"], int(model["embedding_dim"]))
     experts = s.get("experts") or {}
@@ -191,7 +192,7 @@ def run_record(variant: Variant, seed: int, run_dir: Path, code: int, wall_s: fl
         val=s["val"],
         best_step=s["best_step"],
         steps=s["steps"],
-        dense_parameters=s.get("dense_parameters"),
+        network_parameters=s.get("network_parameters", s.get("dense_parameters")),  # older summaries lack it
         train_samples_per_s=s["train_samples_per_s"],
         mean_active=mean_active,
         expert_flops=expert_flops(model, in_dim=in_dim, num_tasks=num_tasks, mean_active=mean_active),
@@ -226,7 +227,7 @@ def aggregate(records: list[dict]) -> list[dict]:
                 vals = [r["eval"][t].get(m) for t in tasks if r["eval"][t].get(m) is not None]
                 per_run.append(statistics.fmean(vals) if vals else None)
             row[f"mean_{m}"] = _stats(per_run)
-        for key in ("dense_parameters", "expert_flops", "mean_active", "train_samples_per_s", "best_step"):
+        for key in ("network_parameters", "expert_flops", "mean_active", "train_samples_per_s", "best_step"):
             row[key] = _stats([r.get(key) for r in ok])
         rows.append(row)
     return rows
@@ -249,7 +250,7 @@ def render_markdown(rows: list[dict], *, title: str) -> str:
     head = ["model", "seeds", *(f"{t} AUC" for t in tasks), "mean AUC"]
     if has_gauc:
         head += [*(f"{t} GAUC" for t in tasks), "mean GAUC"]
-    head += ["dense params", "expert MFLOPs / inst", "mean \\|U\\|", "train samples/s", "best step"]
+    head += ["network params", "expert MFLOPs / inst", "mean \\|U\\|", "train samples/s", "best step"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         get = lambda t, m, r=r: r["tasks"].get(t, {}).get(m, {"mean": None})  # noqa: E731
@@ -259,7 +260,7 @@ def render_markdown(rows: list[dict], *, title: str) -> str:
             cells += [_ms(get(t, "gauc")) for t in tasks] + [_ms(r["mean_gauc"])]
         flops = r["expert_flops"]
         mflops = {**flops, "mean": None if flops["mean"] is None else flops["mean"] / 1e6}
-        cells += [_num(r["dense_parameters"], "{:,.0f}"), _num(mflops, "{:.3f}"), _num(r["mean_active"], "{:.2f}"),
+        cells += [_num(r["network_parameters"], "{:,.0f}"), _num(mflops, "{:.3f}"), _num(r["mean_active"], "{:.2f}"),
                   _num(r["train_samples_per_s"], "{:,.0f}"), _num(r["best_step"], "{:.0f}")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     ne_head = ["model", *(f"{t} NE" for t in tasks)]

@@ -144,7 +144,7 @@ class RankedScores:
         user_codes_N: np.ndarray | None = None,
         num_users: int = 0,
     ) -> None:
-        """Sort the scores; `user_codes_N` are dense user indices in [0, num_users)."""
+        """Sort the scores; `user_codes_N` are compact user indices in [0, num_users)."""
         pos = np.asarray(labels_N) > 0.5
         group_N = self._rank(np.asarray(scores_N, dtype=np.float64), pos)
         self.gauc, self.gauc_users = math.nan, 0
@@ -154,7 +154,7 @@ class RankedScores:
 
     def _rank(self, s: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Sort; class counts, AUC, the engine's indices and the placements. Returns the
-        dense score rank (tie group) of every row."""
+        score rank (tie group, ranks without gaps) of every row."""
         N = len(s)
         order = np.argsort(s)
         sorted_s = s[order]
@@ -188,7 +188,7 @@ class RankedScores:
         return group_N
 
     def _rank_users(self, users: np.ndarray, num_users: int, group_N: np.ndarray, pos_N: np.ndarray) -> None:
-        """Per-user AUCs: one sort by (user, dense score rank), then counts within users."""
+        """Per-user AUCs: one sort by (user, score rank), then counts within users."""
         key = users * (int(group_N.max()) + 1) + group_N
         order = np.argsort(key)
         k, u, pos = key[order], users[order], pos_N[order]

@@ -7,11 +7,12 @@ size (`--size`) and every seed:
   about mean|U| experts per instance while the pool grows;
 - MMoE with n = round-half-up(mean |U|) experts, |U| averaged over that size's
   progressive runs, the same expert width and embedding dim: the same activated expert
-  FLOPs with every expert dense (`--mmoe-recipe` gives its trainer settings);
+  FLOPs with every expert run for every instance (`--mmoe-recipe` gives its trainer settings);
 - `model.routing=independent` (per-task top-(K_s+K_a)) at every E in `--independent`:
   more experts run per instance (up to T (K_s+K_a));
-- optionally shared-bottom models of the widths in `--dense` (`model: dense` rows): does
-  a wider dense network gain on this data at all (does capacity bind)?
+- optionally shared-bottom models of the widths in `--shared-bottom` (`model:
+  shared_bottom` rows): does a wider network gain on this data at all (does capacity
+  bind)?
 
 Each run goes through `benchmarks.accuracy` (real training subprocesses, summary.json
 as the source of truth, the test split scored by `trainer.predict`). A size is
@@ -23,7 +24,7 @@ Quality comes with its uncertainty (`benchmarks/paired.py`): every row's mean AU
 over tasks has a 95% interval (the seeds' spread plus the test split's sampling), and
 models are compared paired on the same seeds and test rows: each doubling of E, every
 progressive E against MMoE, independent against progressive at the same E, each wider
-dense model against the next narrower one. Rows also give activated expert MFLOPs per
+shared-bottom model against the next narrower one. Rows also give activated expert MFLOPs per
 instance, mean |U|, the training rows each expert saw (rows seen x mean |U| / E; every
 row for MMoE), the expert-task NMI (`summary.json`) and, where the test files carry
 `--cluster-columns`, the NMI between the experts a row ran and its latent cluster.
@@ -58,6 +59,7 @@ from omegaconf import OmegaConf
 
 from benchmarks import accuracy
 from benchmarks.accuracy import Variant
+from trainer.config import load_saved_config
 
 METRICS = ("mean_auc", "mean_gauc")
 
@@ -82,7 +84,7 @@ def parse_size(token: str) -> tuple[int, list[str]]:
 
 def smes_width(run_dir: Path) -> tuple[list[int], int]:
     """(expert_hidden, embedding_dim) of a finished progressive run."""
-    cfg = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
+    cfg = cast(dict[str, Any], OmegaConf.to_container(load_saved_config(run_dir / "config.yaml"), resolve=True))
     return list(cfg["model"]["expert_hidden"]), int(cfg["model"]["embedding_dim"])
 
 
@@ -119,7 +121,7 @@ def cluster_nmi(predictions: str, test_files: list[str], columns: list[str]) -> 
 def _test_files(run_dir: Path) -> list[str]:
     import glob
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_saved_config(run_dir / "config.yaml")
     pats = list(cfg.data.get("test") or [])
     root = accuracy.ROOT
     return sorted(f for p in pats for f in glob.glob(str(p if Path(p).is_absolute() else root / p)))
@@ -167,12 +169,12 @@ def build_rows(records: list[dict], train_rows: int, *, n_boot: int, cluster_col
             "cluster_expert_nmi": statistics.fmean(nmi_cluster) if nmi_cluster else None,
             "train_samples_per_s": statistics.fmean(r["train_samples_per_s"] for r in ok),
             "best_step": statistics.fmean(r["best_step"] for r in ok),
-            "dense_parameters": ok[0].get("dense_parameters"),
+            "network_parameters": ok[0].get("network_parameters"),
         }
         for m in METRICS:
             x = ci.get(m)
             row[m] = None if x is None else {"mean": x["mean"], "ci95": x["ci95"]}
-        if kind == "dense":
+        if kind == "shared_bottom":
             row["E"] = None
             row["hidden"] = label.split("=")[-1]
         rows.append(row)
@@ -181,7 +183,7 @@ def build_rows(records: list[dict], train_rows: int, *, n_boot: int, cluster_col
 
 def comparison_pairs(labels: list[str]) -> list[tuple[str, str]]:
     """(a, b) pairs compared at one train size: doublings, vs MMoE, independent vs
-    progressive at the same E, each dense width vs the next narrower one."""
+    progressive at the same E, each shared-bottom width vs the next narrower one."""
     prog = sorted((lab for lab in labels if lab.startswith("progressive")), key=lambda s: _experts_of(s) or 0)
     pairs = list(zip(prog[1:], prog[:-1], strict=True))
     mmoe = [lab for lab in labels if lab.startswith("mmoe")]
@@ -192,8 +194,8 @@ def comparison_pairs(labels: list[str]) -> list[tuple[str, str]]:
             same = f"progressive E={_experts_of(lab)}"
             if same in labels:
                 pairs.append((lab, same))
-    dense = [lab for lab in labels if lab.startswith("dense")]
-    pairs += list(zip(dense[1:], dense[:-1], strict=True))
+    bottoms = [lab for lab in labels if lab.startswith("shared_bottom")]
+    pairs += list(zip(bottoms[1:], bottoms[:-1], strict=True))
     return pairs
 
 
@@ -301,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mmoe-recipe", default=None, help="Hydra overrides of the MMoE recipe (default model=mmoe)")
     p.add_argument("--experts", nargs="+", type=int, default=[8, 16, 32, 64])
     p.add_argument("--independent", nargs="*", type=int, default=[16, 64])
-    p.add_argument("--dense", nargs="*", default=[], help="shared-bottom widths, e.g. 64,32 256,128")
+    p.add_argument("--shared-bottom", nargs="*", default=[], help="shared-bottom widths, e.g. 64,32 256,128")
     p.add_argument("--no-mmoe", action="store_true")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--size", action="append", default=None, help="ROWS[:OVERRIDES] (repeatable); see the doc")
@@ -352,8 +354,8 @@ def run_size(args: argparse.Namespace, rows_n: int | None, size_overrides: list[
         records += run([Variant(f"mmoe n={n}", (*base, f"model.num_experts={n}", width, f"model.embedding_dim={emb}"))])
     records += run([Variant(f"independent E={e}", (*recipe, "model.routing=independent", f"model.num_experts={e}"))
                     for e in args.independent])  # fmt: skip
-    records += run([Variant(f"dense hidden={w}", (f"data={args.data}", "model=shared_bottom", f"model.hidden=[{w}]"))
-                    for w in args.dense])  # fmt: skip
+    bottom = lambda w: (f"data={args.data}", "model=shared_bottom", f"model.hidden=[{w}]")  # noqa: E731
+    records += run([Variant(f"shared_bottom hidden={w}", bottom(w)) for w in args.shared_bottom])
     return records
 
 

@@ -6,7 +6,7 @@
 Every mode is its own 2-process gloo run (spawned here), on the same global batch
 (`--batch`, split evenly over the ranks, the same seeded data in every mode) and a model
 of the same size: `x_BD -> Linear(D, D) + ReLU -> MoE core -> per task Linear(., 1) +
-BCE`, plus the core's balance loss (weight 0.01), Adam. Dense parameters are
+BCE`, plus the core's balance loss (weight 0.01), Adam. Network parameters are
 synchronised by DDP (`broadcast_buffers=False`, bucket views, as TorchRec's wrapper);
 sharded expert parameters are kept out of DDP. `--threads` torch threads per rank.
 
@@ -81,7 +81,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.smes import SMES, SMESConfig
 from parallel.dist import free_port, local_rank_env
-from parallel.expert.capacity import apply_capacity_factor
 from parallel.expert.dispatcher import a2a_stats, apply_expert_parallel
 from parallel.expert.grads import build_expert_grad_sync
 from parallel.expert.mesh import build_mesh
@@ -109,10 +108,11 @@ class SMESNet(nn.Module):
         super().__init__()
         cfg = SMESConfig(
             num_experts=args.experts,
-            num_shared=args.num_shared,
-            num_adaptive=args.num_adaptive,
+            shared_top_k=args.shared_top_k,
+            adaptive_top_k=args.adaptive_top_k,
             expert_hidden=[args.hidden],
             balance_beta=BALANCE_BETA,
+            capacity_factor=args.capacity_factor,
         )
         self.bottom = nn.Linear(args.in_dim, args.in_dim)
         self.core = SMES(cfg, in_dim=args.in_dim, tasks=task_names(args))
@@ -205,7 +205,6 @@ def run_steps(
 def smes_worker(rank: int, args: argparse.Namespace, ep: int) -> dict:
     torch.manual_seed(args.seed)
     net = SMESNet(args)
-    apply_capacity_factor(net, args.capacity_factor)
     mesh = build_mesh(ep)
     ignore = apply_expert_parallel(net, mesh)
     grad_sync = build_expert_grad_sync(net, mesh) if ignore else None
@@ -411,9 +410,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="H (expert width); DeepSpeed needs H == D")
     p.add_argument("--batch", type=int, default=2048, help="global batch, split over the 2 ranks")
     p.add_argument("--tasks", type=int, default=2)
-    p.add_argument("--num-shared", type=int, default=1, help="K_s")
-    p.add_argument("--num-adaptive", type=int, default=1, help="K_a")
-    p.add_argument("--capacity-factor", type=float, default=None, help="ours; default dropless")
+    p.add_argument("--shared-top-k", type=int, default=1, help="K_s")
+    p.add_argument("--adaptive-top-k", type=int, default=1, help="K_a")
+    p.add_argument("--capacity-factor", type=float, default=None, help="ours (model.capacity_factor); default dropless")
     p.add_argument("--ds-capacity-factor", type=float, default=None, help="DeepSpeed; default dropless")
     p.add_argument("--steps", type=int, default=50, help="timed steps")
     p.add_argument("--warmup", type=int, default=10)

@@ -11,7 +11,7 @@ embedding dim + dense features), H = `expert_hidden[-1]`, T tasks:
 
 - `smes`: `mean|U| * F([D, *expert_hidden])`, mean|U| = distinct experts run per
   instance over training (`summary.json` `experts.mean_active_per_instance`; E for
-  `routing=dense`).
+  `routing=all`).
 - `mmoe`: `E * F([D, *expert_hidden])` (every expert runs).
 - `ple`: `sum_l (S + T Q) * F([D_l, *expert_hidden])`, `D_1 = D`, `D_l = H` above
   (S shared, Q per-task experts per level).
@@ -55,7 +55,8 @@ def expert_flops(
     """Activated expert FLOPs per instance (see the module doc), or None when unknown.
 
     Args:
-        model: the resolved `model` config section (`config.yaml` of a run).
+        model: the resolved `model` config section (`config.yaml` of a run, read with
+            `trainer.config.load_saved_config`, so an older run's `routing: dense` is `all`).
         in_dim: D, the core input width.
         num_tasks: T.
         mean_active: SMES mean |U| (needed for `smes` with sparse routing).
@@ -63,7 +64,7 @@ def expert_flops(
     name = model["name"]
     if name == "smes":
         one = mlp_flops([in_dim, *model["expert_hidden"]])
-        active = float(model["num_experts"]) if model.get("routing") == "dense" else mean_active
+        active = float(model["num_experts"]) if model.get("routing") == "all" else mean_active
         return None if active is None else active * one
     if name == "mmoe":
         return float(model["num_experts"] * mlp_flops([in_dim, *model["expert_hidden"]]))

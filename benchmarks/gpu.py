@@ -1,5 +1,5 @@
-"""The SMES core and the whole dense training step on one GPU: step time, expert-GEMM
-TFLOP/s and MFU, grouped GEMM vs one dense matmul, dense / independent routing, host
+"""The SMES core and the whole network training step on one GPU: step time, expert-GEMM
+TFLOP/s and MFU, grouped GEMM vs one plain matmul, all / independent routing, host
 syncs, peak memory, and the per-step costs (weight casts, dispatch bytes), as JSON.
 
     python -m benchmarks.gpu --out outputs/bench/gpu.json              # one GPU, < 4 min on an H200
@@ -24,20 +24,20 @@ configs are skipped (with a note) once `--budget-s` is spent. On a shared CPU,
 
 FLOPs: the expert GEMMs only, counted from the plan's pair count N:
 `2 * N * sum_i D_i * H_i` forward, 3x that forward + backward. MFU = those FLOPs per
-second / a peak: `--peak-tflops` (default 989, H200 bf16 dense by spec) and the rate
+second / a peak: `--peak-tflops` (default 989, H200 bf16 without structured sparsity, by spec) and the rate
 of one `--matmul-size`^3 matmul in the run's dtype measured in the same run.
 
-Whole dense step (section `step`, every mode and E): what the trainer runs per step
+Whole network step (section `step`, every mode and E): what the trainer runs per step
 after the embeddings, on one GPU: the SMES layer, one `TaskTower` per task (hidden
 `--tower`), the trainer's loss (`trainer.loss.total_loss`: per-task BCE plus the aux
-terms), backward, gradient clipping by the global norm, the trainer's default dense
+terms), backward, gradient clipping by the global norm, the trainer's default network
 optimizer (`torch.optim.Adam`, lr 1e-3) and the weight average (`trainer.ema`,
 decay 0.995): `full_step_ms` (median), `full_step_ms_min`, and per step
 `weight_cast_bytes` (bytes of the experts' weights cast to the kernel dtype, forward
 and the gradients cast back, counted in one step by a dispatch mode) and
 `dispatch_row_bytes` (the pair rows as the dispatcher gathers them: in the compute
 dtype, D padded to 16 bytes; what crosses the wire under expert parallelism, times
-(ep - 1) / ep, and again for the gradients; null for dense routing, which gathers
+(ep - 1) / ep, and again for the gradients; null for `all` routing, which gathers
 nothing).
 
 JSON keys:
@@ -45,7 +45,7 @@ JSON keys:
 - `config`, `environment` (torch, device name, capability, python), `elapsed_s`,
   `notes` (configs skipped or failed, and why), `peak_tflops_spec`;
 - `matmul`: `{size, dtype, ms, tflops}` of the reference matmul;
-- `rows`: one per (E, mode), mode in `progressive`, `independent`, `dense`:
+- `rows`: one per (E, mode), mode in `progressive`, `independent`, `all`:
   `E`, `mode`, `step_ms` (median), `step_ms_min`, `iters`, `num_pairs` (N),
   `mean_U` (N / B, distinct experts run per instance), `max_U`, `U_bound`
   (K_s + T*K_a, min(E, T*(K_s+K_a)) or E), `expert_tflop_per_step`,
@@ -56,13 +56,13 @@ JSON keys:
   `progressive` rows add the expert part alone, forward + backward to x, measured
   round-robin: the plan's rows gathered as the dispatcher does and run through the
   experts (`grouped_ms`, `grouped_tflops`, `kernel_dtype`); the same N rows through one
-  `[N, D] @ [D, H]` matmul per layer, the same FLOPs (`dense_matmul_ms`,
-  `grouped_fraction_of_dense` = dense / grouped time); the per-expert loop backend
+  `[N, D] @ [D, H]` matmul per layer, the same FLOPs (`plain_matmul_ms`,
+  `grouped_fraction_of_plain` = plain / grouped time); the per-expert loop backend
   (`loop_ms`, `grouped_speedup_over_loop` = loop / grouped time); and for an unaligned
   D the kernel on D rounded up to its alignment, which needs no padding (`aligned_ms`,
   `padding_cost` = grouped / aligned time; both null for an aligned D);
 - `summary`: `progressive_step_Emax_over_Emin` (and
-  `progressive_full_step_Emax_over_Emin`), `dense_over_progressive_step` and
+  `progressive_full_step_Emax_over_Emin`), `all_over_progressive_step` and
   `independent_over_progressive_step` per E, `max_syncs_per_step`,
   `max_python_sync_points_per_step`, `mfu_vs_spec_at_Emax`.
 
@@ -96,7 +96,7 @@ from model.smes import SMESConfig, SMESLayer
 from trainer.ema import WeightAverage
 from trainer.loss import total_loss
 
-MODES = ("progressive", "independent", "dense")
+MODES = ("progressive", "independent", "all")
 QUICK = dict(batch=512, in_dim=37, hidden="32,16", tasks=3, experts="4,8", iters=3, warmup=1, matmul_size=128)
 
 
@@ -192,8 +192,8 @@ def build_layer(args: argparse.Namespace, num_experts: int, mode: str, device: t
     torch.manual_seed(args.seed)
     cfg = SMESConfig(
         num_experts=num_experts,
-        num_shared=args.num_shared,
-        num_adaptive=args.num_adaptive,
+        shared_top_k=args.shared_top_k,
+        adaptive_top_k=args.adaptive_top_k,
         routing=mode,
         expert_hidden=args.hidden_list,
         grouped_backend=args.backend,
@@ -216,7 +216,7 @@ def step_fn(args: argparse.Namespace, layer: SMESLayer, x_BD: torch.Tensor, devi
 
 def measure_mode(args, clock: Clock, device: torch.device, num_experts: int, mode: str, peaks: dict) -> dict:
     if clock.cuda:
-        torch.cuda.empty_cache()  # the previous config's blocks: free for this one (and for `dense_fits`)
+        torch.cuda.empty_cache()  # the previous config's blocks: free for this one (and for `all_fits`)
     layer = build_layer(args, num_experts, mode, device)
     x_BD = torch.randn(args.batch, args.in_dim, device=device, requires_grad=True)
     keep: dict = {}
@@ -237,8 +237,8 @@ def measure_mode(args, clock: Clock, device: torch.device, num_experts: int, mod
             mode,
             num_experts=num_experts,
             num_tasks=args.tasks,
-            num_shared=args.num_shared,
-            num_adaptive=args.num_adaptive,
+            shared_top_k=args.shared_top_k,
+            adaptive_top_k=args.adaptive_top_k,
         ),  # fmt: skip
         expert_tflop_per_step=tflop,
         expert_tflops=tflop / (row["step_ms"] / 1e3),
@@ -271,7 +271,7 @@ class _WeightCasts(TorchDispatchMode):
 
 
 def measure_full_step(args, clock: Clock, device: torch.device, layer: SMESLayer, x_BD: torch.Tensor) -> dict:
-    """The whole dense training step (module doc), and its per-step costs."""
+    """The whole network training step (module doc), and its per-step costs."""
     torch.manual_seed(args.seed)
     tasks = tuple(f"task{t}" for t in range(args.tasks))
     towers = nn.ModuleDict({t: TaskTower(layer.out_dim, args.tower_list) for t in tasks}).to(device)
@@ -308,12 +308,12 @@ def measure_full_step(args, clock: Clock, device: torch.device, layer: SMESLayer
         "full_step_ms": timing["step_ms"],
         "full_step_ms_min": timing["step_ms_min"],
         "weight_cast_bytes": counter.bytes,
-        "dispatch_row_bytes": None if plan.dense else rows.numel() * rows.element_size(),
+        "dispatch_row_bytes": None if plan.all_experts else rows.numel() * rows.element_size(),
     }
 
 
 def measure_gemm(args, clock: Clock, device: torch.device, layer: SMESLayer, x_BD: torch.Tensor) -> dict:
-    """The expert MLP alone on the plan's rows: grouped kernel, dense matmul, loop, aligned D."""
+    """The expert MLP alone on the plan's rows: grouped kernel, one plain matmul, loop, aligned D."""
     with torch.no_grad():
         plan = layer.router(x_BD)
     rows_N, counts_E, N = plan.pair_instance_N, plan.counts_E, plan.num_pairs
@@ -336,11 +336,11 @@ def measure_gemm(args, clock: Clock, device: torch.device, layer: SMESLayer, x_B
         return lambda src_BD: experts(experts.input_rows(src_BD, rows_N), counts_E)  # as the dispatcher
 
     pairs = list(zip(widths, widths[1:], strict=False))
-    dense_w = [(torch.randn(a, b, device=device) / a**0.5).requires_grad_() for a, b in pairs]
-    dense_b = [torch.zeros(b, device=device, requires_grad=True) for b in widths[1:]]
+    plain_w = [(torch.randn(a, b, device=device) / a**0.5).requires_grad_() for a, b in pairs]
+    plain_b = [torch.zeros(b, device=device, requires_grad=True) for b in widths[1:]]
 
-    def dense_mlp(x: torch.Tensor) -> torch.Tensor:
-        for w, b in zip(dense_w, dense_b, strict=True):
+    def plain_mlp(x: torch.Tensor) -> torch.Tensor:
+        for w, b in zip(plain_w, plain_b, strict=True):
             x = torch.relu(F.linear(x, w.t(), b))
         return x
 
@@ -349,7 +349,7 @@ def measure_gemm(args, clock: Clock, device: torch.device, layer: SMESLayer, x_B
     )
     fns = {
         "grouped_ms": run(on_rows(experts), x_BD),
-        "dense_matmul_ms": run(lambda src_BD: dense_mlp(src_BD.index_select(0, rows_N)), x_BD),
+        "plain_matmul_ms": run(lambda src_BD: plain_mlp(src_BD.index_select(0, rows_N)), x_BD),
         "loop_ms": run(on_rows(loop), x_BD),
     }
     align = 16 // (2 if args.precision == "bf16" else 4)
@@ -365,7 +365,7 @@ def measure_gemm(args, clock: Clock, device: torch.device, layer: SMESLayer, x_B
         kernel_dtype = experts.kernel_dtype(x_BD)
     out["kernel_dtype"] = str(kernel_dtype).replace("torch.", "") if kernel_dtype else "loop"
     out["grouped_tflops"] = expert_flop(N, widths) / 1e12 / (out["grouped_ms"] / 1e3)
-    out["grouped_fraction_of_dense"] = out["dense_matmul_ms"] / out["grouped_ms"]
+    out["grouped_fraction_of_plain"] = out["plain_matmul_ms"] / out["grouped_ms"]
     out["grouped_speedup_over_loop"] = out["loop_ms"] / out["grouped_ms"]
     out["padding_cost"] = None if out["aligned_ms"] is None else out["grouped_ms"] / out["aligned_ms"]
     return out
@@ -379,15 +379,15 @@ def measure_matmul(args: argparse.Namespace, clock: Clock, device: torch.device)
     return {"size": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms, "tflops": 2 * n**3 / (ms / 1e3) / 1e12}
 
 
-def dense_fits(args: argparse.Namespace, device: torch.device, num_experts: int) -> str | None:
-    """Why dense routing at this E would not fit (memory), else None."""
+def all_fits(args: argparse.Namespace, device: torch.device, num_experts: int) -> str | None:
+    """Why `all` routing at this E would not fit (memory), else None."""
     if device.type != "cuda":
         return None
     bytes_el = 2 if args.precision == "bf16" else 4
     need = args.batch * num_experts * sum(args.hidden_list) * bytes_el * 8  # outputs, ReLU, grads, mixing copy
     free, _ = torch.cuda.mem_get_info(device)
     if need > 0.7 * free:
-        return f"dense routing at E={num_experts}: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+        return f"all routing at E={num_experts}: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
     return None
 
 
@@ -400,7 +400,7 @@ def summarize(rows: list[dict]) -> dict:
         out["mfu_vs_spec_at_Emax"] = prog[hi]["mfu_vs_spec"]
         if "full_step_ms" in prog[hi]:
             out["progressive_full_step_Emax_over_Emin"] = prog[hi]["full_step_ms"] / prog[lo]["full_step_ms"]
-    for mode in ("dense", "independent"):
+    for mode in ("all", "independent"):
         out[f"{mode}_over_progressive_step"] = {
             str(r["E"]): r["step_ms"] / prog[r["E"]]["step_ms"] for r in rows if r["mode"] == mode and r["E"] in prog
         }
@@ -430,18 +430,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument(
         "--sections", default="gemm,step", help="extra measurements: gemm (the expert MLP alone), step (the whole "
-        "dense step: towers, loss, backward, clipping, optimizer, weight average), or none"
+        "network step: towers, loss, backward, clipping, optimizer, weight average), or none"
     )  # fmt: skip
     p.add_argument("--tower", default="64", help="task tower hidden widths (section step)")
     p.add_argument("--batch", type=int, default=16384)
     p.add_argument("--in-dim", type=int, default=512)
     p.add_argument("--hidden", default="512,256")
     p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--num-shared", type=int, default=2)
-    p.add_argument("--num-adaptive", type=int, default=1)
+    p.add_argument("--shared-top-k", type=int, default=2, help="K_s")
+    p.add_argument("--adaptive-top-k", type=int, default=1, help="K_a")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--backend", choices=("auto", "grouped_mm", "loop"), default="auto", help="model.grouped_backend")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="chip's dense peak in the run's dtype")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="chip's peak without structured sparsity, in the run's dtype"
+    )
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, notes = [], []
     for num_experts in [int(e) for e in args.experts.split(",")]:
         for mode in args.modes.split(","):
-            why = dense_fits(args, device, num_experts) if mode == "dense" else None
+            why = all_fits(args, device, num_experts) if mode == "all" else None
             if why is None and time.perf_counter() - start > args.budget_s:
                 why = f"{mode} at E={num_experts}: time budget of {args.budget_s:.0f} s spent"
             if why is not None:

@@ -1,10 +1,10 @@
-"""Serving latency of the SMES core: progressive vs dense routing vs MMoE (DESIGN section 8).
+"""Serving latency of the SMES core: progressive vs all routing vs MMoE (DESIGN section 8).
 
 One process, evaluation mode, no grad. For every E in `--experts` and batch size in
 `--batches` it times three cores on the same random inputs `x_BD`:
 
 - `smes_progressive`: the SMES layer (`model/smes.py`), progressive routing;
-- `smes_dense`: the same layer with the same weights, `routing=dense`: every expert on
+- `smes_all`: the same layer with the same weights, `routing=all`: every expert on
   every instance (equal capacity, the paper's comparison);
 - `mmoe_equal_active`: MMoE (`model/baselines.py`) with round(mean |U|) experts of
   the same widths, mean |U| being the progressive layer's distinct experts per
@@ -20,7 +20,7 @@ its bound K_s + T*K_a (a trained router shares more experts across tasks).
 Defaults (realistic widths): input D = 512, experts [512, 256] (Linear-ReLU each),
 T = 6 tasks, K_s = 2, K_a = 1, E in {16, 64, 256}, batch in {1, 64, 512, 4096}.
 A configuration whose expert GFLOPs per forward exceed `--max-gflop` is skipped
-(dense routing at E = 256 and batch 4096 is 1.6 TFLOP per call), recorded as skipped.
+(`all` routing at E = 256 and batch 4096 is 1.6 TFLOP per call), recorded as skipped.
 Timing: `--warmup` untimed calls, then calls until `--min-time` seconds and
 `--min-iters` calls (at most `--max-iters`); p50 / p99 over the calls, samples/s =
 rows / mean time. On CUDA every call is synchronised. Absolute times on shared CPUs
@@ -31,7 +31,7 @@ are noise: compare the ratios within a run.
 
 JSON: `config`, `environment`, `mean_active` (E -> mean |U|), `rows` (one per model, E
 and batch: `p50_ms`, `p99_ms`, `mean_ms`, `samples_per_s`, `iters`, `gflop`, or
-`skipped`), `ratios` (per E and batch: `progressive_over_dense` and
+`skipped`), `ratios` (per E and batch: `progressive_over_all` and
 `progressive_over_mmoe` of p50 and p99), and the markdown table (`table`, also printed).
 
 Legend: B instances, D input width, E experts, T tasks, U distinct experts per instance.
@@ -56,7 +56,7 @@ from model.baselines import MMoE, MMoEConfig
 from model.core import CoreOutput
 from model.smes import SMES, SMESConfig
 
-MODELS = ("smes_progressive", "smes_dense", "mmoe_equal_active")
+MODELS = ("smes_progressive", "smes_all", "mmoe_equal_active")
 
 
 class CoreProgram(nn.Module):
@@ -77,19 +77,19 @@ class CoreProgram(nn.Module):
 def build_cores(args: argparse.Namespace, num_experts: int, x_BD: torch.Tensor) -> tuple[dict[str, nn.Module], float]:
     """The three cores at `num_experts` (module doc) and the progressive mean |U|."""
     tasks = tuple(f"task{i}" for i in range(args.tasks))
-    common = {"num_experts": num_experts, "num_shared": args.num_shared, "num_adaptive": args.num_adaptive,
+    common = {"num_experts": num_experts, "shared_top_k": args.shared_top_k, "adaptive_top_k": args.adaptive_top_k,
               "expert_hidden": list(args.hidden)}  # fmt: skip
     torch.manual_seed(args.seed)
     progressive = SMES(SMESConfig(**common, routing="progressive"), in_dim=args.in_dim, tasks=tasks).eval()
-    dense = SMES(SMESConfig(**common, routing="dense"), in_dim=args.in_dim, tasks=tasks).eval()
-    dense.load_state_dict(progressive.state_dict())  # the same layer, only the routing differs
+    every = SMES(SMESConfig(**common, routing="all"), in_dim=args.in_dim, tasks=tasks).eval()
+    every.load_state_dict(progressive.state_dict())  # the same layer, only the routing differs
     with torch.no_grad():
         load = progressive(x_BD).load
     assert load is not None
     mean_u = float(load.active_sum / load.num_instances)
     mmoe_cfg = MMoEConfig(num_experts=max(1, round(mean_u)), expert_hidden=list(args.hidden))
     mmoe = MMoE(mmoe_cfg, in_dim=args.in_dim, tasks=tasks).eval()
-    cores = {"smes_progressive": progressive, "smes_dense": dense, "mmoe_equal_active": mmoe}
+    cores = {"smes_progressive": progressive, "smes_all": every, "mmoe_equal_active": mmoe}
     return {k: v.to(args.device) for k, v in cores.items()}, mean_u
 
 
@@ -97,7 +97,7 @@ def expert_gflop(args: argparse.Namespace, model: str, *, num_experts: int, mean
     """Expert matmul GFLOPs of one forward (2 * MACs)."""
     dims = [args.in_dim, *args.hidden]
     per_expert = sum(a * b for a, b in zip(dims, dims[1:], strict=False)) * 2
-    experts = {"smes_progressive": mean_u, "smes_dense": num_experts, "mmoe_equal_active": round(mean_u)}[model]
+    experts = {"smes_progressive": mean_u, "smes_all": num_experts, "mmoe_equal_active": round(mean_u)}[model]
     return batch * experts * per_expert / 1e9
 
 
@@ -167,14 +167,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (E, batch): progressive / dense and progressive / MMoE, p50 and p99."""
+    """Per (E, batch): progressive / all and progressive / MMoE, p50 and p99."""
     by = {(r["model"], r["E"], r["batch"]): r for r in rows if "p50_ms" in r}
     out = []
     for (model, E, B), prog in by.items():
         if model != "smes_progressive":
             continue
         entry: dict[str, Any] = {"E": E, "batch": B}
-        for other, key in (("smes_dense", "progressive_over_dense"), ("mmoe_equal_active", "progressive_over_mmoe")):
+        for other, key in (("smes_all", "progressive_over_all"), ("mmoe_equal_active", "progressive_over_mmoe")):
             ref = by.get((other, E, B))
             for q in ("p50", "p99"):
                 entry[f"{key}_{q}"] = None if ref is None else prog[f"{q}_ms"] / ref[f"{q}_ms"]
@@ -195,8 +195,8 @@ def table(result: dict[str, Any]) -> str:
     by = {(r["model"], r["E"], r["batch"]): r for r in result["rows"]}
     rat = {(r["E"], r["batch"]): r for r in result["ratios"]}
     lines = [
-        "| E | mean U | batch | progressive p50 / p99 ms | dense p50 / p99 ms | MMoE(U) p50 / p99 ms "
-        "| progressive / dense p50 | progressive / MMoE p50 | progressive samples/s |",
+        "| E | mean U | batch | progressive p50 / p99 ms | all p50 / p99 ms | MMoE(U) p50 / p99 ms "
+        "| progressive / all p50 | progressive / MMoE p50 | progressive samples/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -215,8 +215,8 @@ def table(result: dict[str, Any]) -> str:
             rate = f"{prog['samples_per_s']:.0f}" if prog and "samples_per_s" in prog else "-"
             lines.append(
                 f"| {E} | {result['mean_active'][str(E)]:.2f} | {B} | {cell(prog)} | "
-                f"{cell(by.get(('smes_dense', E, B)))} | {cell(by.get(('mmoe_equal_active', E, B)))} | "
-                f"{ratio(r.get('progressive_over_dense_p50'))} | {ratio(r.get('progressive_over_mmoe_p50'))} | {rate} |"
+                f"{cell(by.get(('smes_all', E, B)))} | {cell(by.get(('mmoe_equal_active', E, B)))} | "
+                f"{ratio(r.get('progressive_over_all_p50'))} | {ratio(r.get('progressive_over_mmoe_p50'))} | {rate} |"
             )
     return "\n".join(lines)
 
@@ -231,8 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--in-dim", type=int, default=512)
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 256])
     p.add_argument("--tasks", type=int, default=6)
-    p.add_argument("--num-shared", type=int, default=2)
-    p.add_argument("--num-adaptive", type=int, default=1)
+    p.add_argument("--shared-top-k", type=int, default=2, help="K_s")
+    p.add_argument("--adaptive-top-k", type=int, default=1, help="K_a")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-iters", type=int, default=5)
     p.add_argument("--max-iters", type=int, default=200)

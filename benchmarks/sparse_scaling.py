@@ -1,11 +1,11 @@
 """Sparse scaling of the SMES core: training-step time as the expert pool grows.
 
-Times one training step (forward, backward, Adam step) of the dense core alone (no
+Times one training step (forward, backward, Adam step) of the SMES core alone (no
 embeddings), for every E in `--experts` and every routing mode in `--modes`, at fixed
 T, K_s, K_a, and records the mean number of distinct experts run per instance
 (mean |U|). DESIGN section 8: at fixed K_s, K_a, T the `progressive` step time should
-stay nearly flat in E while `dense` grows with E; `E / mean|U|` is the ceiling of the
-dense / SMES speed-up on expert FLOPs.
+stay nearly flat in E while `all` grows with E; `E / mean|U|` is the ceiling of the
+all / progressive speed-up on expert FLOPs.
 
 Setup (defaults): batch 4096, input width 256, experts one layer of 256 (ReLU),
 T = 4, K_s = 2, K_a = 1, balance beta 0.01, one linear head + BCE per task on random
@@ -13,12 +13,12 @@ labels, Adam (fused CPU kernel: the optimizer touches all E experts, so its cost
 one of the few that grow with E), 2 threads. Timing: `--warmup` untimed steps, then the median of `--repeats`
 timed steps (absolute times on shared CPUs are noise; compare ratios inside one run).
 For `progressive` it also times the grouped expert matmul alone (forward + backward)
-against one dense matmul with the same rows (`grouped_vs_ideal`).
+against one plain matmul with the same rows (`grouped_vs_ideal`).
 
     python -m benchmarks.sparse_scaling --out outputs/bench/sparse_scaling.json
 
 Output JSON: `{"rows": [{"E", "mode", "step_ms", "step_ms_min", "mean_U", "max_U",
-"flops_ratio_vs_dense", ...}], "checks": {...}, "config": {...}}`.
+"flops_ratio_vs_all", ...}], "checks": {...}, "config": {...}}`.
 
 Legend: B instances, D input width, E experts, T tasks, N routed pairs, H width.
 """
@@ -41,8 +41,8 @@ def build(args: argparse.Namespace, *, num_experts: int, mode: str) -> tuple[SME
     tasks = tuple(f"task{i}" for i in range(args.tasks))
     cfg = SMESConfig(
         num_experts=num_experts,
-        num_shared=args.num_shared,
-        num_adaptive=args.num_adaptive,
+        shared_top_k=args.shared_top_k,
+        adaptive_top_k=args.adaptive_top_k,
         routing=mode,
         expert_hidden=[args.hidden],
         grouped_backend=args.backend,
@@ -122,11 +122,11 @@ def summarize(rows: list[dict]) -> dict:
         checks[f"progressive_step_Emax_over_Emin{suffix}"] = ratio(
             rows, (hi, "progressive"), (lo, "progressive"), key=key
         )
-        checks[f"dense_over_progressive_step_at_E64{suffix}"] = ratio(rows, (64, "dense"), (64, "progressive"), key=key)
+        checks[f"all_over_progressive_step_at_E64{suffix}"] = ratio(rows, (64, "all"), (64, "progressive"), key=key)
         checks[f"independent_over_progressive_step_at_Emax{suffix}"] = ratio(
             rows, (hi, "independent"), (hi, "progressive"), key=key
         )
-    checks["targets"] = {"progressive_step_Emax_over_Emin": "<= 1.5", "dense_over_progressive_step_at_E64": ">= 4"}
+    checks["targets"] = {"progressive_step_Emax_over_Emin": "<= 1.5", "all_over_progressive_step_at_E64": ">= 4"}
     return checks
 
 
@@ -134,13 +134,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--experts", default="8,16,32,64,128")
-    p.add_argument("--modes", default="progressive,independent,dense")
+    p.add_argument("--modes", default="progressive,independent,all")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--in-dim", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--tasks", type=int, default=4)
-    p.add_argument("--num-shared", type=int, default=2)
-    p.add_argument("--num-adaptive", type=int, default=1)
+    p.add_argument("--shared-top-k", type=int, default=2, help="K_s")
+    p.add_argument("--adaptive-top-k", type=int, default=1, help="K_a")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -158,7 +158,7 @@ def main() -> None:
             torch.manual_seed(args.seed)
             core, heads = build(args, num_experts=num_experts, mode=mode)
             row = {"E": num_experts, "mode": mode, **time_steps(args, core, heads, x_BD, y_BT)}
-            row["flops_ratio_vs_dense"] = num_experts / row["mean_U"]
+            row["flops_ratio_vs_all"] = num_experts / row["mean_U"]
             if mode == "progressive":
                 row.update(grouped_vs_ideal(args, core, x_BD))
             rows.append(row)

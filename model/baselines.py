@@ -1,4 +1,4 @@
-"""Dense multi-task baselines: SharedBottom, MMoE and PLE (CGC levels).
+"""Multi-task baselines without routing: SharedBottom, MMoE and PLE (CGC levels).
 
 All three compute every expert for every instance; they are the references the
 sparse SMES core is compared against.

@@ -1,4 +1,4 @@
-"""The interface every dense multi-task core implements.
+"""The interface every multi-task core implements.
 
 A core maps the shared input `x_BD` (pooled embeddings concatenated with dense
 features) to one representation per task, plus auxiliary losses and, for sparse MoE

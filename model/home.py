@@ -1,7 +1,7 @@
 """HoME core: hierarchy of experts with normalisation, feature gates and self gates.
 
 Follows "HoME: Hierarchy of Multi-Gate Experts for Multi-Task Learning at Kuaishou"
-(arXiv 2408.05430; DESIGN section 4). Dense: every expert runs on every instance.
+(arXiv 2408.05430; DESIGN section 4). No routing: every expert runs on every instance.
 
 Structure (tasks are partitioned into groups, e.g. watch-time vs interaction tasks):
 
@@ -32,7 +32,7 @@ Structure (tasks are partitioned into groups, e.g. watch-time vs interaction tas
   Off when `self_gate` is false or `num_task_experts` is 0.
 
 Defaults where the paper is silent are recorded in `HoMEConfig`. The core returns
-`load=None` (dense, nothing is routed) and no auxiliary losses.
+`load=None` (nothing is routed) and no auxiliary losses.
 
 Legend: B instances, D input width, H expert output width, M experts in a bank,
 R feature-gate rank, T tasks.
@@ -175,7 +175,7 @@ def gate_mix(
 
 
 class HoME(nn.Module):
-    """HoME multi-task core: `x_BD -> CoreOutput` (dense, `load=None`).
+    """HoME multi-task core: `x_BD -> CoreOutput` (no routing, `load=None`).
 
     Args:
         cfg: `HoMEConfig`.

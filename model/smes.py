@@ -5,7 +5,7 @@ arXiv 2602.09386; DESIGN section 3). One `SMESLayer` does, per step:
 
     router -> RoutingPlan -> dispatcher(x_BD, plan) -> y_NH -> per-task mix -> [B, T, H]
 
-- Routing: `progressive` (SMES), `independent` or `dense`, see `model.moe.router`.
+- Routing: `progressive` (SMES), `independent` or `all`, see `model.moe.router`.
 - Execution: each instance's union U of task sets is computed once; the pairs are
   expert-contiguous and run as one grouped matmul (`model.moe.experts`). Expert cost
   follows sum |U|, not E (the router and selection are O(B*T*E), which is small).
@@ -30,13 +30,20 @@ Hooks for `parallel/` and the trainer (model/ never imports torch.distributed):
   by `bias_update_rate * sign(mean - count)` and clears the accumulator. The bias
   shifts the selection scores only, in log space (`p * exp(bias)`, see
   `model.moe.router`), never the mixing weights, and gets no gradient.
-- `SMESLayer.capacity_factor: float | None` (None = dropless, the default): per-expert
-  capacity of the batch this process routes, see `model.moe.router.apply_capacity`.
-  Not a model config key: `parallel/` sets it from `parallel.capacity_factor`, since
-  under expert parallelism it bounds what every source rank may send to an expert.
-  It applies in training mode only: evaluation (`eval()`) is dropless, so that a
-  row's evaluation output never depends on the batch it is evaluated in (the
-  weight-0 padding rows of the last evaluation batch cannot take capacity).
+- Capacity (`model.capacity_factor`, None = dropless, the default): a per-expert limit
+  on the batch this process routes, decided by its router before dispatch
+  (`model.moe.router.apply_capacity`; the router gets it at build time). Under expert
+  parallelism that is each source rank's *local* batch: with N_r the deduplicated
+  pairs of rank r's batch, rank r sends expert e at most `ceil(capacity_factor * N_r /
+  E)` pairs (the lowest instance indices win), so the owner of e runs at most
+  `sum_r ceil(capacity_factor * N_r / E)` rows, about `capacity_factor` times an even
+  share of its expert-parallel group's pairs. No collective is involved: every rank
+  drops exactly what one process would drop on that rank's batch, for any ep (and
+  ep = 1). Dropped pairs are counted per rank in `ExpertLoad.dropped_pairs` (the
+  trainer sums them over all ranks for `experts/dropped_pairs`). It applies in
+  training mode only: evaluation (`eval()`) is dropless, so that a row's evaluation
+  output never depends on the batch it is evaluated in (the weight-0 padding rows of
+  the last evaluation batch cannot take capacity).
 - `SMESLayer.record_plan: bool` (default False) and `SMESLayer.last_plan`: with the
   flag on, every forward keeps its `RoutingPlan` in `last_plan` (replacing the previous
   one), e.g. for `trainer.predict experts=true`, which reads each row's executed
@@ -54,7 +61,8 @@ device tensors.
 for its logs); `active_sum` / `active_max` count the pairs actually executed.
 
 Legend: B instances, D input width, E experts, T tasks, K experts per task,
-N executed (instance, expert) pairs, H expert output width.
+N executed (instance, expert) pairs, H expert output width, W table width
+(`RoutingPlan.table_width`).
 """
 
 from __future__ import annotations
@@ -81,14 +89,17 @@ class SMESConfig:
         name: registry key.
         num_experts: E, experts in the pool (default 16: the smallest pool in which
             K_s + T*K_a is well below E for the 2-8 task setups here).
-        num_shared: K_s, Stage I task-shared experts per instance (default 2).
-        num_adaptive: K_a, Stage II task-adaptive experts per task (default 1).
+        shared_top_k: K_s, Stage I task-shared slots per instance: the top-K_s experts
+            of the jointly weighted scores (default 2).
+        adaptive_top_k: K_a, Stage II task-adaptive slots per task: each task's top-K_a
+            experts outside the shared ones (default 1).
         routing: `progressive` (SMES), `independent` (per-task top-(K_s+K_a)) or
-            `dense` (every expert, MMoE-like), for comparison.
+            `all` (every expert for every instance, MMoE-like), for comparison.
         expert_hidden: expert MLP widths, ReLU after each (default [256, 128], the
             same expert as the MMoE/PLE baselines).
-        task_weights: Stage I weights w_t, one per task in task order (default None =
-            uniform 1/T). Not renormalised.
+        selection_weights: Stage I selection weights w_t, one per task in task order
+            (default None = uniform 1/T). Not renormalised. They weight no loss (the
+            loss weights are `trainer.task_weights`).
         balance_beta: beta of the global balance loss (default 0.01, the Switch value;
             0 disables the term).
         z_loss_coef: router z-loss coefficient (default 0 = off; 1e-3 in ST-MoE).
@@ -100,23 +111,28 @@ class SMESConfig:
             factor applies at any E).
         grouped_backend: `auto`, `grouped_mm` or `loop`, see `model.moe.experts`.
         router_norm: `none` or `layernorm`: a LayerNorm (learned scale and shift) on
-            the router's input only, so that routing reads the embedding and dense
-            parts at one scale (the experts see the raw input). Default `none`.
+            the router's input only, so that routing reads the embeddings and the dense
+            features at one scale (the experts see the raw input). Default `none`.
+        capacity_factor: None = dropless (default); else, in training, every expert
+            takes at most `ceil(capacity_factor * N / E)` of the N deduplicated pairs
+            of the batch this process routes and the rest are dropped (module doc).
+            Sparse routing only (`progressive`, `independent`).
     """
 
     name: str = "smes"
     num_experts: int = 16
-    num_shared: int = 2
-    num_adaptive: int = 1
+    shared_top_k: int = 2
+    adaptive_top_k: int = 1
     routing: str = "progressive"
     expert_hidden: list[int] = field(default_factory=lambda: [256, 128])
-    task_weights: list[float] | None = None
+    selection_weights: list[float] | None = None
     balance_beta: float = 0.01
     z_loss_coef: float = 0.0
     bias_balance: bool = False
     bias_update_rate: float = 0.01
     grouped_backend: str = "auto"
     router_norm: str = "none"
+    capacity_factor: float | None = None
 
 
 def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
@@ -125,19 +141,20 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
         raise ValueError(f"model.routing must be one of {ROUTING_MODES}, got {cfg.routing!r}")
     if cfg.num_experts < 1:
         raise ValueError(f"model.num_experts must be >= 1, got {cfg.num_experts}")
-    if cfg.num_shared < 0 or cfg.num_adaptive < 0:
-        raise ValueError("model.num_shared and model.num_adaptive must be >= 0")
-    if cfg.routing != "dense" and cfg.num_shared + cfg.num_adaptive < 1:
-        raise ValueError("model.num_shared + model.num_adaptive must be >= 1")
-    if cfg.num_shared + cfg.num_adaptive > cfg.num_experts:
+    if cfg.shared_top_k < 0 or cfg.adaptive_top_k < 0:
+        raise ValueError("model.shared_top_k and model.adaptive_top_k must be >= 0")
+    if cfg.routing != "all" and cfg.shared_top_k + cfg.adaptive_top_k < 1:
+        raise ValueError("model.shared_top_k + model.adaptive_top_k must be >= 1")
+    if cfg.shared_top_k + cfg.adaptive_top_k > cfg.num_experts:
         raise ValueError(
-            f"model.num_shared + model.num_adaptive > model.num_experts "
-            f"({cfg.num_shared} + {cfg.num_adaptive} > {cfg.num_experts})"
+            f"model.shared_top_k + model.adaptive_top_k > model.num_experts "
+            f"({cfg.shared_top_k} + {cfg.adaptive_top_k} > {cfg.num_experts})"
         )
     if not cfg.expert_hidden or min(cfg.expert_hidden) < 1:
         raise ValueError(f"model.expert_hidden must be a non-empty list of widths, got {cfg.expert_hidden}")
-    if cfg.task_weights is not None and (len(cfg.task_weights) != num_tasks or min(cfg.task_weights) < 0):
-        raise ValueError(f"model.task_weights must hold {num_tasks} non-negative weights, got {cfg.task_weights}")
+    weights = cfg.selection_weights
+    if weights is not None and (len(weights) != num_tasks or min(weights) < 0):
+        raise ValueError(f"model.selection_weights must hold {num_tasks} non-negative weights, got {weights}")
     if cfg.balance_beta < 0 or cfg.z_loss_coef < 0:
         raise ValueError("model.balance_beta and model.z_loss_coef must be >= 0")
     if cfg.bias_update_rate <= 0:
@@ -146,9 +163,14 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
         raise ValueError(f"model.router_norm must be one of {ROUTER_NORMS}, got {cfg.router_norm!r}")
     if cfg.grouped_backend not in GROUPED_BACKENDS:
         raise ValueError(f"model.grouped_backend must be one of {GROUPED_BACKENDS}, got {cfg.grouped_backend!r}")
+    if cfg.capacity_factor is not None:
+        if not cfg.capacity_factor > 0:
+            raise ValueError(f"model.capacity_factor must be > 0 or null (dropless), got {cfg.capacity_factor}")
+        if cfg.routing == "all":
+            raise ValueError("model.capacity_factor has no effect with model.routing=all; set it to null")
 
 
-def mix_dense(weights_BTE: torch.Tensor, y_EBH: torch.Tensor) -> torch.Tensor:
+def mix_all(weights_BTE: torch.Tensor, y_EBH: torch.Tensor) -> torch.Tensor:
     """Per-task weighted sum of every expert's output: `[B, T, E], [E, B, H] -> [B, T, H]`."""
     return torch.einsum("bte,ebh->bth", weights_BTE, y_EBH)
 
@@ -157,22 +179,23 @@ def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Per-task weighted sum of the pair outputs: `[N, H] -> [B, T, H]`.
 
     Sparse plans: the pair rows are copied once into a padded per-instance table
-    `[B, U, H]` (U = `plan.num_slots`, at most K_s + T*K_a for progressive routing) and
-    every task's weights are scattered into `[B, T, U]`; one batched matmul mixes (U is
-    the router's static bound, so the table's shape needs no host read). This
-    moves `N*H` values instead of gathering `B*T*K*H` and scatter-adding them back in
-    backward. Dense plans mix `y_NH` viewed as `[E, B, H]` with one einsum.
+    `[B, W, H]` (W = `plan.table_width`, the router's static bound on |U|: at most
+    K_s + T*K_a for progressive routing, +1 slot under a capacity limit) and every
+    task's weights are scattered into `[B, T, W]`; one batched matmul mixes (W is
+    static, so the table's shape needs no host read). This moves `N*H` values instead
+    of gathering `B*T*K*H` and scatter-adding them back in backward. `all` plans mix
+    `y_NH` viewed as `[E, B, H]` with one einsum.
     """
     B = plan.weights_BTK.shape[0]
-    if plan.dense:
-        return mix_dense(plan.weights_BTK, y_NH.view(plan.num_experts, B, -1))
-    U, H = plan.num_slots, y_NH.shape[1]
-    rows_N = plan.pair_instance_N * U + plan.pair_slot_N
+    if plan.all_experts:
+        return mix_all(plan.weights_BTK, y_NH.view(plan.num_experts, B, -1))
+    W, H = plan.table_width, y_NH.shape[1]
+    rows_N = plan.pair_instance_N * W + plan.pair_slot_N
     # in place on a fresh buffer: the out-of-place index_copy would clone it once more
-    table_BUH = y_NH.new_zeros(B * U, H).index_copy_(0, rows_N, y_NH).view(B, U, H)
-    w_BTU = plan.weights_BTK.new_zeros(B, plan.weights_BTK.shape[1], U)
-    w_BTU = w_BTU.scatter(-1, plan.slot_BTK, plan.weights_BTK)
-    return torch.bmm(w_BTU, table_BUH)
+    table_BWH = y_NH.new_zeros(B * W, H).index_copy_(0, rows_N, y_NH).view(B, W, H)
+    w_BTW = plan.weights_BTK.new_zeros(B, plan.weights_BTK.shape[1], W)
+    w_BTW = w_BTW.scatter(-1, plan.slot_BTK, plan.weights_BTK)
+    return torch.bmm(w_BTW, table_BWH)
 
 
 class SMESLayer(nn.Module):
@@ -194,15 +217,16 @@ class SMESLayer(nn.Module):
         self.num_experts, self.num_tasks = E, num_tasks
         self.balance_beta, self.z_loss_coef = cfg.balance_beta, cfg.z_loss_coef
         self.bias_balance, self.bias_update_rate = cfg.bias_balance, cfg.bias_update_rate
-        task_weights = cfg.task_weights if cfg.task_weights is not None else [1.0 / num_tasks] * num_tasks
+        weights = cfg.selection_weights if cfg.selection_weights is not None else [1.0 / num_tasks] * num_tasks
         self.router = Router(
             in_dim,
             num_experts=E,
             num_tasks=num_tasks,
-            num_shared=cfg.num_shared,
-            num_adaptive=cfg.num_adaptive,
+            shared_top_k=cfg.shared_top_k,
+            adaptive_top_k=cfg.adaptive_top_k,
             routing=cfg.routing,
-            task_weights=list(task_weights),
+            selection_weights=list(weights),
+            capacity_factor=cfg.capacity_factor,
             input_norm=cfg.router_norm == "layernorm",
         )
         experts = GroupedExperts(E, in_dim, list(cfg.expert_hidden), backend=cfg.grouped_backend)
@@ -215,15 +239,6 @@ class SMESLayer(nn.Module):
         self.bias_counts_E: torch.Tensor
         self.register_buffer("expert_bias_E", torch.zeros(E))
         self.register_buffer("bias_counts_E", torch.zeros(E), persistent=False)
-
-    @property
-    def capacity_factor(self) -> float | None:
-        """Per-expert capacity factor of this process's batch (None = dropless), see the module doc."""
-        return self.router.capacity_factor
-
-    @capacity_factor.setter
-    def capacity_factor(self, value: float | None) -> None:
-        self.router.capacity_factor = value
 
     @property
     def experts(self) -> GroupedExperts:
@@ -257,8 +272,8 @@ class SMESLayer(nn.Module):
     def _load(self, plan: RoutingPlan, counts_TE: torch.Tensor) -> ExpertLoad:
         """Device tensors only (no host read): the trainer accumulates them on the device."""
         B = plan.probs_BTE.shape[0]
-        if plan.dense or B == 0:
-            active_max = counts_TE.new_full((), float(self.num_experts if plan.dense else 0))
+        if plan.all_experts or B == 0:
+            active_max = counts_TE.new_full((), float(self.num_experts if plan.all_experts else 0))
         else:  # pairs per instance: a scatter-add (bincount would sync on CUDA)
             per_instance_B = counts_TE.new_zeros(B).index_add_(
                 0, plan.pair_instance_N, counts_TE.new_ones(plan.num_pairs)
@@ -289,7 +304,7 @@ class SMES(nn.Module):
     Args:
         cfg: `SMESConfig`.
         in_dim: D.
-        tasks: task names (order = router / task_weights order).
+        tasks: task names (order = router / selection_weights order).
     """
 
     def __init__(self, cfg: SMESConfig, *, in_dim: int, tasks: tuple[str, ...]) -> None:

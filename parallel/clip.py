@@ -1,4 +1,4 @@
-"""Gradient clipping by the norm of the whole model's dense gradient, experts sharded or not.
+"""Gradient clipping by the norm of the whole model's network gradient, experts sharded or not.
 
 The native engine (`trainer.engine`) clips with `clip_grad_norm_` after the gradient
 sync; DeepSpeed clips inside its own step (`parallel.deepspeed_engine`). By then the
@@ -30,7 +30,7 @@ def clip_grad_norm_(
     """Clip `params`' gradients by the global norm (see the module doc).
 
     Args:
-        params: every parameter the dense optimizer steps (experts included).
+        params: every parameter the network optimizer steps (experts included).
         max_norm: the norm to clip to.
         sharded_experts: the expert parameters sharded over the expert-parallel group
             (`parallel.expert.params.expert_parameters`; empty when they are replicated).

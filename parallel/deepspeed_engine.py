@@ -1,16 +1,16 @@
-"""DeepSpeed as the dense engine (`trainer.engine=deepspeed`).
+"""DeepSpeed as the network engine (`trainer.engine=deepspeed`).
 
 Who trains what:
 
 - embedding tables: TorchRec, exactly as with the native engine (sharded by the
   planner, fused optimizer applied during backward). DeepSpeed never sees them.
-- every other parameter (core, towers, and the experts): one DeepSpeed engine with ZeRO
-  stage 0, 1 or 2 around the trainer's torch optimizer, in place of DDP + the torch
-  optimizer (`parallelize(..., dense_engine="deepspeed")` leaves DDP out).
+- the network parameters (core, towers, and the experts): one DeepSpeed engine with
+  ZeRO stage 0, 1 or 2 around the trainer's torch optimizer, in place of DDP + the torch
+  optimizer (`parallelize(..., engine="deepspeed")` leaves DDP out).
 
-`DeepSpeedDense` builds the engine over `DenseView`, a module that registers only the
-non-embedding children of the model (so DeepSpeed broadcasts, flattens, partitions and
-reduces only those) and whose forward runs the whole DMP. It returns the logits and aux
+`DeepSpeedEngine` builds DeepSpeed's engine over `NetworkView`, a module that registers
+only the non-embedding children of the model (so DeepSpeed broadcasts, flattens,
+partitions and reduces only those) and whose forward runs the whole DMP. It returns the logits and aux
 losses in a tuple, because DeepSpeed starts its backward bookkeeping from hooks on the
 forward's output tensors.
 
@@ -27,13 +27,13 @@ for the native engine. ZeRO's gradient norm (`trainer.grad_clip`) counts each ex
 slice once.
 
 DeepSpeed 0.19.8 turns that MoE path on only when the module holds a
-`deepspeed.moe.layer.MoE` (`DeepSpeedEngine._configure_distributed_model` sets
+`deepspeed.moe.layer.MoE` (`deepspeed.runtime.engine.DeepSpeedEngine._configure_distributed_model` sets
 `has_moe_layers`); our experts are `GroupedExperts` behind our own dispatcher, so
 `_ExpertGroups`, a parameter-free `MoE` subclass, stands in for them. DeepSpeed calls its
 `set_deepspeed_parallelism()` before it broadcasts the weights, and that creates the
 groups.
 
-Checkpoints: `ZeroDenseOptimizer` exposes the ZeRO-partitioned optimizer state per
+Checkpoints: `ZeroNetworkOptimizer` exposes the ZeRO-partitioned optimizer state per
 parameter name with full (gathered) tensors, in the layout of the native engine's
 `KeyedOptimizer` (`{"state": {name: {"step", "exp_avg", ...}}}`), so
 `trainer/checkpoint.py` saves it with DCP like the native state and a checkpoint
@@ -55,10 +55,13 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from model.build import ModelOutput
 from parallel.expert.mesh import ExpertMesh
 from parallel.expert.params import expert_parameters, smes_layers
-from parallel.parallelize import EMBEDDING_PREFIX, ParallelModel, dense_parameters, unwrap
+from parallel.parallelize import EMBEDDING_PREFIX, ParallelModel, network_parameters, unwrap
 
 ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
+# the optimizer parameter group of the network parameters: its name is saved with the
+# optimizer state (and names DeepSpeed's expert groups), so it keeps its older name
+PARAM_GROUP = "dense"
 
 
 @dataclass(kw_only=True)
@@ -139,7 +142,7 @@ def group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
-class DenseView(nn.Module):
+class NetworkView(nn.Module):
     """The module DeepSpeed wraps: the model's non-embedding children (registered, so
     only their parameters are DeepSpeed's) and a forward that runs the whole DMP.
 
@@ -203,17 +206,18 @@ def mark_expert_parameters(pm: ParallelModel) -> list[nn.Parameter]:
     return params
 
 
-class DeepSpeedDense:
-    """Dense + expert parameters trained by a DeepSpeed engine.
+class DeepSpeedEngine:
+    """The network parameters (experts included) trained by a DeepSpeed engine (not to
+    be confused with DeepSpeed's own `DeepSpeedEngine` class, which it holds as `engine`).
 
-    The trainer drives it like the native engine: `dense(batch) -> ModelOutput`,
+    The trainer drives it like the native engine: `engine(batch) -> ModelOutput`,
     `backward(loss)`, `step()`; `zero_grad()` is a no-op (the engine clears gradients
     in `step`). `base_optimizer` is the torch optimizer DeepSpeed steps (the trainer's
     LambdaLR schedules its parameter groups) and `keyed_optimizer` its checkpointable
     view.
 
     Args:
-        pm: the parallel model, built with `dense_engine="deepspeed"`.
+        pm: the parallel model, built with `engine="deepspeed"`.
         cfg: `trainer.deepspeed`.
         build_optimizer: torch optimizer over a list of parameter groups.
         global_batch: `trainer.batch_size`.
@@ -240,11 +244,11 @@ class DeepSpeedDense:
         experts = mark_expert_parameters(pm)
         layers = smes_layers(pm.dmp)
         expert_groups = _expert_groups_module(mesh, layers[0].dispatcher.num_experts) if experts else None
-        self.view = DenseView(pm, expert_groups, bf16=cfg.bf16)
-        self.named_params = dict(dense_parameters(pm.dmp))
+        self.view = NetworkView(pm, expert_groups, bf16=cfg.bf16)
+        self.named_params = dict(network_parameters(pm.dmp))
         view_params = {id(p) for p in self.view.parameters()}
-        assert view_params == {id(p) for p in self.named_params.values()}, "DeepSpeed must own every dense parameter"
-        param_groups = [{"name": "dense", "params": list(self.named_params.values())}]
+        assert view_params == {id(p) for p in self.named_params.values()}, "DeepSpeed must own every network parameter"
+        param_groups = [{"name": PARAM_GROUP, "params": list(self.named_params.values())}]
         if experts:
             param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
         groups_params = [list(g["params"]) for g in param_groups]  # ZeRO swaps in its flat partitions
@@ -260,7 +264,7 @@ class DeepSpeedDense:
         if self.engine.optimizer is optimizer:
             self.keyed_optimizer: Any = KeyedOptimizerWrapper(self.named_params, lambda _: optimizer)
         else:
-            self.keyed_optimizer = ZeroDenseOptimizer(self.engine.optimizer, self.named_params, groups_params)
+            self.keyed_optimizer = ZeroNetworkOptimizer(self.engine.optimizer, self.named_params, groups_params)
 
     def __call__(self, batch: Any) -> ModelOutput:
         out, _ = self.engine(batch)
@@ -276,7 +280,7 @@ class DeepSpeedDense:
         self.engine.step()
 
 
-class ZeroDenseOptimizer:
+class ZeroNetworkOptimizer:
     """Checkpoint view of a ZeRO-1/2 (or bf16) optimizer: its state per parameter name,
     gathered to full tensors (collective: every rank calls `state_dict` and
     `load_state_dict`, in the same order).
@@ -290,7 +294,7 @@ class ZeroDenseOptimizer:
 
     Args:
         zero_optimizer: `engine.optimizer`.
-        named_params: the dense parameters by name.
+        named_params: the network parameters by name.
         groups_params: the parameters of each optimizer parameter group, in order.
     """
 

@@ -3,7 +3,7 @@
 The model's `EmbeddingBagCollection` is built on `meta`; `DistributedModelParallel`
 materialises only this rank's shards. The sparse optimizer is fused into the backward
 pass (`apply_optimizer_in_backward`), so embedding rows are updated by FBGEMM kernels
-and never appear as dense gradients.
+and never appear among the network parameters' gradients.
 
 On CPU the stock `EmbeddingBagCollectionSharder` offers no row-wise sharding types; the
 CPU kernels support them, so `RecEBCSharder` adds them back.
@@ -192,9 +192,10 @@ def quiet_torchrec() -> Iterator[None]:
 def silence_known_warnings() -> None:
     """Process-wide filters for warnings that fire every step and are known benign.
 
-    - fbgemm's dense (data-parallel) embedding lookup has no registered autograd kernel
-      and PyTorch warns that this "may" be wrong; its gradients are checked against the
-      single-process reference in tests/parallel/test_embedding_parity.py.
+    - fbgemm's lookup of data-parallel tables (`dense_embedding_codegen_lookup_function`,
+      fbgemm's name) has no registered autograd kernel and PyTorch warns that this "may"
+      be wrong; its gradients are checked against the single-process reference in
+      tests/parallel/test_embedding_parity.py.
     - TorchRec calls deprecated collectives (`all_gather_into_tensor`, ...).
     - torch.fx warns on every TorchRec forward that `is_fx_tracing` changed meaning.
     """
@@ -209,7 +210,7 @@ def silence_known_warnings() -> None:
 
 class NoDataParallel(DataParallelWrapper):
     """DMP data-parallel wrapper that leaves the unsharded part unwrapped (on `device`),
-    for a dense engine that reduces gradients itself (DeepSpeed)."""
+    for a network engine that reduces gradients itself (DeepSpeed)."""
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         dmp._dmp_wrapped_module.to(device)
@@ -251,7 +252,7 @@ def shard_embeddings(
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
         plan = planner.collective_plan(model, [sharder], pg)  # type: ignore[list-item]
         # static_graph=False: with TorchRec's default static_graph=True, the first
-        # iteration's dense gradients were not all-reduced before the optimizer step
+        # iteration's network gradients were not all-reduced before the optimizer step
         # (ranks diverged after step 1 in the parity test).
         dmp = DistributedModelParallel(
             module=model,

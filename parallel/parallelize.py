@@ -5,38 +5,38 @@
 1. the fused sparse optimizer on the embedding tables (it must be attached before
    sharding so TorchRec fuses it into the sharded kernels);
 2. TorchRec embedding sharding (planner + `DistributedModelParallel`), which also wraps
-   every non-embedding parameter in DDP;
+   every network parameter (all but the embedding tables) in DDP;
 3. seeded table values (`parallel.state.init_tables_seeded`): every table's shards get
    values that depend on the seed and the table only, so the initial model is the same
    at any world size and plan. TorchRec's own shard initialisation runs under a forked
    RNG, so the process RNG after `parallelize` does not depend on the plan either.
-   Dense layers and experts need nothing: they are built on every rank from the same
-   RNG state before `parallelize` (experts under `ep` are built full and sliced) and
-   DDP broadcasts rank 0's copy anyway.
+   The network parameters (experts included) need nothing: they are built on every
+   rank from the same RNG state before `parallelize` (experts under `ep` are built
+   full and sliced) and DDP broadcasts rank 0's copy anyway.
 
 Batch norms with global-statistics hooks (`model.mlp.ReducibleBatchNorm1d`, HoME's
 expert normalisation) get an all-gather (forward) and an all-reduce (backward) over all
 ranks, so their statistics, gradients and running statistics are those of the global
 batch.
 
-Between 1 and 2, the capacity factor (`parallel/expert/capacity.py`) and expert parallelism
-(`parallel/expert/mesh.py`, `parallel/expert/dispatcher.py`): every SMES layer gets
-`capacity_factor` (per expert, per source rank's local batch, applied by the router
-before dispatch), then keeps only its E/ep experts behind an all-to-all dispatcher, and
-its balance counts are all-reduced over all ranks; sharded expert parameters (found by
+Between 1 and 2, expert parallelism (`parallel/expert/mesh.py`,
+`parallel/expert/dispatcher.py`): every SMES layer keeps only its E/ep experts behind
+an all-to-all dispatcher, and its balance counts are all-reduced over all ranks (the
+capacity factor, `model.capacity_factor`, needs nothing here: each rank's router
+applies it to its local batch before dispatch); sharded expert parameters (found by
 `parallel.expert.params`) are kept out of DDP and reduced inside their
 expert-data-parallel group by `parallel.expert.grads` (started during backward,
 finished by `ParallelModel.after_backward()`).
 
-With `dense_engine="deepspeed"` (`trainer.engine`), step 2 leaves the non-embedding part
+With `engine="deepspeed"` (`trainer.engine`), step 2 leaves the network parameters
 unwrapped and `after_backward()` does nothing: a DeepSpeed engine
-(`parallel/deepspeed_engine.py`) reduces dense and expert gradients itself.
+(`parallel/deepspeed_engine.py`) reduces their gradients, the experts' included, itself.
 
-The dense optimizer is built by the trainer over `dense_parameters(...)`; the fused
+The network optimizer is built by the trainer over `network_parameters(...)`; the fused
 sparse optimizer lives inside the DMP (`dmp.fused_optimizer`). Tables the plan makes
 `data_parallel` are replicated plain tensors that TorchRec does not fuse: they get the
 same optimizer as the sparse tables, as a regular torch optimizer
-(`ParallelModel.replicated_table_optimizer`) that the trainer steps with the dense one.
+(`ParallelModel.replicated_table_optimizer`) that the trainer steps with the network one.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ from parallel.embedding_sharding import (
     shard_embeddings,
     sparse_optimizer_class,
 )
-from parallel.expert.capacity import apply_capacity_factor
 from parallel.expert.dispatcher import apply_expert_parallel
 from parallel.expert.grads import ExpertGradSync, build_expert_grad_sync
 from parallel.expert.mesh import ExpertMesh, build_mesh
@@ -81,16 +80,13 @@ class ParallelConfig:
         embedding: how embedding tables are sharded.
         sparse_optimizer: fused optimizer of the embedding tables.
         ep: expert-parallel group size (1 = experts replicated on every rank).
-        capacity_factor: None = dropless (default); else every rank sends each expert
-            at most `ceil(capacity_factor * N_local / E)` of its N_local deduplicated
-            (instance, expert) pairs per step and drops the rest (see
-            `parallel.expert.capacity`). SMES cores with sparse routing only.
+
+    The expert capacity is a model key, `model.capacity_factor` (`model.smes.SMESConfig`).
     """
 
     embedding: EmbeddingShardingConfig = field(default_factory=EmbeddingShardingConfig)
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
     ep: int = 1
-    capacity_factor: float | None = None
 
 
 @dataclass(slots=True)
@@ -120,8 +116,9 @@ class ParallelModel:
         return self.dmp(*args, **kwargs)
 
 
-def dense_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters updated by the dense optimizer: everything but embedding tables."""
+def network_parameters(dmp: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The network parameters, updated by the network optimizer: everything but the
+    embedding tables (core, experts included, and towers)."""
     for name, p in in_backward_optimizer_filter(dmp.named_parameters()):
         if not name.startswith(EMBEDDING_PREFIX):
             yield name, p
@@ -163,28 +160,27 @@ def parallelize(
     cfg: ParallelConfig,
     info: DistInfo,
     *,
-    dense_engine: str = "native",
+    engine: str = "native",
     seed: int | None = None,
 ) -> ParallelModel:
     """Shard `model` (embedding tables built on `meta`) over the default process group.
 
     Args:
-        model: the plain model, its dense part built on every rank from the same RNG state.
+        model: the plain model, its network parameters built on every rank from the same RNG state.
         cfg: the `parallel` config.
         info: this rank.
-        dense_engine: "native" (DDP + `after_backward`) or "deepspeed" (no DDP, no
+        engine: `trainer.engine`: "native" (DDP + `after_backward`) or "deepspeed" (no DDP, no
             expert gradient sync here: the DeepSpeed engine does both).
         seed: seed of the embedding tables' values (pass `trainer.seed`). None takes
             rank 0's `torch.initial_seed()`, i.e. the last `torch.manual_seed` (the
             trainer seeds with `trainer.seed` before building the model).
     """
-    native = dense_engine == "native"
+    native = engine == "native"
     if seed is None:
         seed = int(pdist.broadcast_object(torch.initial_seed()))
     tables = table_specs(model)
     sync_batch_norms(model)
     apply_sparse_optimizer(model.ebc, cfg.sparse_optimizer)
-    apply_capacity_factor(model, cfg.capacity_factor)
     mesh = build_mesh(cfg.ep, device_type=info.device.type)
     expert_names = apply_expert_parallel(model, mesh)
     feature_to_table = {f: f"t_{f}" for f in model.spec.sparse_names}
@@ -206,7 +202,7 @@ def parallelize(
     table_opt = None
     if replicated and not native:  # their gradients would need DDP's all-reduce
         raise ValueError(
-            f"trainer.engine={dense_engine} does not support data_parallel embedding tables "
+            f"trainer.engine={engine} does not support data_parallel embedding tables "
             f"({sorted(replicated)}); choose another parallel.embedding sharding type"
         )
     if replicated:

@@ -2,14 +2,15 @@
 
 A checkpoint is a folder `<run_dir>/checkpoints/step_<N>/` holding DCP shards of:
 
-- `model`: the DMP state dict (embedding shards as ShardedTensors, dense weights,
+- `model`: the DMP state dict (embedding shards as ShardedTensors, network weights,
   expert-parallel expert slices as DTensors of the full expert stack);
 - `optim/sparse`: the fused embedding optimizer (TorchRec `KeyedOptimizer`, sharded
-  like the tables), `optim/dense`: the dense optimizer keyed by parameter name (with
+  like the tables), `optim/dense`: the network optimizer keyed by parameter name (the key keeps its
+  older name, so that older checkpoints load; with
   `trainer.engine=deepspeed`, the ZeRO-partitioned state gathered per parameter into
-  the same layout, see `parallel.deepspeed_engine.ZeroDenseOptimizer`),
+  the same layout, see `parallel.deepspeed_engine.ZeroNetworkOptimizer`),
   `optim/tables`: the optimizer of tables sharded `data_parallel`, if any;
-- `ema`: the moving average of the dense weights, with `trainer.ema` on
+- `ema`: the moving average of the network weights, with `trainer.ema` on
   (`trainer/ema.py`); `load_model` loads it over the trained weights, since it is the
   run's evaluated model;
 - `meta`: step, scheduler, every rank's loader state (`data.loaders.in_memory.TrainBatches`: the
@@ -48,7 +49,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 from parallel.dist import all_gather_object, all_reduce, barrier, host_group
 from parallel.expert.checkpoint import checkpoint_view
 from parallel.expert.mesh import ExpertMesh
-from parallel.parallelize import dense_parameters
+from parallel.parallelize import network_parameters
 
 log = logging.getLogger("trainer.checkpoint")
 MARKER = "COMPLETE"
@@ -75,7 +76,7 @@ class TrainState:
 
     model: nn.Module
     sparse_optim: KeyedOptimizer
-    dense_optim: Any  # KeyedOptimizer, or ZeroDenseOptimizer (same state_dict layout)
+    network_optim: Any  # KeyedOptimizer, or ZeroNetworkOptimizer (same state_dict layout)
     table_optim: KeyedOptimizer | None
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Any  # TrainLoader (state_dict / load_state_dict)
@@ -90,7 +91,7 @@ class TrainState:
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optim/sparse": self.sparse_optim.state_dict(),
-            "optim/dense": self.dense_optim.state_dict(),
+            "optim/dense": self.network_optim.state_dict(),
         }
         if self.table_optim is not None:
             state["optim/tables"] = self.table_optim.state_dict()
@@ -223,7 +224,7 @@ def _local_tensors(tree: Any) -> Any:
 
 
 def _fit_groups(scheduler_state: dict[str, Any], num_groups: int) -> dict[str, Any]:
-    """The scheduler state for `num_groups` parameter groups. The dense parameter groups
+    """The scheduler state for `num_groups` parameter groups. The network optimizer's parameter groups
     share one lr; their number depends on the engine and `ep` (DeepSpeed keeps experts
     in a group of their own), so a checkpoint may come from a run with another count."""
     out = dict(scheduler_state)
@@ -245,7 +246,7 @@ def holds_average(path: Path) -> bool:
 def load_model(state: TrainState, path: Path) -> None:
     """Load the evaluated model of the checkpoint at `path` into `state.model`
     (collective; e.g. the best step's model for the final test evaluation): its weights
-    and, if it holds one, the moving average over the dense weights (`trainer/ema.py`)."""
+    and, if it holds one, the moving average over the network weights (`trainer/ema.py`)."""
     if not (path / MARKER).exists():
         raise ValueError(f"{path} is not a complete checkpoint folder (no {MARKER} marker)")
     tensors = checkpoint_view({"model": state.model.state_dict()}, state.expert_mesh, model=state.model)
@@ -253,8 +254,8 @@ def load_model(state: TrainState, path: Path) -> None:
     sharded_experts = state.expert_mesh is not None and state.expert_mesh.ep > 1
     state.model.load_state_dict(state.model.state_dict() if sharded_experts else tensors["model"])
     if holds_average(path):  # into the parameters in place (expert slices through their DTensor views)
-        dense = {name: p.detach() for name, p in dense_parameters(state.model)}
-        dcp.load(checkpoint_view({"ema": dense}, state.expert_mesh, model=state.model), checkpoint_id=str(path),
+        network = {name: p.detach() for name, p in network_parameters(state.model)}
+        dcp.load(checkpoint_view({"ema": network}, state.expert_mesh, model=state.model), checkpoint_id=str(path),
                  process_group=_dcp_group())  # fmt: skip
 
 
@@ -271,7 +272,7 @@ def load(state: TrainState, path: Path) -> None:
     """Restore `state` in place from the checkpoint at `path` (collective)."""
     rank, world = _world()
     # lazily created optimizer state must exist before it can be loaded into in place
-    state.dense_optim.init_state()
+    state.network_optim.init_state()
     if state.table_optim is not None:
         state.table_optim.init_state()
     saved_average = state.ema is not None and holds_average(path)
@@ -284,8 +285,8 @@ def load(state: TrainState, path: Path) -> None:
     state.sparse_optim.load_state_dict(tensors["optim/sparse"])
     # the views' local tensors already hold the loaded values (re-reading the optimizer's
     # state instead would re-gather a DeepSpeed optimizer's old state over them)
-    dense = _local_tensors(tensors["optim/dense"]) if sharded_experts else tensors["optim/dense"]
-    state.dense_optim.load_state_dict(dense)  # after the model: DeepSpeed refreshes its fp32 weights from it
+    network = _local_tensors(tensors["optim/dense"]) if sharded_experts else tensors["optim/dense"]
+    state.network_optim.load_state_dict(network)  # after the model: DeepSpeed refreshes its fp32 weights from it
     if state.table_optim is not None:
         state.table_optim.load_state_dict(tensors["optim/tables"])
     meta = pickle.loads((path / "meta.pkl").read_bytes())

@@ -5,15 +5,24 @@ into its dataclass (the data source and the core pick theirs by `name`), so that
 or a wrong type fails here, naming the key, before any process group or data work
 starts. Model-level fields shared by every core (`embedding_dim`, `tower`) live beside
 the core's own fields in the `model` group, so users write `model.num_experts=16`.
+
+Renamed keys (issue 22, `RENAMED_KEYS`): for one release the old keys stay in `conf/` as
+null placeholders (Hydra's struct mode would otherwise reject them before this code
+runs), and setting one fails here with a message that names the new key. Saved run
+configs (`RUN/config.yaml`, `.hydra/config.yaml`) written before the rename still load:
+every reader of a saved config goes through `load_saved_config`, which moves the old
+keys to the new ones (`migrate_saved_config`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.build import SOURCES, declared_names
@@ -22,7 +31,6 @@ from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, validate_smes_config
 from parallel.deepspeed_engine import DeepSpeedConfig, check_engine
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
-from parallel.expert.capacity import check_capacity_factor
 from parallel.expert.mesh import check_ep
 from parallel.parallelize import ParallelConfig
 from trainer.checkpoint import CheckpointConfig
@@ -31,10 +39,19 @@ from trainer.ema import check_config as check_ema
 from trainer.evaluation.metrics import check_mode
 from trainer.selection import EarlyStoppingConfig, check_config
 
-DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+NETWORK_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 PIPELINES = ("sparse_dist", "none")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+# Config keys renamed in issue 22 (old -> new), and the renamed value of model.routing.
+# The old keys are null placeholders in conf/ for one release (removed in the next).
+RENAMED_KEYS = {
+    "model.num_shared": "model.shared_top_k",
+    "model.num_adaptive": "model.adaptive_top_k",
+    "model.task_weights": "model.selection_weights",
+    "parallel.capacity_factor": "model.capacity_factor",
+}
+RENAMED_ROUTING = {"dense": "all"}
 
 
 @dataclass(kw_only=True)
@@ -50,7 +67,7 @@ class TrainerConfig:
             each evaluation is a candidate for model selection.
         early_stopping: which validation metric selects the reported model, and when to
             stop (`metric`, `mode`, `patience`, `min_delta`; see `trainer/selection.py`).
-        ema: `decay` of an exponential moving average of the dense weights, which is
+        ema: `decay` of an exponential moving average of the network weights, which is
             then the evaluated, selected, reported and exported model (0 = off; see
             `trainer/ema.py`).
         eval_mode: exact (every rank gathers all rows: O(N) memory per rank) |
@@ -59,12 +76,14 @@ class TrainerConfig:
         log_every: log training metrics every N steps.
         seed: seed of model init and data order.
         device: auto | cpu | cuda.
-        optimizer, lr, weight_decay: dense optimizer (everything but embedding tables).
+        optimizer, lr, weight_decay: network optimizer (the network parameters:
+            everything but the embedding tables, experts included).
         lr_schedule: constant | cosine (to 10% of lr), after `warmup_steps` linear warmup.
-        grad_clip: clip the dense gradient norm (0 = off).
+        grad_clip: clip the network gradient norm (0 = off).
         router_lr_scale: learning-rate multiplier of the SMES routers' parameters
             (`model.moe.router.Router` modules; default 1). Native engine only.
-        task_weights: task -> loss weight (default 1 for every task).
+        task_weights: task -> loss weight (default 1 for every task); not the SMES
+            Stage I selection weights (`model.selection_weights`).
         prefetch: batches built ahead by the loader thread.
         max_bad_steps: abort after this many consecutive non-finite losses.
         progress: show a progress bar on rank 0.
@@ -72,8 +91,8 @@ class TrainerConfig:
             directory if there is one (so a restarted job picks up where it died), a
             checkpoint folder, or null to always start fresh.
         checkpoint: when checkpoints are written and how many are kept.
-        engine: native (DDP + the torch dense optimizer) | deepspeed (a DeepSpeed
-            engine with ZeRO trains the dense and expert parameters; the embedding
+        engine: native (DDP + the torch network optimizer) | deepspeed (a DeepSpeed
+            engine with ZeRO trains the network parameters, experts included; the embedding
             tables stay TorchRec's). See `parallel/deepspeed_engine.py`.
         deepspeed: DeepSpeed settings (`zero_stage`, `bf16`), used with engine=deepspeed.
         pipeline: sparse_dist (TorchRec's TrainPipelineSparseDist: the embedding input
@@ -165,11 +184,79 @@ def _by_name(registry: dict[str, tuple[type, Any]], node: Any, key: str, drop: t
     return _structured(registry[name][0], section, key)
 
 
+def _override(value: Any) -> str:
+    """`value` as a command-line override value (lists without spaces)."""
+    if isinstance(value, ListConfig | list | tuple):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    return str(value)
+
+
+def _renamed(cfg: DictConfig, *, saved: bool) -> DictConfig:
+    """A copy of `cfg` without the renamed keys of `RENAMED_KEYS` (issue 22).
+
+    Null old keys (the placeholders in conf/) are dropped. A non-null one, or
+    `model.routing=dense`: with `saved` its value moves to the new key, else it is an
+    error naming the new key.
+    """
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_struct(out, False)
+    OmegaConf.set_readonly(out, False)
+    for old, new in RENAMED_KEYS.items():
+        section, _, key = old.rpartition(".")
+        node = OmegaConf.select(out, section)
+        if not isinstance(node, DictConfig) or key not in node:
+            continue
+        value = node[key]
+        del node[key]
+        if value is None:
+            continue
+        if not saved:
+            raise ValueError(f"{old} was renamed {new} (issue 22); use {new}={_override(value)}")
+        OmegaConf.update(out, new, value, force_add=True)
+    routing = OmegaConf.select(out, "model.routing")
+    if routing in RENAMED_ROUTING:
+        new_routing = RENAMED_ROUTING[routing]
+        if not saved:
+            raise ValueError(
+                f"model.routing={routing} was renamed model.routing={new_routing} (issue 22); "
+                f"use model.routing={new_routing}"
+            )
+        out.model.routing = new_routing
+    return out
+
+
+def reject_renamed_keys(cfg: DictConfig) -> DictConfig:
+    """`cfg` without the null placeholders of renamed keys; ValueError naming the new
+    key if an old one is set (`RENAMED_KEYS`, or `model.routing=dense`)."""
+    return _renamed(cfg, saved=False)
+
+
+def migrate_saved_config(cfg: DictConfig) -> DictConfig:
+    """A saved run config with the keys renamed in issue 22 moved to their new names
+    (`model.num_shared` -> `model.shared_top_k`, ..., `model.routing: dense` -> `all`;
+    `RENAMED_KEYS`) and the null placeholders dropped; a copy, valid for
+    `build_run_config`. Configs written after the rename pass through unchanged."""
+    return _renamed(cfg, saved=True)
+
+
+def load_saved_config(path: str | Path) -> DictConfig:
+    """A run's saved config (`RUN/config.yaml` or `RUN/.hydra/config.yaml`), migrated
+    (`migrate_saved_config`): what every reader of a finished run's config uses."""
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"{path}: not a run config (a mapping expected)")
+    return migrate_saved_config(node)
+
+
 def build_run_config(cfg: DictConfig, *, world_size: int | None = None) -> RunConfig:
     """Validate the composed Hydra config into a `RunConfig` (raises ValueError).
 
+    A renamed key (`RENAMED_KEYS`) fails first, naming its new key; a saved config of an
+    older run must go through `migrate_saved_config` (`load_saved_config`) first.
+
     `world_size`: the job's ranks (default: torchrun's `WORLD_SIZE`, else 1).
     """
+    cfg = reject_renamed_keys(cfg)
     for key in ("data", "model", "parallel", "trainer", "logger"):
         if key not in cfg or cfg[key] is None:
             raise ValueError(f"config lacks the `{key}` section")
@@ -200,8 +287,8 @@ def validate(run: RunConfig, *, world_size: int | None = None) -> None:
         raise ValueError(f"trainer.steps must be >= 1, got {t.steps}")
     if t.batch_size < 1 or t.eval_batch_size < 1:
         raise ValueError("trainer.batch_size and trainer.eval_batch_size must be >= 1")
-    if t.optimizer not in DENSE_OPTIMIZERS:
-        raise ValueError(f"trainer.optimizer={t.optimizer!r}; choose one of {DENSE_OPTIMIZERS}")
+    if t.optimizer not in NETWORK_OPTIMIZERS:
+        raise ValueError(f"trainer.optimizer={t.optimizer!r}; choose one of {NETWORK_OPTIMIZERS}")
     if t.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"trainer.lr_schedule={t.lr_schedule!r}; choose one of {LR_SCHEDULES}")
     if t.lr <= 0:
@@ -256,9 +343,6 @@ def validate(run: RunConfig, *, world_size: int | None = None) -> None:
     check_ep(run.parallel.ep, world, getattr(run.model.core, "num_experts", None))
     if run.parallel.ep > 1 and run.model.name != "smes":
         raise ValueError(f"parallel.ep={run.parallel.ep} needs model=smes (got model={run.model.name})")
-    check_capacity_factor(
-        run.parallel.capacity_factor, model=run.model.name, routing=getattr(run.model.core, "routing", None)
-    )
     # names the data config declares (a superset for KuaiRand, whose defaults depend on
     # the files' columns; exact names are checked again after loading)
     if hasattr(run.data, "on_bad_row"):
@@ -267,7 +351,7 @@ def validate(run: RunConfig, *, world_size: int | None = None) -> None:
     check_names(run, tasks=tasks, features=features)
     if isinstance(run.model.core, SMESConfig):
         exact = run.data.name != "kuairand" or run.data.tasks is not None
-        weights = run.model.core.task_weights
+        weights = run.model.core.selection_weights
         num_tasks = len(tasks) if exact else len(weights) if weights is not None else 1
         validate_smes_config(run.model.core, num_tasks=num_tasks)
     if run.logger.name not in ("wandb", "none"):

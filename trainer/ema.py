@@ -1,4 +1,4 @@
-"""An exponential moving average of the dense weights (`trainer.ema`).
+"""An exponential moving average of the network weights (`trainer.ema`).
 
 With `trainer.ema.decay` = d > 0 the trainer keeps, beside the trained weights w, an
 average a updated after every optimizer step that ran (skipped steps do not count):
@@ -15,7 +15,7 @@ differences between steps (Census-Income's validation income AUC by +-.002 from 
 evaluation to the next), so model selection partly picks noise; the average moves
 smoothly and sits higher (README, Results).
 
-Which weights: the parameters the dense optimizer trains (core, towers, experts; under
+Which weights: the network parameters, those the network optimizer trains (core, towers, experts; under
 expert parallelism each rank averages its own expert slices), not the embedding tables.
 TorchRec's fused optimizer updates the table shards inside backward, and an average of
 the tables would double the largest state of a recommendation model. Buffers (batch-norm
@@ -29,7 +29,7 @@ itself always continues from the trained weights.
 
 State: every checkpoint holds the average as `ema` (DCP, expert slices resharded like
 the model's) and the update count in its meta, so a resumed run continues the same
-average. Cost per step: one `torch._foreach_lerp_` over the dense parameters, no host sync.
+average. Cost per step: one `torch._foreach_lerp_` over the network parameters, no host sync.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class WeightAverage:
     """The average of `params` (name -> parameter); see the module doc.
 
     Args:
-        params: the averaged parameters by name (the dense optimizer's names).
+        params: the averaged parameters by name (the network optimizer's names).
         decay: d.
     """
 

@@ -1,15 +1,16 @@
-"""Dense engines: what runs forward, backward and the dense optimizer step.
+"""Network engines: what runs forward, backward and the network optimizer step.
 
 Both engines have the same interface (`Engine`): `engine(batch) -> ModelOutput`,
-`zero_grad()`, `backward(loss)`, `step()` (gradient clipping and the dense optimizer).
-The embedding tables are TorchRec's in both: sharded, with their fused optimizer
-applied inside backward.
+`zero_grad()`, `backward(loss)`, `step()` (gradient clipping and the network optimizer,
+which trains the network parameters: everything but the embedding tables). The
+embedding tables are TorchRec's in both: sharded, with their fused optimizer applied
+inside backward.
 
-- `native` (`NativeDense`): forward through the DMP (DDP inside), `loss.backward()`
+- `native` (`NativeEngine`): forward through the DMP (DDP inside), `loss.backward()`
   (the trainer follows it with `ParallelModel.after_backward`, the expert-gradient sync),
   clipping by the global norm, then the torch optimizer (and the optimizer of replicated
   `data_parallel` tables).
-- `deepspeed` (`parallel.deepspeed_engine.DeepSpeedDense`): a DeepSpeed ZeRO engine
+- `deepspeed` (`parallel.deepspeed_engine.DeepSpeedEngine`): a DeepSpeed ZeRO engine
   around the same torch optimizer.
 
 `build_engine` returns the engine with its checkpointable optimizer view and the
@@ -29,10 +30,10 @@ from data.batch import Batch
 from model.build import ModelOutput
 from model.moe.router import Router
 from parallel.clip import clip_grad_norm_
-from parallel.deepspeed_engine import DeepSpeedDense
-from parallel.parallelize import ParallelModel, dense_parameters
+from parallel.deepspeed_engine import DeepSpeedEngine
+from parallel.parallelize import ParallelModel, network_parameters
 from trainer.config import RunConfig
-from trainer.optim import build_dense_optimizer
+from trainer.optim import build_network_optimizer
 
 
 class Engine(Protocol):
@@ -46,7 +47,7 @@ class Engine(Protocol):
 
 
 @dataclass
-class NativeDense:
+class NativeEngine:
     """`trainer.engine=native`, see the module doc."""
 
     pm: ParallelModel
@@ -75,17 +76,17 @@ class NativeDense:
 
 @dataclass
 class BuiltEngine:
-    """The engine, the dense optimizer as checkpoints see it (keyed by parameter name),
+    """The engine, the network optimizer as checkpoints see it (keyed by parameter name),
     and the torch optimizer whose parameter groups the lr schedule drives."""
 
-    engine: NativeDense | DeepSpeedDense
+    engine: NativeEngine | DeepSpeedEngine
     keyed_optimizer: Any
     scheduled_optimizer: Any
-    num_dense_params: int
+    num_network_params: int
 
 
 def lr_groups(model: nn.Module, params: list[nn.Parameter], *, router_lr_scale: float, lr: float) -> list[Any]:
-    """The dense optimizer's parameter groups: the SMES routers' parameters (those of
+    """The network optimizer's parameter groups: the SMES routers' parameters (those of
     `Router` modules) at `lr * router_lr_scale` when the scale is not 1, the rest at lr."""
     if router_lr_scale == 1.0:
         return params
@@ -97,21 +98,21 @@ def lr_groups(model: nn.Module, params: list[nn.Parameter], *, router_lr_scale: 
 
 def build_engine(run: RunConfig, pm: ParallelModel) -> BuiltEngine:
     t = run.trainer
-    named = dict(dense_parameters(pm.dmp))
+    named = dict(network_parameters(pm.dmp))
     params = list(named.values())
     num = sum(p.numel() for p in params)
     if t.engine == "deepspeed":
-        ds = DeepSpeedDense(
+        ds = DeepSpeedEngine(
             pm,
             cfg=t.deepspeed,
-            build_optimizer=lambda groups: build_dense_optimizer(run, groups),
+            build_optimizer=lambda groups: build_network_optimizer(run, groups),
             global_batch=t.batch_size,
             grad_clip=t.grad_clip,
         )
         return BuiltEngine(ds, ds.keyed_optimizer, ds.base_optimizer, num)
     # keyed by parameter name, so checkpoints do not depend on parameter order
     groups = lr_groups(pm.dmp, params, router_lr_scale=t.router_lr_scale, lr=t.lr)
-    keyed = KeyedOptimizerWrapper(named, lambda ps: build_dense_optimizer(run, groups))
-    # data_parallel tables: replicated, stepped with the dense optimizer (see parallelize)
+    keyed = KeyedOptimizerWrapper(named, lambda ps: build_network_optimizer(run, groups))
+    # data_parallel tables: replicated, stepped with the network optimizer (see parallelize)
     optimizers = [keyed] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
-    return BuiltEngine(NativeDense(pm, optimizers, params, t.grad_clip), keyed, keyed, num)
+    return BuiltEngine(NativeEngine(pm, optimizers, params, t.grad_clip), keyed, keyed, num)

@@ -7,7 +7,7 @@
 Takes the same overrides as training (the recipe, model, data, parallel and trainer
 keys) plus `estimate.*` (`conf/estimate.yaml`), builds nothing on a device, and writes
 JSON with the largest rank's bytes per part, `per_gpu_bytes` = {`embeddings`,
-`dense_params`, `expert_params`, `grads`, `optimizer`, `weight_average`, `activations`,
+`non_expert_params`, `expert_params`, `grads`, `optimizer`, `weight_average`, `activations`,
 `dispatch_buffers`, `reserved`, `total`}, every rank's parts (`per_rank`),
 `a2a_bytes_per_step` (and its parts) and `fits` (total <= `estimate.gpu_memory_gb`),
 plus a table on stdout. Like torchtitan's estimator and TorchRec's planner statistics:
@@ -18,14 +18,14 @@ plus a table on stdout. Like torchtitan's estimator and TorchRec's planner stati
   state for them (adagrad: one value per element, rowwise_adagrad: one per row, adam:
   two per element, sgd: none). `estimate.device=cpu` plans for the CPU instead (the
   plan a CPU run builds, which the tests compare against).
-- parameters: the core and towers are replicated (`dense_params`); SMES experts are
+- parameters: the core and towers are replicated (`non_expert_params`); SMES experts are
   sharded over `parallel.ep` (`expert_params` = E / ep experts). Gradients: one per
   parameter in the parameter's dtype (native engine; DeepSpeed ZeRO-2: partitioned
-  over the ranks that hold the parameter). Optimizer: the dense optimizer's states
+  over the ranks that hold the parameter). Optimizer: the network optimizer's states
   shaped like the parameters (adam / adamw: two, adagrad: one, sgd: none; the step
   counters live on the host), partitioned by ZeRO stage 1 and 2 (plus ZeRO's float32
   partition of the weights). `weight_average`: the `trainer.ema` copy (float32).
-- activations: the peak of one training step's dense part (core, towers, loss,
+- activations: the peak of one training step's network part (core, towers, loss,
   backward) at the per-rank batch, traced with fake tensors (`FakeTensorMode`, nothing
   allocated) under `torch.distributed._tools.mem_tracker.MemTracker`, under the run's
   precision: the largest live memory during the step minus the parameters and the
@@ -66,15 +66,15 @@ from model.moe.router import PlanSizes
 from model.smes import SMES
 from parallel.embedding_sharding import RecEBCSharder, build_constraints, describe_plan, quiet_torchrec
 from parallel.parallelize import table_specs
-from trainer.config import RunConfig, build_run_config, validate_against_data
+from trainer.config import RunConfig, build_run_config, reject_renamed_keys, validate_against_data
 from trainer.loss import total_loss
 
 GIB = 2**30
 PARTS = (
-    "embeddings", "dense_params", "expert_params", "grads", "optimizer", "weight_average", "activations",
+    "embeddings", "non_expert_params", "expert_params", "grads", "optimizer", "weight_average", "activations",
     "dispatch_buffers", "reserved",
 )  # fmt: skip
-DENSE_STATES = {"adam": 2, "adamw": 2, "adagrad": 1, "sgd": 0}
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "adagrad": 1, "sgd": 0}
 
 
 @dataclass(kw_only=True)
@@ -162,24 +162,25 @@ def _shard_bytes(rows: int, cols: int, kind: str, states: int) -> int:
 
 
 def parameter_counts(model: MultiTaskModel) -> tuple[int, int]:
-    """(replicated dense parameters, all E experts' parameters), excluding the tables."""
+    """(network parameters other than the experts, all E experts' parameters); the tables
+    are not network parameters."""
     experts = 0
     if isinstance(model.core, SMES):
         experts = sum(p.numel() for p in model.core.layer.experts.parameters())
-    dense = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("ebc.")) - experts
-    return dense, experts
+    non_expert = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("ebc.")) - experts
+    return non_expert, experts
 
 
-def state_bytes(run: RunConfig, cfg: EstimateConfig, dense: int, experts: int) -> dict[str, int]:
+def state_bytes(run: RunConfig, cfg: EstimateConfig, non_expert: int, experts: int) -> dict[str, int]:
     """Per-rank bytes of parameters, gradients, optimizer state and the weight average."""
     t, ep, W = run.trainer, run.parallel.ep, cfg.world_size
     local_experts = experts // ep
-    params = dense + local_experts
+    params = non_expert + local_experts
     bf16_weights = t.engine == "deepspeed" and t.deepspeed.bf16
     weight_bytes = 2 if bf16_weights else 4
-    states = DENSE_STATES[t.optimizer]
+    states = OPTIMIZER_STATES[t.optimizer]
     out = {
-        "dense_params": dense * weight_bytes,
+        "non_expert_params": non_expert * weight_bytes,
         "expert_params": local_experts * weight_bytes,
         "weight_average": 4 * params if t.ema.decay > 0 else 0,
     }
@@ -188,10 +189,10 @@ def state_bytes(run: RunConfig, cfg: EstimateConfig, dense: int, experts: int) -
         out["grads"] = weight_bytes * params
         out["optimizer"] = 4 * states * params + master
         return out
-    # ZeRO: dense state partitioned over the W data-parallel ranks, expert state over the
+    # ZeRO: non-expert state partitioned over the W data-parallel ranks, expert state over the
     # W / ep ranks that hold the same experts; the float32 partition of the weights too
     edp = W // ep
-    partition = math.ceil(dense / W) + math.ceil(local_experts / edp)
+    partition = math.ceil(non_expert / W) + math.ceil(local_experts / edp)
     out["optimizer"] = 4 * (states + 1) * partition
     out["grads"] = weight_bytes * (partition if t.deepspeed.zero_stage == 2 else params)
     return out
@@ -208,7 +209,7 @@ def pairs_per_instance(model: MultiTaskModel, cfg: EstimateConfig) -> float:
 
 
 def trace_activations(run: RunConfig, spec: Any, batch: int, pairs: float) -> dict[str, int]:
-    """Peak activation bytes of one dense training step at local batch `batch` (module doc)."""
+    """Peak activation bytes of one training step of the network at local batch `batch` (module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -282,8 +283,8 @@ def estimate(run: RunConfig, cfg: EstimateConfig) -> dict[str, Any]:
         )  # fmt: skip
     batch = run.trainer.batch_size // cfg.world_size
     tables, plan = embedding_bytes(model, run, cfg)
-    dense, experts = parameter_counts(model)
-    states = state_bytes(run, cfg, dense, experts)
+    non_expert, experts = parameter_counts(model)
+    states = state_bytes(run, cfg, non_expert, experts)
     pairs = pairs_per_instance(model, cfg)
     traced = trace_activations(run, spec, batch, pairs)
     fixed = {
@@ -311,7 +312,7 @@ def estimate(run: RunConfig, cfg: EstimateConfig) -> dict[str, Any]:
             "optimizer": run.trainer.optimizer,
         },  # fmt: skip
         "pairs_per_instance": pairs,
-        "parameters": {"dense": dense, "experts": experts},
+        "parameters": {"non_expert": non_expert, "experts": experts},
         "embedding_plan": plan,
         "per_gpu_bytes": worst,
         "per_rank": per_rank,
@@ -344,6 +345,7 @@ def main(cfg: DictConfig) -> None:
         est_node = cfg.get("estimate") or {}
         ecfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EstimateConfig), est_node))
         world = ecfg.world_size  # type: ignore[union-attr]
+        cfg = reject_renamed_keys(cfg)  # its errors do not depend on the world size
         try:
             run = build_run_config(cfg, world_size=world)
         except ValueError as e:  # the job's world size is this key's

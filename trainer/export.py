@@ -4,9 +4,10 @@ Writes what `trainer.serving.scorer.InferenceModel.load(DIR)` scores with on one
 without the training stack (no torchrec, hydra or process group):
 
 - `tables.safetensors`: every embedding table as a plain `[V, De]` tensor;
-- `dense.pt2`: the core and the task towers in evaluation mode as one `torch.export`
-  program, `x_BD -> logits_BT` (x = pooled embeddings in feature order, then the
-  dense columns), with a dynamic batch dimension;
+- `dense.pt2`: the network (the core and the task towers) in evaluation mode as one
+  `torch.export` program, `x_BD -> logits_BT` (x = pooled embeddings in feature order,
+  then the dense columns), with a dynamic batch dimension (the file keeps the name it
+  had before issue 22, so that scorers of older artifacts find it);
 - `model.json`: tasks, features, embedding width, dense columns with their train mean /
   std and transforms, the run, checkpoint and step, and the self-check below;
   `vocab.json`: feature -> train values of ids 1, 2, ... (file sources).
@@ -25,7 +26,7 @@ they are (their forwards have static shapes; HoME's batch norm traces in eval mo
 The SMES layer's forward as a whole does not trace (tried, torch 2.13, `strict=False`,
 dynamic batch): its one host read of N (`host_ints`, `.tolist()`) traces as an
 unbacked SymInt, but the grouped experts then branch on it (`if x_ND.shape[0] == 0`:
-a guard on a data-dependent value), the dense plan specialises the batch size
+a guard on a data-dependent value), the plan of `all` routing specialises the batch size
 (`torch.full((E,), B)`), and the grouped kernel's tracing rule accepts bf16 only,
 although the CPU kernel runs fp32. (The layer before the one-sync rework failed
 earlier, on data-dependent output sizes and `if N == 0`.) Also tried: a grouped-kernel
@@ -40,10 +41,10 @@ expert-contiguous pairs of `model.moe.router.sparse_plan`) with a size reader th
 bounds the traced N by `torch._check`, so expert compute scales with |U| per instance
 as in training; the experts are the opaque custom op `smes_serving::grouped_mlp`
 (`trainer/serving/scorer.py`), which runs `model.moe.grouped.expert_mlp`; the tasks are mixed
-by `model.smes.mix_tasks`. Dense routing runs every expert as one batched matmul
-(`model.moe.grouped.dense_mlp`) without a plan. The tests check every task's logits
+by `model.smes.mix_tasks`. `all` routing runs every expert as one batched matmul
+(`model.moe.grouped.all_experts_mlp`) without a plan. The tests check every task's logits
 against the training model's on real evaluation batches: SMES progressive,
-independent, dense and with a selection bias, MMoE, HoME, PLE and SharedBottom all
+independent, all and with a selection bias, MMoE, HoME, PLE and SharedBottom all
 export and agree to 1e-5.
 
 Legend: B instances, D core input width, E experts, H width, K experts per task,
@@ -72,9 +73,9 @@ from data.columns import Dataset, Split
 from data.loaders.in_memory import eval_batches
 from model.build import MultiTaskModel, table_name
 from model.core import CoreOutput
-from model.moe.grouped import dense_mlp
+from model.moe.grouped import all_experts_mlp
 from model.moe.router import PlanSizes, read_local_sizes
-from model.smes import SMES, mix_dense, mix_tasks
+from model.smes import SMES, mix_all, mix_tasks
 from trainer.checkpoint import MARKER
 from trainer.config import RunConfig
 from trainer.serving import scorer
@@ -105,11 +106,11 @@ class SMESInference(nn.Module):
 
     def forward(self, x_BD: torch.Tensor) -> CoreOutput:
         weights, biases = list(self.weights), list(self.biases)
-        if self.routing == "dense":  # every expert on every instance, no plan (its B would be specialised)
+        if self.routing == "all":  # every expert on every instance, no plan (its B would be specialised)
             probs_BTE = torch.softmax(self.router.gating(x_BD), dim=-1)
-            out_BTH = mix_dense(probs_BTE, dense_mlp(x_BD, weights, biases))
+            out_BTH = mix_all(probs_BTE, all_experts_mlp(x_BD, weights, biases))
         else:
-            max_pairs = x_BD.shape[0] * self.num_tasks * (self.router.num_shared + self.router.num_adaptive)
+            max_pairs = x_BD.shape[0] * self.num_tasks * (self.router.shared_top_k + self.router.adaptive_top_k)
             plan = self.router(x_BD, self.bias_E, read_sizes=partial(traced_sizes, max_pairs=max_pairs))
             x_ND = x_BD.index_select(0, plan.pair_instance_N)
             y_NH = torch.ops.smes_serving.grouped_mlp(x_ND, plan.counts_E, weights, biases)
@@ -127,7 +128,7 @@ def traced_sizes(counts_E: torch.Tensor, *, max_pairs: int) -> PlanSizes:
     return sizes
 
 
-class DenseProgram(nn.Module):
+class NetworkProgram(nn.Module):
     """Core + towers: `x_BD -> logits_BT` (task order), what `dense.pt2` holds."""
 
     def __init__(self, model: MultiTaskModel) -> None:
@@ -167,8 +168,8 @@ def example_batches(split: Split, dataset: Dataset, *, rows: int, batch_size: in
 
 
 def export_program(model: MultiTaskModel, x_BD: torch.Tensor) -> torch.export.ExportedProgram:
-    """`torch.export` of `DenseProgram(model)` with a dynamic batch size."""
-    program = DenseProgram(model).eval()
+    """`torch.export` of `NetworkProgram(model)` with a dynamic batch size."""
+    program = NetworkProgram(model).eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     with torch.no_grad():
         return torch.export.export(program, (x_BD,), dynamic_shapes=({0: batch},), strict=False)

@@ -1,10 +1,10 @@
-"""Dense optimizer and learning-rate schedule.
+"""Network optimizer and learning-rate schedule.
 
-The dense optimizer (`trainer.optimizer`) trains everything but the embedding tables,
-whose fused optimizer (`parallel.sparse_optimizer`) lives inside TorchRec. The schedule
-is a `LambdaLR` over the dense optimizer: linear warmup for `trainer.warmup_steps`, then
-constant or cosine down to 10% of `trainer.lr` at `trainer.steps`. It follows the step
-count, skipped (non-finite) steps included.
+The network optimizer (`trainer.optimizer`) trains the network parameters: everything
+but the embedding tables, whose fused optimizer (`parallel.sparse_optimizer`) lives
+inside TorchRec. The schedule is a `LambdaLR` over the network optimizer: linear warmup
+for `trainer.warmup_steps`, then constant or cosine down to 10% of `trainer.lr` at
+`trainer.steps`. It follows the step count, skipped (non-finite) steps included.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from trainer.config import RunConfig
 
 
-def build_dense_optimizer(run: RunConfig, params: list[Any]) -> torch.optim.Optimizer:
-    """The dense optimizer over `params` (parameters or parameter groups)."""
+def build_network_optimizer(run: RunConfig, params: list[Any]) -> torch.optim.Optimizer:
+    """The network optimizer over `params` (parameters or parameter groups)."""
     t = run.trainer
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)

@@ -42,7 +42,7 @@ first '.'>.parquet`): one row per scored input row, in input order, padding drop
 - with `experts=true` (SMES cores only; other cores raise naming `experts`):
   `experts` (list<int16>), the distinct experts the row's union U ran in the first
   SMES layer, ascending: K_s + K_a to K_s + T*K_a of them with progressive routing
-  (all E with `dense`). Evaluation is dropless, so these are exactly the experts that
+  (all E with `all`). Evaluation is dropless, so these are exactly the experts that
   computed the row. The layer keeps each batch's routing plan while
   `SMESLayer.record_plan` is set (only here; training never sets it) and
   `model.moe.router.union_experts` reads the rows' experts from it, one host copy per

@@ -17,13 +17,13 @@ One step (`StepHooks`, called by `trainer.pipeline`):
   sparse optimizer updates embeddings during backward). Reading that decision is the
   step's one host sync outside the SMES layers (DESIGN section 5 allows one per SMES
   layer for the all-to-all split sizes).
-- `backward_step`: backward (DDP all-reduces dense gradients, TorchRec updates its
+- `backward_step`: backward (DDP all-reduces the network gradients, TorchRec updates its
   shards), the expert-gradient sync.
-- `optimizer_step`: clipping, dense optimizer, the weight average (`trainer.ema`),
+- `optimizer_step`: clipping, network optimizer, the weight average (`trainer.ema`),
   bias balancing; the loss parts and expert-load counters accumulate on the device and
   are read only at log time.
 
-Validation and test evaluate the moving average of the dense weights when
+Validation and test evaluate the moving average of the network weights when
 `trainer.ema.decay` > 0 (`averaged`, see `trainer/ema.py`), the trained weights otherwise.
 
 Legend: T tasks.
@@ -50,7 +50,7 @@ from data.loaders.in_memory import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
 from model.moe.host import host_flag, to_host
 from parallel.dist import DistInfo, all_gather_object, all_reduce, all_reduce_mean, init_distributed
-from parallel.parallelize import ParallelModel, dense_parameters, parallelize
+from parallel.parallelize import ParallelModel, network_parameters, parallelize
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, to_plain, validate_against_data
@@ -88,7 +88,7 @@ def build_model(run: RunConfig, dataset: Dataset, info: DistInfo) -> tuple[Multi
         ebc_device="meta",
     )
     # tables are filled from (seed, table, row block) generators: the same model at any world size
-    return model, parallelize(model, run.parallel, info, dense_engine=run.trainer.engine, seed=run.trainer.seed)
+    return model, parallelize(model, run.parallel, info, engine=run.trainer.engine, seed=run.trainer.seed)
 
 
 def build_data(run: RunConfig, info: DistInfo) -> Dataset:
@@ -123,15 +123,15 @@ class Trainer:
         self.task_w = {task: float(t.task_weights.get(task, 1.0)) for task in self.spec.tasks}
         self.model, self.pm = build_model(run, self.dataset, self.info)
         built = build_engine(run, self.pm)
-        self.engine, self.num_dense_params = built.engine, built.num_dense_params
+        self.engine, self.num_network_params = built.engine, built.num_network_params
         self.scheduler = build_scheduler(run, built.scheduled_optimizer)
         self.cursor = LoaderCursor(self._train_loader())
         self.selector = ModelSelector(t.early_stopping)
-        self.ema = WeightAverage(dict(dense_parameters(self.pm.dmp)), decay=t.ema.decay) if t.ema.decay > 0 else None
+        self.ema = WeightAverage(dict(network_parameters(self.pm.dmp)), decay=t.ema.decay) if t.ema.decay > 0 else None
         self.state = TrainState(
             model=self.pm.dmp,
             sparse_optim=self.pm.dmp.fused_optimizer,
-            dense_optim=built.keyed_optimizer,
+            network_optim=built.keyed_optimizer,
             table_optim=self.pm.replicated_table_optimizer,
             scheduler=self.scheduler,
             loader=self.cursor,
@@ -192,7 +192,7 @@ class Trainer:
                           if s.get("positive_rate") is not None),
             )  # fmt: skip
         log.info("embedding plan: %s", self.pm.plan)
-        log.info("dense parameters: %d; pipeline %s; precision %s", self.num_dense_params, self.cfg.pipeline,
+        log.info("network parameters: %d; pipeline %s; precision %s", self.num_network_params, self.cfg.pipeline,
                  self.cfg.precision)  # fmt: skip
         return logger
 
@@ -260,7 +260,7 @@ class Trainer:
         cur = self._current
         assert cur is not None
         if cur.finite:
-            self.engine.step()  # grad clipping, dense (+ replicated table) optimizer step
+            self.engine.step()  # grad clipping, network (+ replicated table) optimizer step
             if self.ema is not None:
                 self.ema.update()
             core = self.model.core

@@ -1,7 +1,7 @@
 """Impression logs where expert capacity binds: `python -m data.generate --kind clusters`.
 
 SMES claims that a larger expert pool buys quality at a fixed activated compute. That can
-only show on data whose label function has more structure than a small dense network can
+only show on data whose label function has more structure than a small network without experts can
 hold. Here every user belongs to one of `Cu` latent user clusters and every item to one
 of `Ci` item clusters, and each of the `Cu * Ci` cluster pairs (1,024 by default) has
 its own non-linear label function of the row's context:

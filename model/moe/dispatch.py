@@ -23,9 +23,9 @@ all-to-all subclass puts its collectives between them):
 2. `experts(routed_x_ND, counts_e) -> y_NH`: grouped matmul.
 3. `combine(y_NH, metadata) -> y_NH` in plan pair order.
 
-Dense plans (`plan.dense`, all B*E pairs in `[E, B]` order) take a shortcut here:
-`experts.forward_dense(x_BD)` computes the same rows with a batched matmul and no
-gather. A dispatcher that does not special-case dense plans stays correct, just slower.
+Plans of `all` routing (`plan.all_experts`, all B*E pairs in `[E, B]` order) take a
+shortcut here: `experts.forward_all(x_BD)` computes the same rows with a batched matmul
+and no gather. A dispatcher that does not special-case them stays correct, just slower.
 
 Legend: B instances, D input width, E experts, e local experts, N pairs, H expert
 output width.
@@ -79,8 +79,8 @@ class LocalDispatcher(nn.Module):
 
     def forward(self, x_BD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Expert outputs of the plan's pairs: `[N, H]`, aligned with `plan.pair_*_N`."""
-        if plan.dense:
-            y_EBH = self.experts.forward_dense(x_BD)
+        if plan.all_experts:
+            y_EBH = self.experts.forward_all(x_BD)
             return y_EBH.reshape(-1, y_EBH.shape[-1])
         routed_x_ND, counts_E, metadata = self.dispatch(x_BD, plan)
         return self.combine(self.experts(routed_x_ND, counts_E), metadata)

@@ -21,11 +21,11 @@ activations, never in the parameters.
   `GroupedExperts.input_rows`, which zero-pads the B instance rows to D_pad (16 bytes
   in the kernel dtype) before the gather, so the gather itself writes `[N, D_pad]`
   rows and the kernel reads their `[N, D]` view with the `[E, D, H]` weight as it is;
-  backward hands back dense `[N, D_pad]` input-gradient rows (`model.moe.grouped`).
+  backward hands back contiguous `[N, D_pad]` input-gradient rows (`model.moe.grouped`).
   So: no parameter shape changes (checkpoints, DCP, the expert-parallel DTensor
   slices `[E/ep, ...]` along dim 0, resharding and `from_stacked` are untouched), no
   wasted FLOPs, a copy of B rows per step instead of N. Rejected: padding the N rows
-  inside the experts (two fresh `N*D_pad` buffers per step, forward rows and dense
+  inside the experts (two fresh `N*D_pad` buffers per step, forward rows and input
   gradient), which measured slower than padding the B rows; storing the first weight
   padded (`[E, D_pad, H]`), which saves nothing here and changes parameter shapes.
   The measured costs are in `benchmarks/results/grouped_experts/`.
@@ -74,9 +74,9 @@ from torch import nn
 
 from model.moe.grouped import (
     KernelChoice,
+    all_experts_mlp,
     attach_cast,
     cuda_choice,
-    dense_mlp,
     expert_mlp,
     kernel_choice,
     kernel_copies,
@@ -272,6 +272,6 @@ class GroupedExperts(nn.Module):
             kernel_params=lambda i: self._kernel_params(i, choice),
         )  # fmt: skip
 
-    def forward_dense(self, x_BD: torch.Tensor) -> torch.Tensor:
+    def forward_all(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Every expert on every instance (batched matmul, no gather): `[E, B, out_dim]`."""
-        return dense_mlp(x_BD, list(self.weights), list(self.biases))
+        return all_experts_mlp(x_BD, list(self.weights), list(self.biases))

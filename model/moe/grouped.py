@@ -20,7 +20,7 @@ not sizes. The padding lives in the activations, never in the parameters:
   `[N, D_pad]` storage (`GroupedExperts.input_rows` gathers them that way) and the
   kernel reads that view with the `[E, D, H]` weight as it is. Rows handed over as a
   plain `[N, D]` are cast and padded here in one copy (`aligned_rows`). Backward
-  hands back dense input-gradient rows of the width the rows came in: the GEMM
+  hands back contiguous input-gradient rows of the width the rows came in: the GEMM
   against the weight padded with zero rows when that copy (`E*D*H`) is smaller than
   the rows, else the GEMM output padded (`N*D`); a strided gradient would make the
   consumer's index_add much slower.
@@ -140,8 +140,8 @@ def aligned_rows(x_ND: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     copy (cast included) into the `[N, D]` view of a buffer with zero-padded rows."""
     N, D = x_ND.shape
     stride = x_ND.stride(0)
-    dense_rows = x_ND.stride(1) == 1 and (stride >= D or N <= 1)
-    if x_ND.dtype == dtype and dense_rows and stride % alignment(dtype) == 0 and x_ND.data_ptr() % 16 == 0:
+    contiguous_rows = x_ND.stride(1) == 1 and (stride >= D or N <= 1)
+    if x_ND.dtype == dtype and contiguous_rows and stride % alignment(dtype) == 0 and x_ND.data_ptr() % 16 == 0:
         return x_ND
     buf_ND = x_ND.new_empty((N, padded_width(D, dtype)), dtype=dtype)
     buf_ND[:, D:].zero_()
@@ -154,8 +154,8 @@ class _GroupedMM(torch.autograd.Function):
 
     `x_ND` is `[N, D]`, or `[N, D_pad]` with zero columns past D (`GroupedExperts.input_rows`).
     Rows the kernel cannot read as they are get cast and padded in one copy
-    (`aligned_rows`); the gradient rows handed to the kernel are made dense (autograd
-    may pass an expanded or strided gradient); the input gradient comes back dense, in
+    (`aligned_rows`); the gradient rows handed to the kernel are made contiguous (autograd
+    may pass an expanded or strided gradient); the input gradient comes back contiguous, in
     the input's dtype and width (for padded rows it is computed against the weight padded
     with zero rows, or padded after the GEMM when that weight would be the bigger copy).
     With `zero_empty`, the weight gradient of every group of zero rows is set to 0
@@ -186,7 +186,7 @@ class _GroupedMM(torch.autograd.Function):
 
 
 def _input_grad(grad_NH: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor, width: int) -> torch.Tensor:
-    """Dense `[N, width]` input gradient (zero columns past D)."""
+    """Contiguous `[N, width]` input gradient (zero columns past D)."""
     (E, D, H), N = w_EDH.shape, grad_NH.shape[0]
     if width > D and E * H <= N:  # the weight padded with zero rows is the smaller copy
         w_EDH = F.pad(w_EDH, (0, 0, 0, width - D))
@@ -194,7 +194,7 @@ def _input_grad(grad_NH: torch.Tensor, w_EDH: torch.Tensor, offs_E: torch.Tensor
     grad_ND = torch._grouped_mm(grad_NH, w_EDH.transpose(-2, -1), offs=offs_E)
     if width > D:
         return F.pad(grad_ND, (0, width - D))
-    # dense rows for the consumer (an index_add from row-padded rows is much slower on CPU)
+    # contiguous rows for the consumer (an index_add from row-padded rows is much slower on CPU)
     return grad_ND.contiguous()
 
 
@@ -335,7 +335,9 @@ def expert_mlp(
     return h.to(out_dtype)
 
 
-def dense_mlp(x_BD: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
+def all_experts_mlp(
+    x_BD: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """Every expert on every instance (batched matmul, no gather): `[E, B, H]`."""
     h = x_BD.unsqueeze(0)
     for w_EDH, b_EH in zip(weights, biases, strict=True):

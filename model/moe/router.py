@@ -7,12 +7,13 @@ experts every task mixes (and with which weights), and which deduplicated
 Selection modes (DESIGN section 3):
 
 - `progressive` (SMES): Stage I picks the task-shared subset
-  `S = TopK_e(sum_t w_t * p_{t,e}, K_s)` jointly across tasks; Stage II picks for every
+  `S = TopK_e(sum_t w_t * p_{t,e}, K_s)` jointly across tasks (w_t: the selection
+  weights, `model.selection_weights`); Stage II picks for every
   task `A_t = TopK_{e not in S}(p_{t,e}, K_a)`. Task t mixes `S u A_t`; the first K_s
   slots of `experts_BTK` are S (same for all tasks), the last K_a are A_t.
 - `independent`: every task its own `TopK(p_t, K_s + K_a)` (the exploded-activation
   baseline: the union can reach `min(E, T * (K_s + K_a))`).
-- `dense`: every task mixes all E experts (MMoE-like); the plan holds all B*E pairs.
+- `all`: every task mixes all E experts (MMoE-like); the plan holds all B*E pairs.
 
 Precision: the router's logits, softmax, selection, mixing weights and the z-loss are
 float32 whatever the autocast (the gate runs with autocast off, DESIGN section 5): in
@@ -50,18 +51,20 @@ program `trainer.export` traces (through `Router.forward`, with a reader that bo
 the traced N) all build their pairs there; the tests check it against a brute-force
 reference.
 
-The layer's per-instance table has the static width `max_union(...)` (`num_slots`):
-min(E, K_s + T*K_a) for `progressive`, min(E, T*(K_s + K_a)) for `independent`, E for
-`dense`, plus one slot (the one dropped pairs point at) when a capacity limit applies.
+Table width W (`RoutingPlan.table_width`): the layer mixes through a per-instance
+table of the static width `max_union(...)`, the bound on |U|: min(E, K_s + T*K_a) for
+`progressive`, min(E, T*(K_s + K_a)) for `independent`, E for `all`, plus one slot (the
+one dropped pairs point at) when a capacity limit applies. U itself is always the
+union of an instance's executed experts; W is a shape, |U| <= W.
 
-Capacity (`capacity_factor`, see `apply_capacity`) applies in training only. In
+Capacity (`model.capacity_factor`, see `apply_capacity`) applies in training only. In
 evaluation (module not in training mode) routing is dropless whatever the factor:
 this is the documented policy, so that evaluation outputs of a row do not depend on
 the evaluation batch it lands in, and the weight-0 padding rows of the last
 evaluation batch can never take capacity from real rows.
 
 Legend: B instances, D input width, E experts, T tasks, K experts per task
-(K_s + K_a, or E for dense), N deduplicated (instance, expert) pairs.
+(K_s + K_a, or E for `all`), N deduplicated (instance, expert) pairs, W table width.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from torch import nn
 
 from model.moe.host import host_ints
 
-ROUTING_MODES = ("progressive", "independent", "dense")
+ROUTING_MODES = ("progressive", "independent", "all")
 ROUTER_NORMS = ("none", "layernorm")
 
 
@@ -121,13 +124,15 @@ class RoutingPlan:
         pair_index_BTK: long, row of the pair output `y_NH` that slot (b, t, k) reads;
             equals N (a zero row appended by the layer) for a dropped pair.
         pair_slot_N: long, position of each pair inside its instance's union U (the
-            layer scatters `y_NH` into a padded `[B, num_slots, H]` table with it).
-        slot_BTK: long, that position for every selection; `num_slots - 1` (a slot
+            layer scatters `y_NH` into a padded `[B, table_width, H]` table with it).
+        slot_BTK: long, that position for every selection; `table_width - 1` (a slot
             no pair fills) for a dropped pair.
-        num_slots: static bound on |U| (`max_union`), +1 when a capacity limit applied.
+        table_width: W, the static width of the layer's per-instance table: the bound
+            on |U| (`max_union`), +1 when a capacity limit applied (module doc).
         num_dropped: long scalar, pairs dropped by the capacity limit (0 = dropless).
-        dense: True when the plan holds all B*E pairs in `[E, B]` order, so that
-            `y_NH.view(E, B, H)` is valid and the layer mixes with one einsum.
+        all_experts: True for `all` routing: the plan holds all B*E pairs in `[E, B]`
+            order, so that `y_NH.view(E, B, H)` is valid and the layer mixes with one
+            einsum.
         sizes: the host read that sized the plan (`sizes.num_pairs == N`).
     """
 
@@ -141,9 +146,9 @@ class RoutingPlan:
     pair_index_BTK: torch.Tensor
     pair_slot_N: torch.Tensor
     slot_BTK: torch.Tensor
-    num_slots: int
+    table_width: int
     num_dropped: torch.Tensor
-    dense: bool
+    all_experts: bool
     sizes: PlanSizes
 
     @property
@@ -155,21 +160,21 @@ class RoutingPlan:
         return self.pair_instance_N.shape[0]
 
 
-def max_union(routing: str, *, num_experts: int, num_tasks: int, num_shared: int, num_adaptive: int) -> int:
+def max_union(routing: str, *, num_experts: int, num_tasks: int, shared_top_k: int, adaptive_top_k: int) -> int:
     """Static bound on the distinct experts of one instance, |U| (see the module doc)."""
     if routing == "progressive":
-        return min(num_experts, num_shared + num_tasks * num_adaptive)
+        return min(num_experts, shared_top_k + num_tasks * adaptive_top_k)
     if routing == "independent":
-        return min(num_experts, num_tasks * (num_shared + num_adaptive))
+        return min(num_experts, num_tasks * (shared_top_k + adaptive_top_k))
     return num_experts
 
 
 def select_progressive(
     scores_BTE: torch.Tensor,
-    task_weights_T: torch.Tensor,
+    selection_weights_T: torch.Tensor,
     *,
-    num_shared: int,
-    num_adaptive: int,
+    shared_top_k: int,
+    adaptive_top_k: int,
     log_space: bool = False,
 ) -> torch.Tensor:
     """SMES two-stage selection. Returns `experts_BTK` with K = K_s + K_a, S first.
@@ -180,19 +185,19 @@ def select_progressive(
     """
     T = scores_BTE.shape[1]
     parts = []
-    if num_shared > 0:
+    if shared_top_k > 0:
         if log_space:
-            log_w_T = task_weights_T.log().view(1, T, 1)
+            log_w_T = selection_weights_T.log().view(1, T, 1)
             joint_BE = torch.logsumexp(scores_BTE + log_w_T, dim=1)
         else:
-            joint_BE = torch.einsum("t,bte->be", task_weights_T, scores_BTE)
-        shared_BS = joint_BE.topk(num_shared, dim=-1).indices
+            joint_BE = torch.einsum("t,bte->be", selection_weights_T, scores_BTE)
+        shared_BS = joint_BE.topk(shared_top_k, dim=-1).indices
         shared_BTS = shared_BS.unsqueeze(1).expand(-1, T, -1)
         parts.append(shared_BTS)
         # Stage II must pick outside S: mask S out of every task's scores.
         scores_BTE = scores_BTE.scatter(-1, shared_BTS, float("-inf"))
-    if num_adaptive > 0:
-        parts.append(scores_BTE.topk(num_adaptive, dim=-1).indices)
+    if adaptive_top_k > 0:
+        parts.append(scores_BTE.topk(adaptive_top_k, dim=-1).indices)
     return torch.cat(parts, dim=-1)
 
 
@@ -219,19 +224,20 @@ def selection_counts(experts_BTK: torch.Tensor, num_experts: int) -> torch.Tenso
 
 
 def union_experts(plan: RoutingPlan) -> torch.Tensor:
-    """`[B, num_slots]` long: every instance's executed experts U, ascending, padded with -1.
+    """`[B, W]` long (W = `plan.table_width`): every instance's executed experts U,
+    ascending, padded with -1.
 
     Built from the plan's pairs (what the dispatcher ran, so pairs dropped by a capacity
     limit are absent): each pair writes its expert at its instance's slot. Slots rank an
     instance's distinct experts, so row b holds its |U_b| experts in increasing order in
-    its first |U_b| columns. Dense plans give every expert to every row. No grad, no
+    its first |U_b| columns. `all` plans give every expert to every row. No grad, no
     host read: one O(N) scatter on the plan's device.
     """
-    B = plan.probs_BTE.shape[0]
+    B, W = plan.probs_BTE.shape[0], plan.table_width
     with torch.no_grad():
-        table_BU = torch.full((B * plan.num_slots,), -1, dtype=torch.long, device=plan.pair_expert_N.device)
-        rows_N = plan.pair_instance_N * plan.num_slots + plan.pair_slot_N
-        return table_BU.index_copy_(0, rows_N, plan.pair_expert_N).view(B, plan.num_slots)
+        table_BW = torch.full((B * W,), -1, dtype=torch.long, device=plan.pair_expert_N.device)
+        rows_N = plan.pair_instance_N * W + plan.pair_slot_N
+        return table_BW.index_copy_(0, rows_N, plan.pair_expert_N).view(B, W)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +305,7 @@ def gather_pairs(
     return list(out_FN[:, :num_pairs].unbind(0))
 
 
-def dense_pairs(
+def all_pairs(
     B: int, T: int, num_experts: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All B*E pairs in `[E, B]` order, built directly (no sort).
@@ -323,8 +329,8 @@ def apply_capacity(
 
     N is the number of deduplicated pairs of the batch this router sees, so the limit
     is per batch and per expert: under expert parallelism it is every source rank's
-    own local decision, taken before dispatch (`parallel.capacity_factor`). The limit is
-    computed on the device in float64, the same value as Python's `math.ceil`.
+    own local decision, taken before dispatch (`model.capacity_factor`, see `Router`). The
+    limit is computed on the device in float64, the same value as Python's `math.ceil`.
 
     Inside an expert the pairs with the lowest instance index are kept (the order the
     plan already has). Slots of dropped pairs point at row N_kept, which the layer
@@ -351,7 +357,7 @@ def sparse_plan(
     probs_BTE: torch.Tensor,
     experts_BTK: torch.Tensor,
     *,
-    num_slots: int,
+    table_width: int,
     read_sizes: SizeReader,
     capacity_factor: float | None = None,
 ) -> RoutingPlan:
@@ -367,7 +373,7 @@ def sparse_plan(
     Args:
         logits_BTE: router logits; `probs_BTE` their softmax.
         experts_BTK: the selection (`Router.select`).
-        num_slots: static bound on |U| (`max_union`).
+        table_width: W before any capacity slot, the static bound on |U| (`max_union`).
         read_sizes: the step's one host read, `counts_E -> PlanSizes`.
         capacity_factor: None for dropless, else see `apply_capacity`.
     """
@@ -384,8 +390,8 @@ def sparse_plan(
     inst_N, exp_N, slot_N = gather_pairs(sel, row_M, [sel.instance_M, sel.expert_M, slot_M], N)
     index_BTK = torch.empty_like(row_M).scatter_(0, sel.order_M, row_M).view(B, T, -1)
     if capacity_factor is not None:
-        slot_BTK = slot_BTK.masked_fill(index_BTK == N, num_slots)
-        num_slots += 1
+        slot_BTK = slot_BTK.masked_fill(index_BTK == N, table_width)
+        table_width += 1
     return RoutingPlan(
         logits_BTE=logits_BTE,
         probs_BTE=probs_BTE,
@@ -397,9 +403,9 @@ def sparse_plan(
         pair_index_BTK=index_BTK,
         pair_slot_N=slot_N,
         slot_BTK=slot_BTK,
-        num_slots=num_slots,
+        table_width=table_width,
         num_dropped=num_dropped,
-        dense=False,
+        all_experts=False,
         sizes=sizes,
     )
 
@@ -417,10 +423,11 @@ class Router(nn.Module):
         in_dim: D.
         num_experts: E.
         num_tasks: T.
-        num_shared: K_s (Stage I).
-        num_adaptive: K_a (Stage II, per task).
+        shared_top_k: K_s, the Stage I shared slots per instance.
+        adaptive_top_k: K_a, the Stage II adaptive slots per task.
         routing: one of `ROUTING_MODES`.
-        task_weights: Stage I weights w_t (length T).
+        selection_weights: Stage I weights w_t (length T). Kept in the buffer
+            `task_weights_T`, whose name is the checkpoints' state-dict key.
         capacity_factor: None for dropless, else see `apply_capacity`; applies in
             training mode only (evaluation is dropless, see the module doc).
         input_norm: a LayerNorm over D (learned scale and shift, float32) before the
@@ -433,22 +440,23 @@ class Router(nn.Module):
         *,
         num_experts: int,
         num_tasks: int,
-        num_shared: int,
-        num_adaptive: int,
+        shared_top_k: int,
+        adaptive_top_k: int,
         routing: str,
-        task_weights: list[float],
+        selection_weights: list[float],
         capacity_factor: float | None = None,
         input_norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.num_tasks = num_experts, num_tasks
-        self.num_shared, self.num_adaptive = num_shared, num_adaptive
+        self.shared_top_k, self.adaptive_top_k = shared_top_k, adaptive_top_k
         self.routing, self.capacity_factor = routing, capacity_factor
         # All T routers as one matmul: weight rows are [task0 experts..., task1 ...].
         self.gate = nn.Linear(in_dim, num_tasks * num_experts, bias=False)
         self.norm = nn.LayerNorm(in_dim) if input_norm else None
+        # the Stage I selection weights; the buffer keeps its older name, a state-dict key
         self.task_weights_T: torch.Tensor
-        self.register_buffer("task_weights_T", torch.tensor(task_weights, dtype=torch.float32))
+        self.register_buffer("task_weights_T", torch.tensor(selection_weights, dtype=torch.float32))
 
     def gating(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Router logits `[B, T, E]`, in float32 whatever the autocast (see the module doc)."""
@@ -469,7 +477,7 @@ class Router(nn.Module):
         `log p + bias` (`log_softmax(logits_BTE)` when the logits are given, which stays
         finite where `p` underflows), the same order as `p * exp(bias)` (module doc).
         """
-        k = self.num_shared + self.num_adaptive
+        k = self.shared_top_k + self.adaptive_top_k
         log_space = bias_E is not None
         if bias_E is None:
             scores_BTE = probs_BTE
@@ -479,7 +487,7 @@ class Router(nn.Module):
         if self.routing == "progressive":
             w_T = self.task_weights_T.to(scores_BTE.dtype)
             return select_progressive(
-                scores_BTE, w_T, num_shared=self.num_shared, num_adaptive=self.num_adaptive, log_space=log_space
+                scores_BTE, w_T, shared_top_k=self.shared_top_k, adaptive_top_k=self.adaptive_top_k, log_space=log_space
             )
         if self.routing == "independent":
             return select_independent(scores_BTE, k=k)
@@ -487,13 +495,14 @@ class Router(nn.Module):
 
     @property
     def max_union(self) -> int:
-        """Static bound on |U|, the width of the layer's per-instance table."""
+        """Static bound on |U|: the width W of the layer's per-instance table (before any
+        capacity slot)."""
         return max_union(
             self.routing,
             num_experts=self.num_experts,
             num_tasks=self.num_tasks,
-            num_shared=self.num_shared,
-            num_adaptive=self.num_adaptive,
+            shared_top_k=self.shared_top_k,
+            adaptive_top_k=self.adaptive_top_k,
         )
 
     def forward(
@@ -506,7 +515,7 @@ class Router(nn.Module):
             bias_E: selection-only bias (None = none).
             read_sizes: the step's one host read, `counts_E -> PlanSizes` (the
                 dispatcher's `plan_sizes`; default `read_local_sizes`). Not called
-                for dense plans, whose N = B*E is known.
+                for `all` plans, whose N = B*E is known.
 
         The capacity factor applies in training mode only; evaluation is dropless.
         Everything here runs in float32 with autocast off (module doc).
@@ -517,20 +526,20 @@ class Router(nn.Module):
     def _plan(self, x_BD: torch.Tensor, bias_E: torch.Tensor | None, read_sizes: SizeReader | None) -> RoutingPlan:
         logits_BTE = self.gating(x_BD)
         probs_BTE = torch.softmax(logits_BTE, dim=-1)
-        if self.routing == "dense":
-            return self._dense_plan(logits_BTE, probs_BTE)
+        if self.routing == "all":
+            return self._all_experts_plan(logits_BTE, probs_BTE)
         return sparse_plan(
             logits_BTE,
             probs_BTE,
             self.select(probs_BTE, bias_E, logits_BTE=logits_BTE),
-            num_slots=self.max_union,
+            table_width=self.max_union,
             read_sizes=read_sizes or read_local_sizes,
             capacity_factor=self.capacity_factor if self.training else None,
         )
 
-    def _dense_plan(self, logits_BTE: torch.Tensor, probs_BTE: torch.Tensor) -> RoutingPlan:
+    def _all_experts_plan(self, logits_BTE: torch.Tensor, probs_BTE: torch.Tensor) -> RoutingPlan:
         B, T, E = probs_BTE.shape
-        experts_BTK, inst_N, exp_N, counts_E, index_BTK = dense_pairs(B, T, E, probs_BTE.device)
+        experts_BTK, inst_N, exp_N, counts_E, index_BTK = all_pairs(B, T, E, probs_BTE.device)
         return RoutingPlan(
             logits_BTE=logits_BTE,
             probs_BTE=probs_BTE,
@@ -542,8 +551,8 @@ class Router(nn.Module):
             pair_index_BTK=index_BTK,
             pair_slot_N=exp_N,
             slot_BTK=experts_BTK,
-            num_slots=E,
+            table_width=E,
             num_dropped=torch.zeros((), dtype=torch.long, device=probs_BTE.device),
-            dense=True,
+            all_experts=True,
             sizes=PlanSizes(num_pairs=B * E),
         )

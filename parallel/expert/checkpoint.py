@@ -10,8 +10,8 @@ share storage with the live tensors, so loading writes into them in place. With 
 
 Which entries are expert slices: those under a key that names an expert parameter
 (`parallel.expert.params`) at any depth of the state: `{"model": {name: tensor}}`,
-`{"optim/dense": {"state": {name: {"exp_avg": tensor, ...}}}}`, `{"ema": {name: tensor}}`
-alike; scalars among them (an optimizer's `step`) stay as they are. The names are
+`{"optim/dense": {"state": {name: {"exp_avg": tensor, ...}}}}` (the network optimizer),
+`{"ema": {name: tensor}}` alike; scalars among them (an optimizer's `step`) stay as they are. The names are
 computed from the model whose state (or whose optimizers' state) it is, so they always
 match its keys.
 """

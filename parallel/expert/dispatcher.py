@@ -23,8 +23,8 @@ tensors and explicit split sizes, as NCCL requires.
 
 Each dispatcher counts its traffic and, with `time_phases` on, its phase times in an
 `A2AStats` (`parallel.expert.stats`); `a2a_stats(model)` collects them. Capacity
-(`parallel.expert.capacity`) is decided by each source rank's router before dispatch; the
-dispatcher moves whatever pairs the plan holds.
+(`model.capacity_factor`, see `model.smes`) is decided by each source rank's router before
+dispatch; the dispatcher moves whatever pairs the plan holds.
 
 Legend: B local batch, D input width, H expert output width, E experts, L = E/ep
 local experts, N pairs sent by this rank, M pairs received, P = ep.
@@ -104,7 +104,7 @@ class AllToAllDispatcher(nn.Module):
         group = self.mesh.ep_group
         me = self.mesh.ep_rank
         # 1. split sizes: read with the plan's N (a plan built without this reader, e.g.
-        # a dense one, pays the exchange and the read here)
+        # an `all` one, pays the exchange and the read here)
         sizes = plan.sizes.dispatch
         if not isinstance(sizes, _Splits):
             sizes = self.plan_sizes(plan.counts_E).dispatch

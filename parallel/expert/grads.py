@@ -28,7 +28,7 @@ layer, over its expert parameters (`parallel.expert.params`):
   zeros `prepare` left in it.
 
 Gradient scale: every rank's loss is the mean over its local batch and DDP averages
-dense gradients over W. An expert's gradient on its owner holds the sum of the
+network gradients over W. An expert's gradient on its owner holds the sum of the
 contributions of its expert-parallel group's ranks; the expert-data-parallel
 all-reduce sums over the groups, and dividing by W gives the gradient of the global
 mean loss, the same as single-process training on the concatenated batch.
@@ -150,7 +150,7 @@ class ExpertGradSync:
 
 def build_expert_grad_sync(model: nn.Module, mesh: ExpertMesh) -> ExpertGradSync | None:
     """The sync of `model`'s sharded experts (None when the experts are replicated,
-    ep = 1: DDP reduces them like any dense parameter)."""
+    ep = 1: DDP reduces them like any network parameter)."""
     if mesh.ep == 1 or mesh.world_size == 1:
         return None
     layers = [[p for m in expert_modules(layer) for p in m.parameters()] for layer in smes_layers(model)]

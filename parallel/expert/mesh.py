@@ -2,7 +2,7 @@
 
 Layout (DESIGN section 5). World W, expert-parallel size `ep` (divides W and E):
 
-- data parallel: all W ranks (dense parameters by DDP, balance counts all-reduced);
+- data parallel: all W ranks (network parameters by DDP, balance counts all-reduced);
 - expert-parallel groups: consecutive ranks `[g*ep, (g+1)*ep)`; inside one, rank with
   local index j owns experts `[j*E/ep, (j+1)*E/ep)`;
 - expert-data-parallel groups: ranks holding the same experts, `{j, j+ep, j+2ep, ...}`

@@ -1,6 +1,6 @@
 """Which parameters are expert parameters: found by module type, in one place.
 
-Expert parameters are handled apart from the dense ones wherever experts are sharded
+Expert parameters are handled apart from the other network parameters wherever experts are sharded
 over ranks (`parallel.ep` > 1): they are kept out of DDP, their gradients are reduced by
 `parallel.expert.grads` inside the expert-data-parallel group, gradient clipping sums
 their norm over the expert-parallel group (`parallel.clip`), checkpoints store them as
@@ -16,7 +16,7 @@ The search is by type, over `module.modules()`, so it sees through wrappers (DMP
 and does not depend on parameter names: renaming an attribute on the path to the experts
 changes their names, never whether they are found. Names, where a caller needs them, are
 those of `module.named_parameters()` of the module passed in (the DMP strips its
-wrappers' prefixes, so they are also the keys of its state dict and of the dense
+wrappers' prefixes, so they are also the keys of its state dict and of the network
 optimizer's state).
 """
 

@@ -35,7 +35,7 @@ def test_mlp_flops() -> None:
     assert mlp_flops([10]) == 0
 
 
-def test_dense_cores_count_every_expert_weight_twice() -> None:
+def test_cores_without_routing_count_every_expert_weight_twice() -> None:
     """A multiply-add per weight and instance: FLOPs = 2 x the experts' weight count."""
     mmoe = build_core(MMoEConfig(num_experts=3, expert_hidden=[16, 8]), in_dim=D, tasks=TASKS)
     assert _flops(MMoEConfig(num_experts=3, expert_hidden=[16, 8])) == 2 * _linear_weights(mmoe.experts)
@@ -58,13 +58,30 @@ def test_home_counts_bank_weights_and_feature_gates(rank: int, groups: dict | No
 
 
 def test_smes_scales_one_expert_by_mean_active() -> None:
-    cfg = SMESConfig(num_experts=8, num_shared=2, num_adaptive=1, expert_hidden=[16, 8])
+    cfg = SMESConfig(num_experts=8, shared_top_k=2, adaptive_top_k=1, expert_hidden=[16, 8])
     core = build_core(cfg, in_dim=D, tasks=TASKS)
     one = 2 * sum(w[0].numel() for w in core.layer.experts.weights)
     assert _flops(cfg, mean_active=3.5) == 3.5 * one
     assert _flops(cfg) is None  # sparse routing needs the measured mean |U|
-    dense = SMESConfig(num_experts=8, routing="dense", expert_hidden=[16, 8])
-    assert _flops(dense) == 8 * one
+    every = SMESConfig(num_experts=8, routing="all", expert_hidden=[16, 8])
+    assert _flops(every) == 8 * one
+
+
+def test_an_older_runs_config_counts_as_it_did(tmp_path: Path) -> None:
+    """A run saved before issue 22 (`routing: dense`, `num_shared`, ...) is read through
+    `load_saved_config`, as the aggregating benchmarks read it: `dense` counts E experts."""
+    from omegaconf import OmegaConf
+
+    from trainer.config import load_saved_config
+
+    old = {"name": "smes", "embedding_dim": 8, "num_experts": 8, "num_shared": 2, "num_adaptive": 1,
+           "routing": "dense", "task_weights": None, "expert_hidden": [16, 8]}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"model": old, "parallel": {"capacity_factor": None}}))
+    model = OmegaConf.to_container(load_saved_config(tmp_path / "config.yaml"))["model"]  # type: ignore[index]
+    assert model["routing"] == "all" and (model["shared_top_k"], model["adaptive_top_k"]) == (2, 1)
+    assert "num_shared" not in model
+    every = SMESConfig(num_experts=8, routing="all", expert_hidden=[16, 8])
+    assert expert_flops(model, in_dim=D, num_tasks=len(TASKS)) == _flops(every)  # type: ignore[arg-type]
 
 
 def test_model_tokens() -> None:
@@ -81,7 +98,7 @@ def test_model_tokens() -> None:
 def test_aggregate_mean_and_sample_std() -> None:
     def rec(seed: int, auc: float) -> dict:
         ev = {"t": {"auc": auc, "gauc": None, "ne": 0.5}}
-        return {"label": "m", "seed": seed, "ok": True, "eval": ev, "dense_parameters": 10, "expert_flops": 2e6,
+        return {"label": "m", "seed": seed, "ok": True, "eval": ev, "network_parameters": 10, "expert_flops": 2e6,
                 "mean_active": None, "train_samples_per_s": 100.0, "best_step": 50}  # fmt: skip
 
     failed = {"label": "m", "seed": 3, "ok": False}
@@ -104,13 +121,14 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert data["config"]["seeds"] == [7] and data["config"]["quick"]
     run = data["runs"][0]
     summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["dense_parameters"] == run["dense_parameters"] > 0
+    assert summary["steps"] == 6 and summary["network_parameters"] == run["network_parameters"] > 0
+    assert summary["dense_parameters"] == summary["network_parameters"]  # the older key, kept for older readers
     assert run["core_input_dim"] == 32 * 16 + 7  # census: 32 categorical x dim 16 + 7 dense
     assert "experiment=census_mmoe" in run["command"].split()  # the recipe, when one exists
     assert run["expert_flops"] == 4 * mlp_flops([32 * 16 + 7, 64])  # conf/experiment/census_mmoe.yaml: 4 x [64]
     for row in data["rows"]:
         assert set(row["tasks"]) == {"income", "never_married"}
-        assert row["tasks"]["income"]["auc"]["n"] == 1 and row["dense_parameters"]["mean"] > 0
+        assert row["tasks"]["income"]["auc"]["n"] == 1 and row["network_parameters"]["mean"] > 0
     # every run's test split scored; sb compared with the baseline (the first model), paired
     assert all(Path(r["predictions"]).exists() for r in data["runs"])
     (comp,) = data["comparisons"]

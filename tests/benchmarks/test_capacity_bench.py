@@ -25,13 +25,13 @@ def test_parse_size() -> None:
 
 def test_comparison_pairs() -> None:
     labels = ["progressive E=8", "progressive E=32", "progressive E=16", "mmoe n=6", "independent E=16",
-              "independent E=64", "dense hidden=64,32", "dense hidden=256,128"]  # fmt: skip
+              "independent E=64", "shared_bottom hidden=64,32", "shared_bottom hidden=256,128"]  # fmt: skip
     pairs = capacity.comparison_pairs(labels)
     assert pairs == [
         ("progressive E=16", "progressive E=8"), ("progressive E=32", "progressive E=16"),  # each doubling
         ("progressive E=8", "mmoe n=6"), ("progressive E=16", "mmoe n=6"), ("progressive E=32", "mmoe n=6"),
         ("independent E=16", "progressive E=16"),  # independent E=64 has no progressive partner
-        ("dense hidden=256,128", "dense hidden=64,32"),
+        ("shared_bottom hidden=256,128", "shared_bottom hidden=64,32"),
     ]  # fmt: skip
 
 

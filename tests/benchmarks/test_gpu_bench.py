@@ -101,30 +101,30 @@ def test_quick_cpu_run_with_only_torch(tmp_path: Path) -> None:
     assert res["matmul"]["ms"] > 0 and res["matmul"]["tflops"] > 0
     cfg = res["config"]
     modes = {(r["E"], r["mode"]) for r in res["rows"]}
-    assert modes == {(e, m) for e in (4, 8) for m in ("progressive", "independent", "dense")}
+    assert modes == {(e, m) for e in (4, 8) for m in ("progressive", "independent", "all")}
     for row in res["rows"]:
         assert row["step_ms"] > 0 and row["step_ms_min"] > 0 and row["iters"] >= 3
         assert 1 <= row["mean_U"] <= row["max_U"] <= row["U_bound"] <= row["E"]
         assert row["num_pairs"] == pytest.approx(row["mean_U"] * cfg["batch"])
         assert row["expert_tflops"] > 0 and 0 < row["mfu_vs_spec"] < 1 and row["mfu_vs_matmul"] > 0
         assert row["syncs_per_step"] is None and row["peak_mem_gb"] is None  # CUDA-only figures
-        assert row["python_sync_points_per_step"] == (0 if row["mode"] == "dense" else 1)
-        if row["mode"] == "dense":
+        assert row["python_sync_points_per_step"] == (0 if row["mode"] == "all" else 1)
+        if row["mode"] == "all":
             assert row["mean_U"] == row["E"]
-        # the whole dense step: slower than the core alone; bf16 kernel on fp32 weights casts them
+        # the whole network step: slower than the core alone; bf16 kernel on fp32 weights casts them
         assert row["full_step_ms"] > 0 and row["full_step_over_core_step"] > 0
-        if row["mode"] == "dense":  # every expert on every row: no gather
+        if row["mode"] == "all":  # every expert on every row: no gather
             assert row["dispatch_row_bytes"] is None
         else:  # quick D = 37 -> bf16 rows padded to 40 (after the timed steps trained the router)
             assert row["dispatch_row_bytes"] > 0 and row["dispatch_row_bytes"] % (40 * 2) == 0
             # fp32 weights, bf16 kernel: the cast forward (2 bytes per value) and the gradient cast back (4)
             assert row["weight_cast_bytes"] == row["E"] * (37 * 32 + 32 * 16) * (2 + 4)
         if row["mode"] == "progressive":
-            assert row["U_bound"] == min(row["E"], cfg["num_shared"] + cfg["tasks"] * cfg["num_adaptive"])
-            for key in ("grouped_ms", "dense_matmul_ms", "loop_ms", "aligned_ms"):
+            assert row["U_bound"] == min(row["E"], cfg["shared_top_k"] + cfg["tasks"] * cfg["adaptive_top_k"])
+            for key in ("grouped_ms", "plain_matmul_ms", "loop_ms", "aligned_ms"):
                 assert row[key] > 0, key  # quick D = 37 is unaligned: the padding cost is measured
             assert row["kernel_dtype"] == "bfloat16" and row["padding_cost"] > 0
-            assert row["grouped_fraction_of_dense"] > 0 and row["grouped_speedup_over_loop"] > 0
+            assert row["grouped_fraction_of_plain"] > 0 and row["grouped_speedup_over_loop"] > 0
     summary = res["summary"]
     assert summary["progressive_step_Emax_over_Emin"] > 0 and summary["max_python_sync_points_per_step"] == 1
-    assert set(summary["dense_over_progressive_step"]) == {"4", "8"}
+    assert set(summary["all_over_progressive_step"]) == {"4", "8"}

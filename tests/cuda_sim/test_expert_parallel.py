@@ -29,7 +29,6 @@ from model.moe.router import selection_counts
 from model.smes import SMESConfig, SMESLayer
 from parallel import dist as pdist
 from parallel.clip import clip_grad_norm_
-from parallel.expert.capacity import apply_capacity_factor
 from parallel.expert.dispatcher import apply_expert_parallel
 from parallel.expert.grads import build_expert_grad_sync
 from parallel.expert.mesh import build_mesh
@@ -49,18 +48,20 @@ CONFIGS = [
 
 
 class Core(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, capacity: float | None) -> None:
         super().__init__()
         torch.manual_seed(0)
-        cfg = SMESConfig(num_experts=E, expert_hidden=[12, 8], z_loss_coef=1e-3, bias_balance=True)
+        cfg = SMESConfig(
+            num_experts=E, expert_hidden=[12, 8], z_loss_coef=1e-3, bias_balance=True, capacity_factor=capacity
+        )
         self.layer = SMESLayer(cfg, in_dim=D, num_tasks=T)
 
     def forward(self, x_BD: torch.Tensor):
         return self.layer(x_BD)
 
 
-def build(starve: bool) -> Core:
-    core = Core()
+def build(starve: bool, capacity: float | None) -> Core:
+    core = Core(capacity)
     if starve:  # column 0 of x is 1: experts E/2.. (the last rank's under ep = 2 or 4) never win
         with torch.no_grad():
             core.layer.router.gate.weight.view(T, E, D)[:, E // 2 :, 0] = -50.0
@@ -94,7 +95,7 @@ def reference(precision: str, capacity: float | None, starve: bool, world: int) 
     """One CPU process. Capacity is a decision of each source rank on its own batch, so
     every rank's slice is run apart, with the balance counts of the whole batch (what
     the ranks all-reduce), and the gradients averaged over the slices."""
-    core = build(starve)
+    core = build(starve, capacity)
     x_BD = data()
     b = B // world
     slices = [x_BD[r * b : (r + 1) * b].clone() for r in range(world)]
@@ -103,7 +104,6 @@ def reference(precision: str, capacity: float | None, starve: bool, world: int) 
     outs, losses = [], []
     for x in slices:
         part = copy.deepcopy(core)
-        apply_capacity_factor(part, capacity)
         part.layer.count_reducer = lambda _local, counts_E=counts_E: counts_E.clone()
         res = run(part, x, precision, "cpu")
         outs.append(res["out"].detach().float())
@@ -128,8 +128,7 @@ def _worker(rank: int, world: int, ep: int) -> list[dict]:
     x_all = data()
     b = B // world
     for precision, capacity, starve in CONFIGS:
-        core = build(starve)
-        apply_capacity_factor(core, capacity)
+        core = build(starve, capacity)
         apply_expert_parallel(core, mesh)  # on the host, as parallelize does before moving to the device
         with simulate_cuda(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -143,8 +142,8 @@ def _worker(rank: int, world: int, ep: int) -> list[dict]:
             if sync is not None:
                 sync.finish()
             experts = expert_parameters(core) if ep > 1 else []  # sharded: out of DDP
-            dense = [p for p in core.parameters() if all(p is not q for q in experts)]
-            for p in dense:  # what DDP does for the replicated parameters
+            replicated = [p for p in core.parameters() if all(p is not q for q in experts)]
+            for p in replicated:  # what DDP does for the replicated parameters
                 pdist.all_reduce_mean(p.grad)
             grads = {n: plain(p.grad).clone() for n, p in core.named_parameters() if p.grad is not None}
             norm = clip_grad_norm_(list(core.parameters()), 1e-3, sharded_experts=experts, mesh=mesh)
@@ -186,7 +185,7 @@ def local_slice(ep: int, rank: int) -> slice:
 @pytest.mark.parametrize(("world", "ep"), [(2, 1), (2, 2), (4, 2), (4, 4)])
 def test_expert_parallel_on_the_simulated_gpu(world: int, ep: int) -> None:
     ranks = run_ranks(_worker, world, ep, backend=SIM_BACKEND)
-    experts = expert_parameter_names(Core())
+    experts = expert_parameter_names(Core(None))
     for i, (precision, capacity, starve) in enumerate(CONFIGS):
         ref = reference(precision, capacity, starve, world)
         tol = 3e-2 if precision == "bf16" else 1e-5

@@ -95,7 +95,7 @@ def test_router_stays_float32_under_bf16_autocast() -> None:
     """Near-tied logits (closer than bf16 can tell apart): the selection, logits and
     mixing weights are those of float32, not ties broken towards expert 0."""
     E = 64
-    layer = make_layer(num_experts=E, num_shared=2, num_adaptive=1)
+    layer = make_layer(num_experts=E, shared_top_k=2, adaptive_top_k=1)
     with torch.no_grad():  # expert e's logit is D * (0.25 + e * 1e-5): all equal in bf16
         layer.router.gate.weight.copy_((0.25 + 1e-5 * torch.arange(E).repeat(T)).view(-1, 1).expand(-1, D))
     x_BD = torch.ones(4, D)
@@ -131,15 +131,14 @@ def test_sm100_experts_without_rows_get_zero_weight_gradients() -> None:
         assert (g[1] == 0).all() and (g[3] == 0).all() and (g[0] != 0).any()
 
 
-ROUTINGS = [("progressive", None), ("progressive", 1.0), ("independent", None), ("independent", 1.0), ("dense", None)]
+ROUTINGS = [("progressive", None), ("progressive", 1.0), ("independent", None), ("independent", 1.0), ("all", None)]
 
 
 @pytest.mark.parametrize(("routing", "capacity_factor"), ROUTINGS, ids=lambda v: str(v))  # capacity: sparse only
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_layer_on_the_simulated_gpu_equals_the_cpu(routing, capacity_factor, autocast, training) -> None:
-    layer = make_layer(routing=routing, bias_balance=True)
-    layer.capacity_factor = capacity_factor
+    layer = make_layer(routing=routing, bias_balance=True, capacity_factor=capacity_factor)
     layer.train(training)
     x_BD = torch.randn(48, D)
     sim = on_sim(layer, x_BD, autocast)

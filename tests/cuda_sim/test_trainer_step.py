@@ -37,20 +37,19 @@ from data.loaders.in_memory import TrainLoader
 from model.build import MultiTaskModel
 from parallel import dist as pdist
 from parallel.dist import DistInfo
-from parallel.expert.capacity import apply_capacity_factor
 from parallel.expert.dispatcher import apply_expert_parallel
 from parallel.expert.grads import build_expert_grad_sync
 from parallel.expert.mesh import build_mesh
 from parallel.expert.params import expert_parameters
-from parallel.parallelize import ParallelModel, dense_parameters, sync_batch_norms
+from parallel.parallelize import ParallelModel, network_parameters, sync_batch_norms
 from tests._dist import run_ranks
 from tests.cuda_sim.sim import SIM_BACKEND, collective_log, plain, sim_module, simulate_cuda, to_sim
 from trainer.config import build_run_config
 from trainer.ema import WeightAverage
-from trainer.engine import NativeDense
+from trainer.engine import NativeEngine
 from trainer.evaluation.experts import ExpertLoadMeter
 from trainer.faults import FaultInjector
-from trainer.optim import build_dense_optimizer, build_scheduler
+from trainer.optim import build_network_optimizer, build_scheduler
 from trainer.pipeline import InlineSteps, LoaderCursor
 from trainer.timer import StepTimer
 from trainer.trainer import Trainer, build_data
@@ -61,7 +60,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 STEPS = 3
 CONFIGS = {
     "smes-ep2-bf16": ["model=smes", "parallel.ep=2", "trainer.precision=bf16", "model.bias_balance=true"],
-    "smes-ep1-fp32-capacity": ["model=smes", "parallel.capacity_factor=1.0", "model.z_loss_coef=0.001"],
+    "smes-ep1-fp32-capacity": ["model=smes", "model.capacity_factor=1.0", "model.z_loss_coef=0.001"],
     "home-bf16": ["model=home", "trainer.precision=bf16"],
 }
 
@@ -114,7 +113,7 @@ class SimParallelModel(ParallelModel):
 
     def after_backward(self) -> None:
         sharded = {id(p) for p in self.sharded_expert_params}
-        for _, p in dense_parameters(self.dmp):
+        for _, p in network_parameters(self.dmp):
             if p.grad is not None and id(p) not in sharded:
                 pdist.all_reduce_mean(p.grad)
         super().after_backward()
@@ -154,7 +153,6 @@ class SimTrainer:
         )
         # what parallelize does before sharding (TorchRec's DMP is left out, see the module doc)
         sync_batch_norms(model)
-        apply_capacity_factor(model, run.parallel.capacity_factor)
         mesh = build_mesh(run.parallel.ep, device_type=device.type)
         sharded = apply_expert_parallel(model, mesh)
         model.ebc = HostTables(model.ebc, simulated=device.type == "cuda")
@@ -167,18 +165,18 @@ class SimTrainer:
             dmp=model, plan={}, mesh=mesh, sharded_expert_params=experts,
             expert_grads=build_expert_grad_sync(model, mesh) if sharded else None,
         )  # fmt: skip
-        dense = [p for _, p in dense_parameters(model) if not _.startswith("ebc.")]
+        network = [p for _, p in network_parameters(model) if not _.startswith("ebc.")]
         table_opt = torch.optim.SGD(model.ebc.parameters(), lr=0.05)
-        dense_opt = build_dense_optimizer(run, dense)
-        self.engine = NativeDense(self.pm, [dense_opt, table_opt], dense, self.cfg.grad_clip)
-        self.scheduler = build_scheduler(run, dense_opt)
+        network_opt = build_network_optimizer(run, network)
+        self.engine = NativeEngine(self.pm, [network_opt, table_opt], network, self.cfg.grad_clip)
+        self.scheduler = build_scheduler(run, network_opt)
         loader = TrainLoader(
             self.dataset.train, spec=self.spec, batch_size=self.cfg.batch_size // world, rank=rank,
             world_size=world, seed=self.cfg.seed, prefetch=0,
         )  # fmt: skip
         self.cursor = LoaderCursor(loader)
         self.pipeline = InlineSteps(self, device)
-        self.ema = WeightAverage({n: p for n, p in dense_parameters(model) if not n.startswith("ebc.")}, decay=0.9)
+        self.ema = WeightAverage({n: p for n, p in network_parameters(model) if not n.startswith("ebc.")}, decay=0.9)
         self.state = SimpleNamespace(step=0, skipped_steps=0)
         self.timer = StepTimer(torch.device("cpu"))  # CUDA events: not simulated
         self.faults = FaultInjector(rank, world)

@@ -26,12 +26,12 @@ def _state(data_root: str, rank: int, world: int) -> TrainState:
     torch.manual_seed(0)
     model = nn.Linear(2, 1)
     named = dict(model.named_parameters())
-    dense = KeyedOptimizerWrapper(named, lambda ps: torch.optim.SGD(list(ps), lr=0.1))
+    network = KeyedOptimizerWrapper(named, lambda ps: torch.optim.SGD(list(ps), lr=0.1))
     sparse = KeyedOptimizerWrapper({"bias": named["bias"]}, lambda ps: torch.optim.SGD(list(ps), lr=0.0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(dense, lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(network, lambda s: 1.0)
     loader = build_train_loader(dataset(Path(data_root)), batch_size=64, rank=rank, world_size=world, seed=4)
     return TrainState(
-        model=model, sparse_optim=sparse, dense_optim=dense, table_optim=None, scheduler=scheduler, loader=loader
+        model=model, sparse_optim=sparse, network_optim=network, table_optim=None, scheduler=scheduler, loader=loader
     )
 
 

@@ -18,8 +18,8 @@ from trainer.reporting import sweep
 ROOT = Path(__file__).resolve().parents[2]
 TINY = (
     "model=smes",
-    "model.num_shared=1",
-    "model.num_adaptive=1",
+    "model.shared_top_k=1",
+    "model.adaptive_top_k=1",
     "data.limit_rows=3000",
     "trainer.steps=4",
     "trainer.batch_size=64",

@@ -29,10 +29,9 @@ def step(layer: SMESLayer, x_BD: torch.Tensor) -> None:
 
 def make_layer(routing: str, capacity_factor: float | None, **kw) -> SMESLayer:
     torch.manual_seed(0)
-    cfg = SMESConfig(num_experts=8, routing=routing, expert_hidden=[12, 8], bias_balance=True, z_loss_coef=1e-3, **kw)
-    layer = SMESLayer(cfg, in_dim=19, num_tasks=3)  # odd D: the padded kernel path
-    layer.capacity_factor = capacity_factor
-    return layer
+    cfg = SMESConfig(num_experts=8, routing=routing, expert_hidden=[12, 8], bias_balance=True, z_loss_coef=1e-3,
+                     capacity_factor=capacity_factor, **kw)  # fmt: skip
+    return SMESLayer(cfg, in_dim=19, num_tasks=3)  # odd D: the padded kernel path
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
@@ -49,11 +48,11 @@ def test_one_host_sync_per_layer_and_step(routing: str, capacity_factor: float |
         assert float(layer(x_BD)[2].dropped_pairs) > 0  # the capacity path really ran
 
 
-def test_dense_routing_and_evaluation() -> None:
-    dense = make_layer("dense", None)
+def test_all_routing_and_evaluation() -> None:
+    every = make_layer("all", None)
     x_BD = torch.randn(16, 19, requires_grad=True)
     with count_host_syncs() as syncs:
-        step(dense, x_BD)
+        step(every, x_BD)
     assert syncs == []  # N = B * E is known on the host
     sparse = make_layer("progressive", 0.5).eval()
     with count_host_syncs() as syncs, torch.no_grad():

@@ -77,7 +77,7 @@ def test_gradients_reach_routers_through_mixing_and_balance() -> None:
 def test_count_reducer_sees_a_detached_copy_and_sets_f() -> None:
     torch.manual_seed(0)
     core = SMES(
-        SMESConfig(num_experts=4, num_shared=1, num_adaptive=1, expert_hidden=[8], balance_beta=1.0),
+        SMESConfig(num_experts=4, shared_top_k=1, adaptive_top_k=1, expert_hidden=[8], balance_beta=1.0),
         in_dim=6,
         tasks=("a", "b"),
     )

@@ -44,7 +44,7 @@ def routing_case(draw):
 def test_progressive_sets_are_bounded(case) -> None:
     probs_BTE, w_T, Ks, Ka = case
     B, T, _ = probs_BTE.shape
-    experts_BTK = select_progressive(probs_BTE, w_T, num_shared=Ks, num_adaptive=Ka)
+    experts_BTK = select_progressive(probs_BTE, w_T, shared_top_k=Ks, adaptive_top_k=Ka)
     assert experts_BTK.shape == (B, T, Ks + Ka)
     # exactly K_s + K_a distinct experts per (instance, task)
     sorted_BTK = experts_BTK.sort(-1).values
@@ -90,15 +90,15 @@ def test_plan_pairs_equal_the_brute_force_reference(case) -> None:
     pair of the selection once, expert-contiguous, every slot reading its own pair."""
     probs_BTE, w_T, Ks, Ka = case
     B, T, E = probs_BTE.shape
-    experts_BTK = select_progressive(probs_BTE, w_T, num_shared=Ks, num_adaptive=Ka)
-    bound = max_union("progressive", num_experts=E, num_tasks=T, num_shared=Ks, num_adaptive=Ka)
-    plan = sparse_plan(probs_BTE.log(), probs_BTE, experts_BTK, num_slots=bound, read_sizes=read_local_sizes)
+    experts_BTK = select_progressive(probs_BTE, w_T, shared_top_k=Ks, adaptive_top_k=Ka)
+    bound = max_union("progressive", num_experts=E, num_tasks=T, shared_top_k=Ks, adaptive_top_k=Ka)
+    plan = sparse_plan(probs_BTE.log(), probs_BTE, experts_BTK, table_width=bound, read_sizes=read_local_sizes)
     ref = brute_force_pairs(experts_BTK)
     for key, want in ref.items():
         assert getattr(plan, key).tolist() == want, key
     assert plan.counts_E.tolist() == [ref["pair_expert_N"].count(e) for e in range(E)]
     assert plan.num_pairs == plan.sizes.num_pairs == len(ref["pair_expert_N"])
-    assert plan.num_slots == bound and int(plan.num_dropped) == 0
+    assert plan.table_width == bound and int(plan.num_dropped) == 0
     assert plan.num_pairs == 0 or int(plan.pair_slot_N.max()) < bound
     counts_TE = selection_counts(experts_BTK, E)
     assert counts_TE.sum().item() == B * T * (Ks + Ka)
@@ -113,7 +113,7 @@ def test_independent_can_exceed_the_bound() -> None:
         logits_BTE[0, t, 3 * t : 3 * t + 3] = torch.tensor([3.0, 2.0, 1.0])
     probs_BTE = torch.softmax(logits_BTE, -1)
     indep = select_independent(probs_BTE, k=Ks + Ka)
-    prog = select_progressive(probs_BTE, torch.full((T,), 1 / T), num_shared=Ks, num_adaptive=Ka)
+    prog = select_progressive(probs_BTE, torch.full((T,), 1 / T), shared_top_k=Ks, adaptive_top_k=Ka)
     assert len(set(indep.flatten().tolist())) == T * (Ks + Ka) == 12
     assert len(set(prog.flatten().tolist())) <= Ks + T * Ka == 6
 
@@ -124,10 +124,10 @@ def test_selection_bias_changes_selection_not_weights() -> None:
         8,
         num_experts=6,
         num_tasks=3,
-        num_shared=1,
-        num_adaptive=1,
+        shared_top_k=1,
+        adaptive_top_k=1,
         routing="progressive",
-        task_weights=[1 / 3] * 3,
+        selection_weights=[1 / 3] * 3,
     )
     x_BD = torch.randn(50, 8)
     bias_E = torch.tensor([10.0, 0, 0, 0, 0, 0])
@@ -141,22 +141,22 @@ def test_selection_bias_changes_selection_not_weights() -> None:
 def test_capacity_drops_beyond_the_limit(factor: float) -> None:
     torch.manual_seed(1)
     B, T, E = 64, 4, 8
-    kw = dict(num_experts=E, num_tasks=T, num_shared=2, num_adaptive=1, routing="progressive")
-    router = Router(8, **kw, task_weights=[0.25] * T, capacity_factor=factor)
+    kw = dict(num_experts=E, num_tasks=T, shared_top_k=2, adaptive_top_k=1, routing="progressive")
+    router = Router(8, **kw, selection_weights=[0.25] * T, capacity_factor=factor)
     x_BD = torch.randn(B, 8) * 3
-    full = Router(8, **kw, task_weights=[0.25] * T)
+    full = Router(8, **kw, selection_weights=[0.25] * T)
     full.load_state_dict(router.state_dict())
     ref, plan = full(x_BD), router(x_BD)
     N, N_kept = ref.num_pairs, plan.num_pairs
     capacity = math.ceil(factor * N / E)
     assert int(plan.counts_E.max()) <= capacity and int(plan.counts_E.sum()) == N_kept
     assert int(plan.num_dropped) == N - N_kept == int((ref.counts_E - capacity).clamp(min=0).sum())
-    assert plan.num_slots == ref.num_slots + 1
+    assert plan.table_width == ref.table_width + 1
     kept_BTK = plan.pair_index_BTK < N_kept
     assert int((~kept_BTK).sum()) >= int(plan.num_dropped)
     assert torch.equal(plan.pair_expert_N[plan.pair_index_BTK[kept_BTK]], plan.experts_BTK[kept_BTK])
     assert torch.equal(plan.pair_slot_N[plan.pair_index_BTK[kept_BTK]], plan.slot_BTK[kept_BTK])
-    assert bool((plan.slot_BTK[~kept_BTK] == plan.num_slots - 1).all())
+    assert bool((plan.slot_BTK[~kept_BTK] == plan.table_width - 1).all())
 
 
 def reference_plan(experts_BTK: torch.Tensor, E: int, capacity_factor: float | None) -> dict:
@@ -200,19 +200,19 @@ def test_plan_content_equals_the_unique_reference(case, routing: str, capacity_f
     probs_BTE, w_T, Ks, Ka = case
     B, T, E = probs_BTE.shape
     torch.manual_seed(B * 31 + E)
-    router = Router(4, num_experts=E, num_tasks=T, num_shared=Ks, num_adaptive=Ka, routing=routing,
-                    task_weights=w_T.tolist(), capacity_factor=capacity_factor)  # fmt: skip
+    router = Router(4, num_experts=E, num_tasks=T, shared_top_k=Ks, adaptive_top_k=Ka, routing=routing,
+                    selection_weights=w_T.tolist(), capacity_factor=capacity_factor)  # fmt: skip
     plan = router(torch.randn(B, 4) * 3)
     ref = reference_plan(plan.experts_BTK, E, capacity_factor)
     for key in ("pair_instance_N", "pair_expert_N", "counts_E", "pair_index_BTK", "pair_slot_N"):
         assert torch.equal(getattr(plan, key), ref[key]), key
     kept_BTK = ~ref["dropped_BTK"]
     assert torch.equal(plan.slot_BTK[kept_BTK], ref["slot_BTK"][kept_BTK])
-    assert bool((plan.slot_BTK[~kept_BTK] == plan.num_slots - 1).all())
+    assert bool((plan.slot_BTK[~kept_BTK] == plan.table_width - 1).all())
     assert int(plan.num_dropped) == ref["num_dropped"]
     assert plan.sizes.num_pairs == plan.num_pairs == int(plan.counts_E.sum())
     bound = router.max_union + (capacity_factor is not None)
-    assert plan.num_slots == bound
+    assert plan.table_width == bound
     assert plan.num_pairs == 0 or int(plan.pair_slot_N.max()) < router.max_union
 
 
@@ -221,8 +221,8 @@ def test_eval_is_dropless_whatever_the_batch() -> None:
     batched with (e.g. weight-0 padding rows); training still drops."""
     torch.manual_seed(7)
     E, T = 8, 3
-    router = Router(6, num_experts=E, num_tasks=T, num_shared=2, num_adaptive=1, routing="progressive",
-                    task_weights=[1 / T] * T, capacity_factor=0.5)  # fmt: skip
+    router = Router(6, num_experts=E, num_tasks=T, shared_top_k=2, adaptive_top_k=1, routing="progressive",
+                    selection_weights=[1 / T] * T, capacity_factor=0.5)  # fmt: skip
     real_BD = torch.randn(12, 6)
     padding_BD = torch.zeros(40, 6)  # a padded last batch: identical rows, all on the same experts
     others_BD = torch.randn(30, 6) * 4
@@ -249,8 +249,8 @@ def test_mixing_weights_survive_underflowing_probabilities() -> None:
     assert bool(torch.isfinite(w_BTK).all())
     torch.testing.assert_close(w_BTK.double(), exact_BTK, rtol=1e-6, atol=1e-7)
     # through the router: a selection bias picks experts 1 and 2 for every task
-    router = Router(1, num_experts=4, num_tasks=1, num_shared=1, num_adaptive=1, routing="progressive",
-                    task_weights=[1.0])  # fmt: skip
+    router = Router(1, num_experts=4, num_tasks=1, shared_top_k=1, adaptive_top_k=1, routing="progressive",
+                    selection_weights=[1.0])  # fmt: skip
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[0.0], [-150.0], [-151.0], [-152.0]]))
     plan = router(torch.ones(1, 1), torch.tensor([0.0, 200.0, 199.0, 0.0]))  # log-space bias past the gap
@@ -264,7 +264,7 @@ def test_mixing_weights_survive_underflowing_probabilities() -> None:
 def test_mixing_weights_equal_renormalised_probabilities(case) -> None:
     probs_BTE, w_T, Ks, Ka = case
     logits_BTE = probs_BTE.log() + torch.randn(probs_BTE.shape[:2] + (1,))  # any shift per task
-    experts_BTK = select_progressive(torch.softmax(logits_BTE, -1), w_T, num_shared=Ks, num_adaptive=Ka)
+    experts_BTK = select_progressive(torch.softmax(logits_BTE, -1), w_T, shared_top_k=Ks, adaptive_top_k=Ka)
     p_BTK = torch.softmax(logits_BTE, -1).gather(-1, experts_BTK)
     w_BTK = renormalised_weights(experts_BTK, logits_BTE=logits_BTE)
     torch.testing.assert_close(w_BTK, p_BTK / p_BTK.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
@@ -273,15 +273,15 @@ def test_mixing_weights_equal_renormalised_probabilities(case) -> None:
 def _biased_share(num_experts: int, steps: int, rate: float, *, additive: bool = False) -> float:
     """Fraction of instances that select expert 0 after `steps` one-sided bias updates."""
     torch.manual_seed(0)
-    router = Router(4, num_experts=num_experts, num_tasks=2, num_shared=2, num_adaptive=1, routing="progressive",
-                    task_weights=[0.5, 0.5])  # fmt: skip
+    router = Router(4, num_experts=num_experts, num_tasks=2, shared_top_k=2, adaptive_top_k=1, routing="progressive",
+                    selection_weights=[0.5, 0.5])  # fmt: skip
     logits_BTE = torch.randn(4096, 2, num_experts)
     bias_E = torch.zeros(num_experts)
     bias_E[0] = steps * rate
     probs_BTE = torch.softmax(logits_BTE, -1)
     if additive:  # the old rule: the bias added to the probabilities
         w_T = router.task_weights_T
-        experts = select_progressive(probs_BTE + bias_E, w_T, num_shared=2, num_adaptive=1)
+        experts = select_progressive(probs_BTE + bias_E, w_T, shared_top_k=2, adaptive_top_k=1)
     else:
         experts = router.select(probs_BTE, bias_E, logits_BTE=logits_BTE)
     return float((experts == 0).any(-1).any(-1).float().mean())
@@ -304,7 +304,8 @@ def test_router_input_norm_reads_every_input_scale_alike() -> None:
     input is rescaled or shifted, and a column at 100x scale no longer dominates them;
     without it they do."""
     torch.manual_seed(0)
-    kw = dict(num_experts=8, num_tasks=2, num_shared=1, num_adaptive=1, routing="progressive", task_weights=[0.5, 0.5])
+    kw = dict(num_experts=8, num_tasks=2, shared_top_k=1, adaptive_top_k=1, routing="progressive")
+    kw["selection_weights"] = [0.5, 0.5]
     normed, plain = Router(6, input_norm=True, **kw), Router(6, **kw)
     plain.gate.weight.data.copy_(normed.gate.weight.data)
     x = torch.randn(32, 6)

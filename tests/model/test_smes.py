@@ -32,7 +32,7 @@ def reference_forward(core: SMES, x_BD: torch.Tensor) -> dict[str, torch.Tensor]
     """Per-instance loops over tasks and experts; selection by plain Python sorting."""
     layer, T = core.layer, len(core.tasks)
     router, experts = layer.router, layer.experts
-    E, Ks, Ka = router.num_experts, router.num_shared, router.num_adaptive
+    E, Ks, Ka = router.num_experts, router.shared_top_k, router.adaptive_top_k
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in core.tasks}
     for b in range(x_BD.shape[0]):
         x_D = x_BD[b]
@@ -71,17 +71,17 @@ def grads_of(core: torch.nn.Module, reprs: dict[str, torch.Tensor], proj: dict[s
     return {n: p.grad.clone() for n, p in core.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("routing", ["progressive", "independent", "dense"])
+@pytest.mark.parametrize("routing", ["progressive", "independent", "all"])
 @pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
 def test_matches_per_instance_reference(routing: str, backend: str) -> None:
     torch.manual_seed(0)
     core = make_core(
         num_experts=6,
-        num_shared=2,
-        num_adaptive=1,
+        shared_top_k=2,
+        adaptive_top_k=1,
         routing=routing,
         grouped_backend=backend,
-        task_weights=[0.5, 0.3, 0.2],
+        selection_weights=[0.5, 0.3, 0.2],
     )
     x_BD = torch.randn(20, 8)
     proj = {t: torch.randn(20, 8) for t in TASKS3}
@@ -95,17 +95,17 @@ def test_matches_per_instance_reference(routing: str, backend: str) -> None:
         torch.testing.assert_close(g_out[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_full_selection_equals_dense_mixture() -> None:
+def test_full_selection_equals_all_experts_mixture() -> None:
     torch.manual_seed(1)
-    sparse = make_core(num_experts=5, num_shared=2, num_adaptive=3, routing="progressive")
-    dense = make_core(num_experts=5, num_shared=2, num_adaptive=3, routing="dense")
-    dense.load_state_dict(sparse.state_dict())
+    sparse = make_core(num_experts=5, shared_top_k=2, adaptive_top_k=3, routing="progressive")
+    every = make_core(num_experts=5, shared_top_k=2, adaptive_top_k=3, routing="all")
+    every.load_state_dict(sparse.state_dict())
     x_BD = torch.randn(16, 8)
-    a, b = sparse(x_BD), dense(x_BD)
+    a, b = sparse(x_BD), every(x_BD)
     # and both equal the MMoE formula with the same gates and experts
     layer = sparse.layer
     p_BTE = torch.softmax(layer.router.gating(x_BD), -1)
-    y_EBH = layer.experts.forward_dense(x_BD)
+    y_EBH = layer.experts.forward_all(x_BD)
     for i, t in enumerate(TASKS3):
         torch.testing.assert_close(a.task_reprs[t], b.task_reprs[t], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.task_reprs[t], torch.einsum("be,ebh->bh", p_BTE[:, i], y_EBH))
@@ -115,7 +115,7 @@ def test_full_selection_equals_dense_mixture() -> None:
 def test_load_statistics() -> None:
     torch.manual_seed(2)
     T = 4
-    core = make_core(num_experts=16, num_shared=2, num_adaptive=1, tasks=("a", "b", "c", "d"))
+    core = make_core(num_experts=16, shared_top_k=2, adaptive_top_k=1, tasks=("a", "b", "c", "d"))
     x_BD = torch.randn(64, 8)
     out = core(x_BD)
     plan = core.layer.router(x_BD)
@@ -132,9 +132,8 @@ def test_capacity_drops_and_large_factor_is_dropless() -> None:
     torch.manual_seed(3)
     x_BD = torch.randn(64, 8)
     base = make_core(num_experts=8)
-    tight, loose = make_core(num_experts=8), make_core(num_experts=8)
-    # set by parallel.apply_capacity_factor from parallel.capacity_factor
-    tight.layer.capacity_factor, loose.layer.capacity_factor = 0.5, 100.0
+    # model.capacity_factor reaches the router at build time
+    tight, loose = make_core(num_experts=8, capacity_factor=0.5), make_core(num_experts=8, capacity_factor=100.0)
     assert tight.layer.router.capacity_factor == 0.5
     tight.load_state_dict(base.state_dict())
     loose.load_state_dict(base.state_dict())
@@ -147,7 +146,7 @@ def test_capacity_drops_and_large_factor_is_dropless() -> None:
     # a dropped pair only removes that expert's term (weights not renormalised)
     plan = tight.layer.router(x_BD)
     kept_BTK = (plan.pair_index_BTK < plan.num_pairs).float()
-    y_EBH = tight.layer.experts.forward_dense(x_BD)
+    y_EBH = tight.layer.experts.forward_all(x_BD)
     y_BTKH = y_EBH[plan.experts_BTK, torch.arange(64).view(64, 1, 1)]
     expected_BTH = torch.einsum("btk,btkh->bth", plan.weights_BTK * kept_BTK, y_BTKH)
     for i, t in enumerate(TASKS3):
@@ -161,9 +160,8 @@ def test_eval_with_capacity_is_dropless_and_batch_independent() -> None:
     mode still drops, and there the outputs do depend on the batch."""
     torch.manual_seed(8)
     base = make_core(num_experts=8)
-    core = make_core(num_experts=8)
+    core = make_core(num_experts=8, capacity_factor=0.5)
     core.load_state_dict(base.state_dict())
-    core.layer.capacity_factor = 0.5
     real_BD, padding_BD, others_BD = torch.randn(12, 8), torch.zeros(36, 8), torch.randn(20, 8) * 3
     batches = {"alone": real_BD, "padded": torch.cat([real_BD, padding_BD]), "mixed": torch.cat([others_BD, real_BD])}
     rows = {"alone": slice(0, 12), "padded": slice(0, 12), "mixed": slice(20, 32)}
@@ -271,11 +269,11 @@ def test_expert_slice_computes_the_same_rows() -> None:
 @pytest.mark.parametrize(
     ("kw", "key"),
     [
-        ({"num_shared": 10, "num_adaptive": 10}, "model.num_shared + model.num_adaptive > model.num_experts"),
+        ({"shared_top_k": 10, "adaptive_top_k": 10}, "model.shared_top_k + model.adaptive_top_k > model.num_experts"),
         ({"routing": "topk"}, "model.routing"),
         ({"num_experts": 0}, "model.num_experts"),
-        ({"num_shared": 0, "num_adaptive": 0}, "model.num_shared + model.num_adaptive"),
-        ({"task_weights": [1.0]}, "model.task_weights"),
+        ({"shared_top_k": 0, "adaptive_top_k": 0}, "model.shared_top_k + model.adaptive_top_k"),
+        ({"selection_weights": [1.0]}, "model.selection_weights"),
         ({"expert_hidden": []}, "model.expert_hidden"),
         ({"grouped_backend": "cuda"}, "model.grouped_backend"),
         ({"balance_beta": -1.0}, "model.balance_beta"),

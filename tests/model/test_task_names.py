@@ -31,7 +31,7 @@ CORES = {
     "shared_bottom": SharedBottomConfig(hidden=[8]),
     "mmoe": MMoEConfig(num_experts=2, expert_hidden=[8]),
     "ple": PLEConfig(num_levels=2, num_shared_experts=1, num_task_experts=1, expert_hidden=[8]),
-    "smes": SMESConfig(num_experts=4, num_shared=1, num_adaptive=1, expert_hidden=[8]),
+    "smes": SMESConfig(num_experts=4, shared_top_k=1, adaptive_top_k=1, expert_hidden=[8]),
     "home": HoMEConfig(
         expert_hidden=[8],
         feature_gate_rank=2,

@@ -17,7 +17,7 @@ TASKS = ("a", "b", "c")
 
 def make_core(routing: str = "progressive", **kw) -> SMES:
     torch.manual_seed(0)
-    cfg = SMESConfig(num_experts=8, num_shared=2, num_adaptive=1, routing=routing, expert_hidden=[8], **kw)
+    cfg = SMESConfig(num_experts=8, shared_top_k=2, adaptive_top_k=1, routing=routing, expert_hidden=[8], **kw)
     return SMES(cfg, in_dim=6, tasks=TASKS)
 
 
@@ -25,7 +25,7 @@ def rows(table_BU: torch.Tensor) -> list[list[int]]:
     return [[e for e in row if e >= 0] for row in table_BU.tolist()]
 
 
-@pytest.mark.parametrize("routing", ["progressive", "independent", "dense"])
+@pytest.mark.parametrize("routing", ["progressive", "independent", "all"])
 def test_union_is_the_set_of_selected_experts(routing: str) -> None:
     core = make_core(routing)
     core.eval()
@@ -35,7 +35,7 @@ def test_union_is_the_set_of_selected_experts(routing: str) -> None:
     plan = core.layer.last_plan
     assert plan is not None
     table_BU = union_experts(plan)
-    assert table_BU.shape == (37, plan.num_slots) and table_BU.dtype == torch.long
+    assert table_BU.shape == (37, plan.table_width) and table_BU.dtype == torch.long
     want = [sorted(set(row)) for row in plan.experts_BTK.reshape(37, -1).tolist()]
     assert rows(table_BU) == want  # ascending, no duplicates
     for row, u in zip(table_BU.tolist(), want, strict=True):  # the experts fill the first |U| slots
@@ -43,14 +43,13 @@ def test_union_is_the_set_of_selected_experts(routing: str) -> None:
     sizes = [len(u) for u in want]
     if routing == "progressive":
         assert min(sizes) >= 3 and max(sizes) <= 2 + 3 * 1  # K_s + K_a <= |U| <= K_s + T*K_a
-    if routing == "dense":
+    if routing == "all":
         assert sizes == [8] * 37
 
 
 def test_capacity_drops_are_absent_from_the_union() -> None:
     """In training with a capacity limit the union holds only the pairs that ran."""
-    core = make_core()
-    core.layer.capacity_factor = 0.5
+    core = make_core(capacity_factor=0.5)
     core.layer.record_plan = True
     core(torch.randn(64, 6))
     plan = core.layer.last_plan

@@ -1,7 +1,7 @@
 """`trainer.engine=deepspeed` trains like the native engine (DDP + torch optimizer).
 
 On 2 gloo ranks, from the same weights and batches: per-step global losses and the
-final dense and expert weights of DeepSpeed ZeRO 0 / 1 / 2 equal the native engine's,
+final network weights (experts included) of DeepSpeed ZeRO 0 / 1 / 2 equal the native engine's,
 with experts replicated (ep = 1) and sharded (ep = 2), with and without grad clipping (by the
 global norm: replicated weights stay identical on every rank; at ep = 2
 DeepSpeed reduces expert gradients over the expert-data-parallel group only). SGD is
@@ -24,18 +24,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-from parallel.deepspeed_engine import DeepSpeedConfig, DeepSpeedDense
+from parallel.deepspeed_engine import DeepSpeedConfig, DeepSpeedEngine
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
 from parallel.expert.params import expert_parameter_names
-from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
+from parallel.parallelize import ParallelConfig, network_parameters, parallelize
 from parallel.state import load_full_state
 from tests._dist import run_ranks
 from tests.parallel.test_expert_parallel import build, loader, reference, total_loss
 from tests.trainer.test_config import compose_run
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
-from trainer.engine import NativeDense
+from trainer.engine import NativeEngine
 
 WORLD, GLOBAL_BATCH, STEPS, LR = 2, 16, 4, 0.05
 
@@ -50,13 +50,13 @@ def build_parallel(init: dict, *, ep: int, engine: str, sparse: str = "sgd"):
         sparse_optimizer=SparseOptimizerConfig(name=sparse, lr=LR),
         ep=ep,
     )
-    pm = parallelize(model, cfg, info, dense_engine=engine)
+    pm = parallelize(model, cfg, info, engine=engine)
     load_full_state(pm.dmp, {k: v for k, v in init.items() if k.startswith("ebc.")}, strict=False)
     return pm
 
 
 def build_engine(init: dict, *, ep: int, stage: int | None, opt: str, clip: float = 0.0, sparse: str = "sgd"):
-    """(parallel model, engine, keyed dense optimizer, optimizer the schedule steps);
+    """(parallel model, engine, keyed network optimizer, optimizer the schedule steps);
     `stage=None` = the native engine."""
 
     def make_opt(params: list) -> torch.optim.Optimizer:
@@ -64,10 +64,10 @@ def build_engine(init: dict, *, ep: int, stage: int | None, opt: str, clip: floa
 
     pm = build_parallel(init, ep=ep, engine="native" if stage is None else "deepspeed", sparse=sparse)
     if stage is None:
-        named = dict(dense_parameters(pm.dmp))
+        named = dict(network_parameters(pm.dmp))
         keyed = KeyedOptimizerWrapper(named, lambda ps: make_opt(list(ps)))
-        return pm, NativeDense(pm, [keyed], list(named.values()), clip), keyed, keyed
-    ds = DeepSpeedDense(
+        return pm, NativeEngine(pm, [keyed], list(named.values()), clip), keyed, keyed
+    ds = DeepSpeedEngine(
         pm,
         cfg=DeepSpeedConfig(zero_stage=stage),
         build_optimizer=make_opt,
@@ -77,34 +77,34 @@ def build_engine(init: dict, *, ep: int, stage: int | None, opt: str, clip: floa
     return pm, ds, ds.keyed_optimizer, ds.base_optimizer
 
 
-def train_steps(pm, dense, batches) -> list[float]:
+def train_steps(pm, engine, batches) -> list[float]:
     """The trainer's step (forward, backward, expert sync, step); global mean losses."""
     losses = []
     for batch in batches:
-        out = dense(batch)
+        out = engine(batch)
         loss = total_loss(out, batch)
-        dense.zero_grad()
-        dense.backward(loss)
+        engine.zero_grad()
+        engine.backward(loss)
         pm.after_backward()
-        dense.step()
+        engine.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / WORLD)
     return losses
 
 
-def dense_weights(pm) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in dense_parameters(pm.dmp)}
+def network_weights(pm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in network_parameters(pm.dmp)}
 
 
 def parity_worker(rank: int, world: int, init: dict, ep: int, runs: list[tuple[int | None, float]]) -> dict:
     batches = [b for _, b in zip(range(STEPS), loader(rank, world), strict=False)]
     out = {}
     for stage, clip in runs:
-        pm, dense, _, _ = build_engine(init, ep=ep, stage=stage, opt="sgd", clip=clip)
-        losses = train_steps(pm, dense, batches)
+        pm, engine, _, _ = build_engine(init, ep=ep, stage=stage, opt="sgd", clip=clip)
+        losses = train_steps(pm, engine, batches)
         ddp = any(isinstance(m, DistributedDataParallel) for m in pm.dmp.modules())
-        out[(stage, clip)] = {"losses": losses, "weights": dense_weights(pm), "ddp": ddp}
+        out[(stage, clip)] = {"losses": losses, "weights": network_weights(pm), "ddp": ddp}
     return out
 
 
@@ -125,7 +125,7 @@ def test_deepspeed_matches_native_engine(ep: int, runs: list[tuple[int | None, f
             if stage is None:
                 continue
             want, got = r[(None, clip)], r[(stage, clip)]
-            assert want["ddp"] and not got["ddp"]  # DeepSpeed alone reduces the dense gradients
+            assert want["ddp"] and not got["ddp"]  # DeepSpeed alone reduces the network gradients
             np.testing.assert_allclose(got["losses"], want["losses"], rtol=0, atol=1e-6, err_msg=f"stage {stage}")
             assert got["weights"].keys() == want["weights"].keys()
             for name, w in want["weights"].items():  # experts: this rank's slice
@@ -159,7 +159,7 @@ def checkpoint_worker(rank: int, world: int, init: dict, root: str) -> dict:
         state = TrainState(
             model=pm.dmp,
             sparse_optim=pm.dmp.fused_optimizer,
-            dense_optim=keyed,
+            network_optim=keyed,
             table_optim=None,
             scheduler=torch.optim.lr_scheduler.LambdaLR(scheduled, lambda s: 1.0),
             loader=_NoLoader(),
@@ -169,7 +169,7 @@ def checkpoint_worker(rank: int, world: int, init: dict, root: str) -> dict:
 
     pm, ds, state = fresh()
     train_steps(pm, ds, batches[:2])
-    ds_state = state.dense_optim.state_dict()["state"]
+    ds_state = state.network_optim.state_dict()["state"]
     state.step = 2
     path = checkpoint.save(state, Path(root), keep_last=1)
     assert path is not None

@@ -1,9 +1,9 @@
 """Sharded embedding training on 2 gloo ranks equals single-process training.
 
 Same initial weights, same global batches: per-step losses, embedding tables (gathered
-from their shards) and dense weights must match a plain single-process model trained
+from their shards) and network weights must match a plain single-process model trained
 with the equivalent non-fused optimizers, for every sharding type. Two optimizer
-setups: Adagrad tables + Adam dense (the defaults), and SGD for both, since Adagrad and
+setups: Adagrad tables + Adam network (the defaults), and SGD for both, since Adagrad and
 Adam are invariant to a constant gradient scale and would pass a gradient that is W
 times too large (e.g. sparse gradients summed instead of averaged over ranks).
 """
@@ -22,7 +22,7 @@ from model.baselines import MMoEConfig
 from model.build import MultiTaskModel, TowerConfig
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
+from parallel.parallelize import ParallelConfig, network_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
 from trainer.loss import task_losses
@@ -40,11 +40,11 @@ SPEC = DatasetSpec(
 )
 GLOBAL_BATCH, STEPS, LR = 16, 3, 0.1
 TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
-# (sparse optimizer, dense optimizer, dense lr)
+# (sparse optimizer, network optimizer, network lr)
 OPTIMIZERS = {"adagrad_adam": ("adagrad", "adam", LR / 10), "sgd": ("sgd", "sgd", LR)}
 
 
-def dense_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+def network_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
 
 
@@ -74,26 +74,26 @@ def build(device: str) -> MultiTaskModel:
 
 
 def reference(opts: str) -> tuple[dict[str, torch.Tensor], list[float], dict[str, torch.Tensor]]:
-    sparse_name, dense_name, dense_lr = OPTIMIZERS[opts]
+    sparse_name, network_name, network_lr = OPTIMIZERS[opts]
     model = build("cpu")
     init = {k: v.clone() for k, v in model.state_dict().items()}
     emb = [p for n, p in model.named_parameters() if n.startswith("ebc.")]
-    dense = [p for n, p in model.named_parameters() if not n.startswith("ebc.")]
+    network = [p for n, p in model.named_parameters() if not n.startswith("ebc.")]
     if sparse_name == "adagrad":
         emb_opt: torch.optim.Optimizer = torch.optim.Adagrad(emb, lr=LR, eps=1e-8)
     else:
         emb_opt = torch.optim.SGD(emb, lr=LR)
-    dense_opt = dense_optimizer(dense_name, dense, dense_lr)
+    network_opt = network_optimizer(network_name, network, network_lr)
     loader = TrainLoader(tiny_split(), spec=SPEC, batch_size=GLOBAL_BATCH, shuffle=False, prefetch=0)
     losses = []
     for _, batch in zip(range(STEPS), loader, strict=False):
         out = model(batch)
         loss = sum(task_losses(out, batch, SPEC.tasks).values())
         emb_opt.zero_grad()
-        dense_opt.zero_grad()
+        network_opt.zero_grad()
         loss.backward()
         emb_opt.step()
-        dense_opt.step()
+        network_opt.step()
         losses.append(loss.item())
     return init, losses, {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -101,7 +101,7 @@ def reference(opts: str) -> tuple[dict[str, torch.Tensor], list[float], dict[str
 def sharded_worker(rank: int, world: int, init: dict[str, torch.Tensor]) -> dict[str, object]:
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
     results = {}
-    for opts, (sparse_name, dense_name, dense_lr) in OPTIMIZERS.items():
+    for opts, (sparse_name, network_name, network_lr) in OPTIMIZERS.items():
         for stype in TYPES:
             cfg = ParallelConfig(
                 embedding=EmbeddingShardingConfig(sharding_type=stype),
@@ -109,9 +109,9 @@ def sharded_worker(rank: int, world: int, init: dict[str, torch.Tensor]) -> dict
             )
             pm = parallelize(build("meta"), cfg, info)
             load_full_state(pm.dmp, init)
-            dense_opt = dense_optimizer(dense_name, [p for _, p in dense_parameters(pm.dmp)], dense_lr)
+            network_opt = network_optimizer(network_name, [p for _, p in network_parameters(pm.dmp)], network_lr)
             # data_parallel tables are plain replicated tensors with their own optimizer
-            optimizers = [dense_opt] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
+            optimizers = [network_opt] + ([pm.replicated_table_optimizer] if pm.replicated_table_optimizer else [])
             loader = TrainLoader(
                 tiny_split(), spec=SPEC, batch_size=GLOBAL_BATCH // world, rank=rank, world_size=world,
                 shuffle=False, prefetch=0,
@@ -152,6 +152,6 @@ def test_sharded_training_matches_single_process() -> None:
             for key in ref_state:
                 if key.startswith("ebc."):
                     assert not torch.equal(ref_state[key], init[key]), key
-    # both ranks hold identical replicas of the dense weights
+    # both ranks hold identical replicas of the network weights
     for key, value in per_rank[1][("sgd", "row_wise")]["state"].items():
         torch.testing.assert_close(value, per_rank[0][("sgd", "row_wise")]["state"][key])

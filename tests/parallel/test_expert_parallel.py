@@ -19,11 +19,10 @@ from model.build import MultiTaskModel, TowerConfig
 from model.smes import SMES, SMESConfig
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.expert.capacity import apply_capacity_factor
 from parallel.expert.dispatcher import a2a_stats, apply_expert_parallel
 from parallel.expert.mesh import build_mesh, check_ep
 from parallel.expert.params import expert_parameter_names, smes_layers
-from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
+from parallel.parallelize import ParallelConfig, network_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
 from tests.parallel.test_embedding_parity import SPEC, tiny_split
@@ -34,7 +33,7 @@ E = 4
 
 
 def core_cfg() -> SMESConfig:
-    return SMESConfig(num_experts=E, num_shared=1, num_adaptive=1, expert_hidden=[8], balance_beta=0.1)
+    return SMESConfig(num_experts=E, shared_top_k=1, adaptive_top_k=1, expert_hidden=[8], balance_beta=0.1)
 
 
 def build(device: str) -> MultiTaskModel:
@@ -89,7 +88,7 @@ def ep_worker(rank: int, world: int, init: dict, ep: int) -> dict:
     )
     pm = parallelize(model, cfg, info)
     load_full_state(pm.dmp, {k: v for k, v in init.items() if k.startswith("ebc.")}, strict=False)
-    opt = torch.optim.SGD([p for _, p in dense_parameters(pm.dmp)], lr=LR)
+    opt = torch.optim.SGD([p for _, p in network_parameters(pm.dmp)], lr=LR)
     res: dict = {"losses": []}
     for i, batch in zip(range(STEPS), loader(rank, world), strict=False):
         out = pm.dmp(batch)
@@ -99,7 +98,7 @@ def ep_worker(rank: int, world: int, init: dict, ep: int) -> dict:
         pm.after_backward()
         if i == 0:
             res["logits"] = {t: out.logits[t].detach().clone() for t in SPEC.tasks}
-            res["grads"] = {n: p.grad.clone() for n, p in dense_parameters(pm.dmp)}
+            res["grads"] = {n: p.grad.clone() for n, p in network_parameters(pm.dmp)}
             counts = out.load.counts_TE.clone()
             dist.all_reduce(counts)
             res["counts"] = counts
@@ -153,11 +152,11 @@ def test_ep_must_divide_world_and_experts() -> None:
 def sync_worker(rank: int, world: int, capacity_factor: float | None) -> list[tuple[str, str, bool]]:
     """One SMES layer at ep = 2: the host syncs of one training step on this rank."""
     torch.manual_seed(0)
-    cfg = SMESConfig(num_experts=4, num_shared=1, num_adaptive=1, expert_hidden=[12, 8], bias_balance=True)
+    cfg = SMESConfig(num_experts=4, shared_top_k=1, adaptive_top_k=1, expert_hidden=[12, 8], bias_balance=True,
+                     capacity_factor=capacity_factor)  # fmt: skip
     core = SMES(cfg, in_dim=19, tasks=("a", "b", "c"))
     mesh = build_mesh(2)
     apply_expert_parallel(core, mesh)
-    apply_capacity_factor(core, capacity_factor)
     x_BD = torch.randn(24, 19, generator=torch.Generator().manual_seed(rank), requires_grad=True)
 
     def step() -> None:

@@ -1,7 +1,7 @@
 """HoME's expert batch norm on 2 gloo ranks equals one process on the global batch.
 
 Same initial weights, same global batches, SGD everywhere (so a gradient off by any
-factor shows): per-task logits and losses, the gradient of every dense parameter after
+factor shows): per-task logits and losses, the gradient of every network parameter after
 one step, the batch norms' running statistics (identical on both ranks, so the copy a
 checkpoint keeps is the global one), evaluation-mode logits and all weights after 3
 steps. Without the synchronised statistics each rank normalises its half batch.
@@ -19,7 +19,7 @@ from model.mlp import ReducibleBatchNorm1d
 from parallel import dist as pdist
 from parallel.dist import DistInfo
 from parallel.embedding_sharding import EmbeddingShardingConfig, SparseOptimizerConfig
-from parallel.parallelize import ParallelConfig, dense_parameters, parallelize
+from parallel.parallelize import ParallelConfig, network_parameters, parallelize
 from parallel.state import gather_full_state, load_full_state
 from tests._dist import run_ranks
 from tests.parallel.test_embedding_parity import SPEC
@@ -77,7 +77,7 @@ def worker(rank: int, world: int, init: dict) -> dict:
     pm = parallelize(build("meta"), cfg, info)
     load_full_state(pm.dmp, init)
     norms = [m for m in pm.dmp.modules() if isinstance(m, ReducibleBatchNorm1d)]
-    opt = torch.optim.SGD([p for _, p in dense_parameters(pm.dmp)], lr=LR)
+    opt = torch.optim.SGD([p for _, p in network_parameters(pm.dmp)], lr=LR)
     res: dict = {"losses": [], "num_norms": len(norms), "hooked": all(m.stats_gather and m.grad_reducer for m in norms)}
     for i, batch in zip(range(STEPS), loader(rank, world), strict=False):
         out = pm.dmp(batch)
@@ -86,7 +86,7 @@ def worker(rank: int, world: int, init: dict) -> dict:
         loss.backward()
         if i == 0:
             res["logits"] = {t: out.logits[t].detach().clone() for t in SPEC.tasks}
-            res["grads"] = {n: p.grad.clone() for n, p in dense_parameters(pm.dmp)}
+            res["grads"] = {n: p.grad.clone() for n, p in network_parameters(pm.dmp)}
         opt.step()
         mean = pdist.all_reduce_mean(loss.detach().clone())
         res["losses"].append(mean.item())

@@ -3,7 +3,7 @@
 Embedding tables are filled block by block from (seed, table, block) after sharding
 (`parallel.state.init_tables_seeded`): any row range equals the same rows of the full
 table, and 1 and 2 gloo ranks end up with identical tables for every sharding type,
-identical dense weights and identical expert slices under `parallel.ep=2`.
+identical network weights and identical expert slices under `parallel.ep=2`.
 """
 
 from __future__ import annotations

@@ -30,20 +30,20 @@ def _state() -> TrainState:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
     named = dict(model.named_parameters())
-    dense = KeyedOptimizerWrapper(named, lambda ps: torch.optim.Adam(list(ps), lr=0.1))
+    network = KeyedOptimizerWrapper(named, lambda ps: torch.optim.Adam(list(ps), lr=0.1))
     # stands in for TorchRec's fused optimizer (a KeyedOptimizer over the tables)
     sparse = KeyedOptimizerWrapper({"0.weight": named["0.weight"]}, lambda ps: torch.optim.SGD(list(ps), lr=0.0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(dense, lambda s: min(1.0, (s + 1) / 4))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(network, lambda s: min(1.0, (s + 1) / 4))
     return TrainState(
-        model=model, sparse_optim=sparse, dense_optim=dense, table_optim=None, scheduler=scheduler, loader=_Loader()
+        model=model, sparse_optim=sparse, network_optim=network, table_optim=None, scheduler=scheduler, loader=_Loader()
     )
 
 
 def _train(state: TrainState, steps: int) -> None:
     for _ in range(steps):
-        state.dense_optim.zero_grad()
+        state.network_optim.zero_grad()
         state.model(torch.ones(2, 4)).sum().backward()
-        state.dense_optim.step()
+        state.network_optim.step()
         state.scheduler.step()
         state.step += 1
         state.loader.position += 2
@@ -83,7 +83,7 @@ def test_round_trip_keep_last_and_partial_checkpoints(tmp_path: Path, caplog: py
     for k, v in fresh.model.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0)
     # the optimizer runs at the scheduled lr of step 6, not of step 0
-    assert [g["lr"] for g in fresh.dense_optim.param_groups] == pytest.approx(want_lr)
+    assert [g["lr"] for g in fresh.network_optim.param_groups] == pytest.approx(want_lr)
     _train(fresh, 1)
     _train(state, 1)
     for k, v in fresh.model.state_dict().items():

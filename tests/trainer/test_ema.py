@@ -1,4 +1,4 @@
-"""`trainer.ema`: the moving average of the dense weights.
+"""`trainer.ema`: the moving average of the network weights.
 
 The average follows the warmed-up decay exactly; evaluating it leaves the trained weights
 bit for bit; a run validates, selects and reports the average (the best checkpoint's

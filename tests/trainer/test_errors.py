@@ -46,3 +46,21 @@ def test_user_error_without_a_launcher(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("error: trainer.optimizer='lamb'")
     assert "Traceback" not in proc.stderr
     assert "ValueError" in (run_dir / "train.log").read_text()  # the traceback, for the record
+
+
+@pytest.mark.slow
+def test_renamed_key_names_the_new_one_before_any_work(tmp_path: Path) -> None:
+    """`model.num_shared` (renamed in issue 22): the CLI ends with the error naming the new
+    key, before any process group or data work (no config.yaml in the run directory)."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "TRAINER_ERROR"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.train", "model=smes", "model.num_shared=2", "logger=none",
+         f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: model.num_shared was renamed model.shared_top_k (issue 22); use model.shared_top_k=2"
+    )
+    assert not (run_dir / "config.yaml").exists()

@@ -4,7 +4,7 @@
   their fused optimizer state) per rank equal those of the real `Trainer` after one step
   on CPU gloo ranks: world 1, and world 2 with `parallel.ep=2` (experts sharded).
 - Activations: the fake-tensor trace is within 25% of a measured CPU step. Measured: a
-  subprocess runs the same dense step (core, towers, loss, backward) on real tensors with
+  subprocess runs the same network step (core, towers, loss, backward) on real tensors with
   glibc's mmap threshold at 64 KiB (so every tensor's pages are mapped at allocation and
   returned at free), resets the peak RSS (`/proc/self/clear_refs` = 5) after the inputs
   exist, and reads `VmHWM - VmRSS`; the trace is given the pair count that step routed.
@@ -69,16 +69,16 @@ def _built(rank: int, world: int, run_dir: str, extra: list[str]) -> dict:
     trainer.train_step()
     named = dict(trainer.pm.dmp.named_parameters())
     experts = expert_parameter_names(trainer.pm.dmp)
-    dense = [p for n, p in named.items() if not n.startswith("ebc.") and n not in experts]
+    non_expert = [p for n, p in named.items() if not n.startswith("ebc.") and n not in experts]
     expert = [named[n] for n in experts]
-    params = {id(p): p for p in [*dense, *expert]}
+    params = {id(p): p for p in [*non_expert, *expert]}
     opt_state = trainer.engine.optimizers[0].state_dict()["state"]
     shaped = [v for st in opt_state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     tables = [t for k, v in trainer.pm.dmp.state_dict().items() if k.startswith(TABLE_PREFIX) for t in _local(v)]
     fused = trainer.pm.dmp.fused_optimizer.state_dict()["state"]
     fused_states = [t for st in fused.values() for v in st.values() if isinstance(v, torch.Tensor) for t in _local(v)]
     return {
-        "dense_params": _nbytes(dense),
+        "non_expert_params": _nbytes(non_expert),
         "expert_params": _nbytes(expert),
         "grads": _nbytes([p.grad for p in params.values() if p.grad is not None]),
         "optimizer": _nbytes(shaped),
@@ -110,7 +110,7 @@ def _status(key: str) -> int:
 
 
 def measure_step(precision: str, batch: int) -> dict:
-    """Peak RSS over one real dense step (see the module doc), in a fresh process."""
+    """Peak RSS over one real network step (see the module doc), in a fresh process."""
     from model.build import MultiTaskModel
     from trainer.loss import total_loss
     from trainer.trainer import build_data
@@ -175,7 +175,7 @@ def test_cli_writes_the_json_and_names_bad_keys(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    parts = {"embeddings", "dense_params", "expert_params", "grads", "optimizer", "activations", "total"}
+    parts = {"embeddings", "non_expert_params", "expert_params", "grads", "optimizer", "activations", "total"}
     assert parts <= set(res["per_gpu_bytes"]) and res["fits"] is True
     assert res["per_gpu_bytes"]["total"] == sum(v for k, v in res["per_gpu_bytes"].items() if k != "total")
     assert res["a2a_bytes_per_step"] == res["a2a_bytes_per_step_parts"]["total"] > 0

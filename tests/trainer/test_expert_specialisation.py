@@ -138,7 +138,7 @@ def test_meter_over_real_smes_forwards() -> None:
     several steps; its NMI is that of the summed per-task selection counts."""
     torch.manual_seed(0)
     tasks = ("a", "b", "c")
-    core = SMES(SMESConfig(num_experts=8, num_shared=1, num_adaptive=2, expert_hidden=[8]), in_dim=6, tasks=tasks)
+    core = SMES(SMESConfig(num_experts=8, shared_top_k=1, adaptive_top_k=2, expert_hidden=[8]), in_dim=6, tasks=tasks)
     meter, total_TE = ExpertLoadMeter(), torch.zeros(3, 8)
     with torch.no_grad():
         for _ in range(3):

@@ -36,7 +36,7 @@ CORES = {
     "smes": SMESConfig(num_experts=8, expert_hidden=[32, 16]),
     "smes_bias": SMESConfig(num_experts=8, expert_hidden=[32, 16], bias_balance=True),
     "smes_independent": SMESConfig(num_experts=8, expert_hidden=[32, 16], routing="independent"),
-    "smes_dense": SMESConfig(num_experts=8, expert_hidden=[32, 16], routing="dense"),
+    "smes_all": SMESConfig(num_experts=8, expert_hidden=[32, 16], routing="all"),
     "mmoe": MMoEConfig(num_experts=4, expert_hidden=[32, 16]),
     "home": HoMEConfig(expert_hidden=[32, 16], task_groups={"a": ["task0", "task1"], "b": ["task2"]}),
     "ple": PLEConfig(expert_hidden=[32, 16]),

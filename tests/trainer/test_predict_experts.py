@@ -28,7 +28,7 @@ TASKS = tuple(f"task{t}" for t in range(T))
 TRAIN = (
     "data=synthetic_clusters", "data.num_train=2000", "data.num_val=400", "data.num_test=600",
     "data.num_users=300", f"data.num_tasks={T}", "data.positive_rates=[0.3,0.1,0.05]", "data.num_clusters=4",
-    "model=smes", f"model.num_experts={E}", f"model.num_shared={KS}", f"model.num_adaptive={KA}",
+    "model=smes", f"model.num_experts={E}", f"model.shared_top_k={KS}", f"model.adaptive_top_k={KA}",
     "model.expert_hidden=[16]", "model.tower.hidden=[8]", "model.embedding_dim=8",
     "trainer.batch_size=64", "trainer.steps=6", "trainer.log_every=2", "trainer.eval_every=3",
     "trainer.progress=false", "logger=none",

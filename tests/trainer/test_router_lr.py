@@ -1,5 +1,5 @@
 """`trainer.router_lr_scale`: the SMES routers' parameters train at `lr * scale`, every
-other dense parameter at `lr`; the key is checked."""
+other network parameter at `lr`; the key is checked."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _one_step(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -
     trainer = Trainer(_run(overrides), Path(run_dir), info=info)
     named = {n: p for n, p in trainer.pm.dmp.named_parameters() if "router" in n or "towers" in n}
     before = {n: p.detach().clone() for n, p in named.items()}
-    lrs = {id(p): g["lr"] for g in trainer.state.dense_optim.param_groups for p in g["params"]}
+    lrs = {id(p): g["lr"] for g in trainer.state.network_optim.param_groups for p in g["params"]}
     trainer.train()
     return {n: (lrs[id(p)], (p.detach() - before[n]).clone()) for n, p in named.items()}
 

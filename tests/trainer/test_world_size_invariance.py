@@ -3,7 +3,7 @@
 Through the real entry points: `python -m trainer.train` without torchrun (a world of
 one) against `launch/torchrun.sh` with 2 gloo ranks. The per-step losses
 (`metrics.jsonl`, logged every step) and the test metrics (`summary.json`) must agree
-to float tolerance: the initial weights (tables, dense layers, experts under any `ep`)
+to float tolerance: the initial weights (tables, network layers, experts under any `ep`)
 depend on the seed and the config only, the global batches are the same, and every
 cross-rank statistic is global (balance counts, HoME's batch norm). What differs is
 the order of floating-point reductions (DDP's gradient all-reduce, the loss mean),
@@ -36,7 +36,7 @@ COMMON = (
 )
 MODELS = {
     "mmoe": ("model=mmoe", "model.num_experts=2"),
-    "smes": ("model=smes", "model.num_experts=4", "model.num_shared=1", "model.num_adaptive=1"),
+    "smes": ("model=smes", "model.num_experts=4", "model.shared_top_k=1", "model.adaptive_top_k=1"),
     # SGD for HoME: its batch norms cancel any shift common to the batch, so the weights
     # reading an input column that is constant in a batch (a categorical value every row
     # shares, common in Census) get a near-zero gradient made of rounding noise; Adam and

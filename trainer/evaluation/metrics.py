@@ -27,9 +27,9 @@ the padding is dropped before any metric). `mode` (`trainer.eval_mode`):
 - `auto` (default): `distributed` when the world has more than one rank and more than
   `AUTO_DISTRIBUTED_ROWS` (2,000,000) evaluation rows in all, else `exact`: below the
   threshold every rank sorting all rows is still affordable, above it the exact path's
-  memory and time grow with N on every rank (figures: `benchmarks/results/eval_scale/`). The distributed AUC equals the exact one
-  bit for bit (both sum integers exactly), GAUC and NE agree to float64 rounding, so the
-  switch does not move the numbers.
+  memory and time grow with N on every rank (figures: `benchmarks/results/eval_scale/`).
+  The distributed AUC equals the exact one bit for bit (both sum integers exactly), GAUC
+  and NE agree to float64 rounding, so the switch does not move the numbers.
 
 Legend: N evaluation rows, W ranks, T tasks.
 """

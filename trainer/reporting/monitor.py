@@ -11,7 +11,7 @@ the per-window selection fractions that the loop logs for sparse MoE cores
 - `expert_load_hist.png`: each expert's share over the whole run (bars, pooled and per
   task) and the histogram of relative loads in the first and last window and over the run.
 
-With W&B active the same PNGs are logged as images. Dense cores (no expert records)
+With W&B active the same PNGs are logged as images. Cores without routing (no expert records)
 produce nothing. Plotting never fails a run: errors become a warning.
 
 Legend: S logged windows, E experts.
@@ -48,7 +48,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def expert_history(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None:
     """Steps `[S]`, pooled fractions `[S, E]` and per-task fractions `{task: [S, E]}`.
 
-    None when no record holds expert fractions (dense cores).
+    None when no record holds expert fractions (cores without routing).
     """
     rows = [r for r in records if isinstance(r.get("experts/selection_fraction"), list)]
     if not rows:
@@ -155,7 +155,7 @@ def write_plots(run_dir: Path, *, logger: Any = None, step: int | None = None) -
     """Draw the expert-load plots of `run_dir`; log them to W&B through `logger` if given.
 
     Returns:
-        The PNGs written (empty for dense cores, or when plotting failed with a warning).
+        The PNGs written (empty for cores without routing, or when plotting failed with a warning).
     """
     try:
         history = expert_history(read_records(run_dir / "metrics.jsonl"))

@@ -46,7 +46,7 @@ class FinishedRun(Protocol):
     timer: StepTimer
     run_meter: ExpertLoadMeter
     logger: MetricLogger | None
-    num_dense_params: int
+    num_network_params: int
     start_step: int
     resumed_from: Path | None
     last_val: Metrics | None
@@ -155,7 +155,8 @@ def summary(
         "resumed_from": None if tr.resumed_from is None else str(tr.resumed_from),
         "resumed_at_step": tr.start_step,
         "batch_size": t.batch_size,
-        "dense_parameters": tr.num_dense_params,
+        "dense_parameters": tr.num_network_params,  # the older name of network_parameters, kept
+        "network_parameters": tr.num_network_params,
         "step_time_ms": tr.timer.mean_ms(run_steps),
         "checkpoint_s": tr.ckpt_s,
         "setup_s": tr.setup_s,

@@ -31,7 +31,7 @@ from parallel.expert.checkpoint import checkpoint_view
 from parallel.parallelize import ParallelModel
 from trainer import checkpoint
 from trainer.checkpoint import MARKER, TrainState
-from trainer.config import RunConfig, build_run_config
+from trainer.config import RunConfig, build_run_config, load_saved_config
 from trainer.trainer import build_model
 
 log = logging.getLogger("trainer.serving.restore")
@@ -39,13 +39,12 @@ CHOICES = ("best", "last")
 
 
 def run_node(run_dir: str | Path) -> DictConfig:
-    """The run's resolved training config (`config.yaml`), as training wrote it."""
+    """The run's resolved training config (`config.yaml`), as training wrote it, with
+    the keys renamed since then moved to their new names (`trainer.config.load_saved_config`)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"run_dir={str(run_dir)!r}: no config.yaml (is it a training run directory?)")
-    node = OmegaConf.load(path)
-    assert isinstance(node, DictConfig)
-    return node
+    return load_saved_config(path)
 
 
 def run_config(
@@ -153,7 +152,7 @@ def load_into(pm: ParallelModel, path: Path) -> None:
     state = TrainState(
         model=pm.dmp,
         sparse_optim=None,  # type: ignore[arg-type]  # load_model reads the model only
-        dense_optim=None,
+        network_optim=None,
         table_optim=None,
         scheduler=None,  # type: ignore[arg-type]
         loader=None,

@@ -18,9 +18,10 @@ and the artifact folder that `python -m trainer.export` writes:
     DIR/vocab.json          feature -> the train values of ids 1, 2, ... (id 0 = missing
                             or unseen)
     DIR/tables.safetensors  one `[num_embeddings, embedding_dim]` table per feature
-    DIR/dense.pt2           torch.export program: `x_BD -> logits_BT`, the core and the
-                            towers in evaluation mode (`x_BD` = the pooled embeddings in
-                            feature order, then the dense columns)
+    DIR/dense.pt2           torch.export program: `x_BD -> logits_BT`, the network (core
+                            and towers) in evaluation mode (`x_BD` = the pooled embeddings
+                            in feature order, then the dense columns); the file keeps its
+                            pre-issue-22 name
 
 Scoring a batch: every feature's ids are sum-pooled from its table
 (`embedding_bag`, as TorchRec's EmbeddingBagCollection does: a row with no ids pools
