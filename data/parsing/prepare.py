@@ -8,6 +8,22 @@ row of a feature is id k (from 1; id 0 = empty or out of vocabulary). `build_voc
 orders by descending count, then value, and can cut by `min_count` / `max_size`, so the
 most frequent values get the smallest ids.
 
+Extending a vocabulary (continuous training: day 2 brings new users and items): `extend_vocab`
+keeps every row of the old file at its id (per feature, the same values in the same
+order) and appends the new files' values the old file lacks, ordered as `build_vocab`
+orders (descending count in the new files, then value; `min_count` cuts new values
+only, never an old row). Old rows' counts are updated: old count plus the value's
+occurrences in the new files, so `count` stays the train occurrences over every file the
+vocabulary has seen. A feature of the counts that the old file lacks gets a fresh
+vocabulary; a feature of the old file that is not counted is copied unchanged. The file
+keeps one block of rows per feature (old features in their order, then fresh ones), so
+an embedding row trained for id k still belongs to the same value: a warm start
+(`trainer.init_from`) keeps those rows and only the appended ids start fresh.
+
+Every file here is written atomically (a temporary file in the same folder, then
+`os.replace`), so `--out` may be the `--extend` file itself and a reader never sees a
+partial file.
+
 Dense statistics file (`data.stats_file`, JSON, written by `write_stats`):
 `{"rows": N, "columns": {column: {"count", "mean", "std", "log1p_mean", "log1p_std"}}}`
 with the moments of the raw values and of `sign(x) * log1p(|x|)` over the finite train
@@ -17,6 +33,8 @@ CLI (reads Parquet with `iter_batches`, memory bounded by the distinct values):
 
     python -m data.stream vocab --out vocab.parquet --columns user_id video_id \
         --multi-hot tag=, [--min-count 1] [--max-size 0] --files 'train/*.parquet'
+    python -m data.stream vocab --extend vocab.parquet --out vocab.parquet --columns user_id video_id \
+        --multi-hot tag=, [--min-count 1] --files 'day2/*.parquet'
     python -m data.stream stats --out stats.json --columns duration_ms [--rows 0] --files 'train/*.parquet'
 
 Legend: N rows, Dn dense columns.
@@ -27,6 +45,8 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,21 +119,100 @@ def write_vocab(path: str | Path, counts: dict[str, ValueCounts], *, min_count: 
     for feature, c in counts.items():
         t = c.table(min_count=min_count, max_size=max_size)
         tables.append(pa.table({"feature": pa.array([feature] * t.num_rows, pa.string()), **t.to_pydict()}))
-    table = pa.concat_tables(tables).cast(VOCAB_SCHEMA) if tables else VOCAB_SCHEMA.empty_table()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    write_vocab_table(path, pa.concat_tables(tables).cast(VOCAB_SCHEMA) if tables else VOCAB_SCHEMA.empty_table())
+
+
+def write_vocab_table(path: str | Path, table: pa.Table) -> None:
+    """Write a vocabulary table atomically (temporary file in the same folder, then `os.replace`)."""
+    _write_atomic(path, lambda f: pq.write_table(table.cast(VOCAB_SCHEMA), f))
+
+
+def _write_atomic(path: str | Path, write: Any) -> None:
+    """`write(binary file)` into a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_vocab_table(path: str | Path, *, key: str = "data.vocab_file") -> pa.Table:
+    """The whole vocabulary file as a `VOCAB_SCHEMA` table; errors name `key` and the path."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}: vocabulary file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{key}={str(path)!r} is not a readable Parquet vocabulary file: {e}") from e
+    if set(VOCAB_SCHEMA.names) - set(table.column_names):
+        raise ValueError(f"{key}={str(path)!r}: expected columns {VOCAB_SCHEMA.names}, has {table.column_names}")
+    try:
+        return table.select(VOCAB_SCHEMA.names).cast(VOCAB_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValueError(f"{key}={str(path)!r}: columns are not {VOCAB_SCHEMA}: {e}") from e
 
 
 def read_vocab(path: str | Path) -> dict[str, pa.Array]:
     """Feature column -> its values in id order (ids 1..V)."""
-    table = pq.read_table(path)
-    if set(VOCAB_SCHEMA.names) - set(table.column_names):
-        raise ValueError(
-            f"data.vocab_file={str(path)!r}: expected columns {VOCAB_SCHEMA.names}, has {table.column_names}"
-        )
+    return _by_feature(read_vocab_table(path), "value")
+
+
+def _by_feature(table: pa.Table, column: str) -> dict[str, pa.Array]:
+    """Feature -> `column` of its rows in file order, features in order of first appearance."""
     features = table.column("feature").combine_chunks()
-    values = table.column("value").combine_chunks()
-    return {str(f): values.filter(pc.equal(features, f)) for f in pc.unique(features).to_pylist()}
+    values = table.column(column).combine_chunks()
+    return {str(f): values.filter(pc.equal(features, f)) for f in pc.unique(features).drop_null().to_pylist()}
+
+
+def extend_vocab(
+    old: str | Path | pa.Table, counts: dict[str, ValueCounts], *, min_count: int = 1
+) -> tuple[pa.Table, dict[str, tuple[int, int]]]:
+    """The old vocabulary with the counted values it lacks appended (see the module doc).
+
+    Args:
+        old: the old vocabulary file (or its `read_vocab_table`).
+        counts: feature -> counts of the new files (`build_vocab`).
+        min_count: fewest occurrences in the new files for a new value to be appended.
+
+    Returns:
+        The new table (`VOCAB_SCHEMA`) and feature -> (old size, values appended).
+    """
+    table = old if isinstance(old, pa.Table) else read_vocab_table(old, key="--extend")
+    if table.column("feature").null_count or table.column("value").null_count:
+        where = "--extend" if isinstance(old, pa.Table) else f"--extend={str(old)!r}"
+        raise ValueError(f"{where}: a row has an empty feature or value")
+    table = table.set_column(2, "count", pc.fill_null(table.column("count"), 0))
+    old_values, old_counts = _by_feature(table, "value"), _by_feature(table, "count")
+    parts, sizes = [], {}
+    for feature in [*old_values, *(f for f in counts if f not in old_values)]:
+        values = old_values.get(feature, pa.array([], pa.string()))
+        count = old_counts.get(feature, pa.array([], pa.int64()))
+        n_old = len(values)
+        if feature in counts:
+            seen = counts[feature].table()  # all counted values, by descending count then value
+            seen_values, seen_counts = seen["value"].combine_chunks(), seen["count"].combine_chunks()
+            at = pc.index_in(values, value_set=seen_values)  # old value -> its row in `seen`
+            count = pc.add(count, pc.fill_null(pc.take(seen_counts, at), 0))
+            fresh = pc.and_(
+                pc.invert(pc.is_in(seen_values, value_set=values)), pc.greater_equal(seen_counts, min_count)
+            )
+            values = pa.concat_arrays([values, seen_values.filter(fresh)])
+            count = pa.concat_arrays([count, seen_counts.filter(fresh)])
+        sizes[feature] = (n_old, len(values) - n_old)
+        parts.append(
+            pa.table(
+                {"feature": pa.repeat(pa.scalar(feature, pa.string()), len(values)), "value": values, "count": count}
+            )
+        )
+    out = pa.concat_tables(parts).cast(VOCAB_SCHEMA) if parts else VOCAB_SCHEMA.empty_table()
+    return out, sizes
 
 
 def build_vocab(
@@ -200,8 +299,8 @@ def dense_values(table: pa.Table, columns: list[str], *, path: str) -> np.ndarra
 
 
 def write_stats(path: str | Path, moments: DenseMoments) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(moments.as_dict(), indent=1) + "\n")
+    text = (json.dumps(moments.as_dict(), indent=1) + "\n").encode()
+    _write_atomic(path, lambda f: f.write(text))
 
 
 def read_stats(path: str | Path, columns: list[str], log1p: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -238,17 +337,36 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--columns", nargs="*", default=[], help="single-hot categorical columns")
     v.add_argument("--multi-hot", nargs="*", default=[], help="COLUMN=SEP (SEP ignored for list columns)")
     v.add_argument("--min-count", type=int, default=1)
-    v.add_argument("--max-size", type=int, default=0, help="values kept per feature (0 = all)")
+    v.add_argument("--max-size", type=int, default=0, help="values kept per feature (0 = all; not with --extend)")
+    v.add_argument(
+        "--extend",
+        metavar="OLD",
+        help="keep every row of this vocabulary at its id and append the values of --files it lacks "
+        "(--min-count cuts new values only); --out may be OLD (written atomically)",
+    )
     s = sub.add_parser("stats", help="write a dense statistics file from train Parquet files")
     s.add_argument("--files", nargs="+", required=True, help="train files or globs")
     s.add_argument("--out", required=True)
     s.add_argument("--columns", nargs="+", required=True, help="dense columns")
     s.add_argument("--rows", type=int, default=0, help="first N rows only (0 = all)")
     args = parser.parse_args(argv)
+    if args.command == "vocab" and args.extend and args.max_size:
+        parser.error("--max-size cuts a fresh vocabulary; --extend never drops an old row")
+    old = read_vocab_table(args.extend, key="--extend") if args.command == "vocab" and args.extend else None
     files = expand_paths(args.files, key="files")
     if args.command == "vocab":
         multi = dict(item.split("=", 1) if "=" in item else (item, ",") for item in args.multi_hot)
         counts = build_vocab(files, columns=args.columns, multi_hot=multi)
+        if old is not None:
+            table, grown = extend_vocab(old, counts, min_count=args.min_count)
+            write_vocab_table(args.out, table)
+            print(f"wrote {args.out}: {args.extend} extended with {len(files)} file(s)")
+            in_old = set(pc.unique(old.column("feature")).to_pylist())
+            for feature, (before, added) in grown.items():
+                note = "" if feature in in_old else " (fresh vocabulary)"
+                note = note if feature in counts else " (not in --columns / --multi-hot: copied)"
+                print(f"  {feature}: {before} old + {added} new = {before + added}{note}")
+            return
         write_vocab(args.out, counts, min_count=args.min_count, max_size=args.max_size)
         sizes = {c: vc.table(min_count=args.min_count, max_size=args.max_size).num_rows for c, vc in counts.items()}
         print(f"wrote {args.out}: {sizes}")

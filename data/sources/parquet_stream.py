@@ -18,7 +18,10 @@ so cells convert and bad rows are detected exactly as there. On top:
 - Ids (`ids`): `hash` puts every categorical / multi-hot value into
   `num_embeddings[column]` rows by a stable text hash (id 0 = empty cell; collision rate
   about n / 2m for n values in m rows; `data/parsing/hashing.py`); `vocab` maps values through
-  `vocab_file` (format in `data/parsing/prepare.py`; id 0 = empty or out of vocabulary).
+  `vocab_file` (format in `data/parsing/prepare.py`; id 0 = empty or out of vocabulary);
+  the vocabularies used are in `Dataset.info["vocab"]` (feature -> `pa.Array` of the
+  values of ids 1..V, as the in-memory sources give). For continuous training extend the
+  file each day (`python -m data.stream vocab --extend ...`): old values keep their ids.
 - Dense standardisation: mean / std from `stats_file` (`data/parsing/prepare.py`) or, without
   one, from a bounded first pass: whole row groups drawn in a fixed seeded order over
   all train files until `stats_rows` rows are read (at most `stats_rows` plus one row
@@ -300,15 +303,25 @@ def stream_names(cfg: ParquetStreamConfig) -> tuple[tuple[str, ...], tuple[str, 
     return tuple(name for name, _, _ in parse_tasks(cfg)), features
 
 
-def build_encoders(cfg: ParquetStreamConfig) -> dict[str, HashEncoder | VocabEncoder]:
+def stream_vocab(cfg: ParquetStreamConfig) -> dict[str, pa.Array]:
+    """Column -> its vocabulary values in id order (ids 1..V), for ids=vocab."""
+    if not cfg.vocab_file:
+        raise ValueError("data.ids=vocab needs data.vocab_file")
+    vocab = read_vocab(cfg.vocab_file)
+    features = [*cfg.categorical, *cfg.multi_hot]
+    missing = [c for c in features if c not in vocab]
+    if missing:
+        raise ValueError(f"data.vocab_file={cfg.vocab_file!r} has no vocabulary for column(s) {missing}")
+    return {c: vocab[c] for c in features}
+
+
+def build_encoders(
+    cfg: ParquetStreamConfig, vocab: dict[str, pa.Array] | None = None
+) -> dict[str, HashEncoder | VocabEncoder]:
+    """Encoders per column; ids=vocab uses `vocab` (`stream_vocab`, read when None)."""
     features = [*cfg.categorical, *cfg.multi_hot]
     if cfg.ids == "vocab":
-        if not cfg.vocab_file:
-            raise ValueError("data.ids=vocab needs data.vocab_file")
-        vocab = read_vocab(cfg.vocab_file)
-        missing = [c for c in features if c not in vocab]
-        if missing:
-            raise ValueError(f"data.vocab_file={cfg.vocab_file!r} has no vocabulary for column(s) {missing}")
+        vocab = stream_vocab(cfg) if vocab is None else vocab
         return {c: VocabEncoder(vocab[c], name=c) for c in features}
     missing = [c for c in features if c not in cfg.num_embeddings]
     unknown = sorted(set(cfg.num_embeddings) - set(features))
@@ -367,7 +380,8 @@ def load_parquet_stream(cfg: ParquetStreamConfig) -> Dataset:
     """Scan the train footers, load val / test into memory; train rows stay on disk."""
     _check(cfg)
     tasks = parse_tasks(cfg)
-    encoders = build_encoders(cfg)
+    vocab = stream_vocab(cfg) if cfg.ids == "vocab" else None
+    encoders = build_encoders(cfg, vocab)
     units = scan_units(expand_paths(cfg.train, key="data.train"), role_columns(cfg, tasks))
     if not len(units):
         raise ValueError("data.train: the files hold no rows")
@@ -397,6 +411,8 @@ def load_parquet_stream(cfg: ParquetStreamConfig) -> Dataset:
         "positive_rates_split": "val",  # train is not read at load time
         "skipped": skips.as_dict(),  # val / test; train counts are on the loader
     }
+    if vocab is not None:  # feature -> values of ids 1..V (export's vocab.json, a warm start's row carry-over)
+        info["vocab"] = {feature_name(c): values for c, values in vocab.items()}
     log.info(
         "parquet_stream: %d train rows in %d row groups of %d files (streamed), %d val, %d test rows in memory; "
         "dense statistics from %s",
