@@ -113,6 +113,9 @@ class SMESConfig:
         router_norm: `none` or `layernorm`: a LayerNorm (learned scale and shift) on
             the router's input only, so that routing reads the embeddings and the dense
             features at one scale (the experts see the raw input). Default `none`.
+        router_bias: a learned bias on each task's router logits (default false, the
+            paper's bias-free router; MMoE's gates have one, so an MMoE run converted
+            by `trainer.init_from` keeps its gates exactly with it).
         capacity_factor: None = dropless (default); else, in training, every expert
             takes at most `ceil(capacity_factor * N / E)` of the N deduplicated pairs
             of the batch this process routes and the rest are dropped (module doc).
@@ -132,6 +135,7 @@ class SMESConfig:
     bias_update_rate: float = 0.01
     grouped_backend: str = "auto"
     router_norm: str = "none"
+    router_bias: bool = False
     capacity_factor: float | None = None
 
 
@@ -228,6 +232,7 @@ class SMESLayer(nn.Module):
             selection_weights=list(weights),
             capacity_factor=cfg.capacity_factor,
             input_norm=cfg.router_norm == "layernorm",
+            bias=cfg.router_bias,
         )
         experts = GroupedExperts(E, in_dim, list(cfg.expert_hidden), backend=cfg.grouped_backend)
         self.dispatcher: nn.Module = LocalDispatcher(experts)

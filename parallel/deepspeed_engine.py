@@ -340,6 +340,11 @@ class ZeroNetworkOptimizer:
         self.zero._hp_optimizer_states_linked = False
         self.zero._lazy_init_hp_params_optimizer_state()
 
+    def refresh_master(self) -> None:
+        """The fp32 master weights <- the model weights (after weights were loaded
+        into the model outside a checkpoint restore: a warm start)."""
+        self.zero.refresh_fp32_params()
+
     def state_dict(self) -> dict[str, Any]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 

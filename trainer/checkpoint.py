@@ -30,6 +30,7 @@ written from non-finite weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import random
@@ -214,6 +215,48 @@ def resolve(resume: str | None, root: Path) -> Path | None:
     if not (path / MARKER).exists():
         raise ValueError(f"trainer.resume={resume!r} is not a complete checkpoint folder (no {MARKER} marker)")
     return path
+
+
+def resolve_checkpoint(choice: str, run_dir: Path) -> Path:
+    """The checkpoint folder meant by `checkpoint=`: best | last | a folder.
+
+    `best` is the model whose test metrics `summary.json` reports (`best_step`): its
+    `best_step_<N>` folder, or `step_<N>` when model selection was off (the last step is
+    reported); without a summary (a run still training), the newest best so far.
+    `last` is the newest complete periodic checkpoint.
+    """
+    root = run_dir / "checkpoints"
+    if choice == "last":
+        done = complete_checkpoints(root)
+        if not done:
+            raise ValueError(f"checkpoint=last: no complete checkpoint under {root}")
+        return done[-1]
+    if choice != "best":
+        path = Path(choice)
+        if not (path / MARKER).exists():
+            raise ValueError(f"checkpoint={choice!r} is not a complete checkpoint folder (no {MARKER} marker)")
+        return path
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        step = json.loads(summary.read_text()).get("best_step")
+        if step is not None:
+            for path in (best_dir(root, int(step)), step_dir(root, int(step))):
+                if (path / MARKER).exists():
+                    return path
+            raise ValueError(
+                f"checkpoint=best: the reported step {step} (summary.json best_step) has no complete checkpoint "
+                f"under {root}; use checkpoint=last or a checkpoint folder"
+            )
+    best = [d for d in sorted(root.glob("best_step_*")) if (d / MARKER).exists()]
+    if not best:
+        raise ValueError(f"checkpoint=best: {run_dir} has no summary.json best_step and no best checkpoint; "
+                         "use checkpoint=last or a checkpoint folder")  # fmt: skip
+    log.warning("no summary.json in %s (still training?): using the best checkpoint so far, %s", run_dir, best[-1])
+    return best[-1]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(pickle.loads((path / "meta.pkl").read_bytes())["step"])
 
 
 def _local_tensors(tree: Any) -> Any:

@@ -91,6 +91,12 @@ class TrainerConfig:
             directory if there is one (so a restarted job picks up where it died), a
             checkpoint folder, or null to always start fresh.
         checkpoint: when checkpoints are written and how many are kept.
+        init_from: start from another run's model: its run directory (the reported
+            model) or a checkpoint folder; embedding rows carried by id, a larger SMES
+            pool upcycled, an MMoE core converted (`trainer/warm_start.py`). With
+            `steps=0` the loaded model is only evaluated. None = random initialisation.
+        init_from_optimizer: with `init_from`, also carry the optimizer states.
+        upcycle_noise: relative std of the perturbation of upcycled expert copies.
         engine: native (DDP + the torch network optimizer) | deepspeed (a DeepSpeed
             engine with ZeRO trains the network parameters, experts included; the embedding
             tables stay TorchRec's). See `parallel/deepspeed_engine.py`.
@@ -125,6 +131,9 @@ class TrainerConfig:
     progress: bool = True
     resume: str | None = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init_from: str | None = None
+    init_from_optimizer: bool = False
+    upcycle_noise: float = 0.01
     engine: str = "native"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     pipeline: str = "sparse_dist"
@@ -283,8 +292,14 @@ def build_run_config(cfg: DictConfig, *, world_size: int | None = None) -> RunCo
 def validate(run: RunConfig, *, world_size: int | None = None) -> None:
     """Checks that need no data or process group."""
     t = run.trainer
-    if t.steps < 1:
-        raise ValueError(f"trainer.steps must be >= 1, got {t.steps}")
+    if t.steps < (0 if t.init_from else 1):
+        raise ValueError(
+            f"trainer.steps must be >= 1 (or 0 with trainer.init_from: evaluate the loaded model), got {t.steps}"
+        )
+    if t.init_from_optimizer and not t.init_from:
+        raise ValueError("trainer.init_from_optimizer=true needs trainer.init_from (the run to start from)")
+    if t.upcycle_noise < 0:
+        raise ValueError(f"trainer.upcycle_noise must be >= 0, got {t.upcycle_noise}")
     if t.batch_size < 1 or t.eval_batch_size < 1:
         raise ValueError("trainer.batch_size and trainer.eval_batch_size must be >= 1")
     if t.optimizer not in NETWORK_OPTIMIZERS:

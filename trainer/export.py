@@ -76,10 +76,10 @@ from model.core import CoreOutput
 from model.moe.grouped import all_experts_mlp
 from model.moe.router import PlanSizes, read_local_sizes
 from model.smes import SMES, mix_all, mix_tasks
-from trainer.checkpoint import MARKER
+from trainer.checkpoint import MARKER, checkpoint_step, resolve_checkpoint
 from trainer.config import RunConfig
 from trainer.serving import scorer
-from trainer.serving.restore import check_shapes, checkpoint_step, resolve_checkpoint, run_config, run_node
+from trainer.serving.restore import check_shapes, run_config, run_node
 
 log = logging.getLogger("trainer.export")
 CHECK_ROWS = 2048

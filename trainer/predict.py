@@ -91,9 +91,10 @@ from model.moe.router import union_experts
 from model.smes import SMESLayer
 from parallel.dist import DistInfo, barrier, init_distributed, shutdown
 from parallel.expert.params import smes_layers
+from trainer.checkpoint import resolve_checkpoint
 from trainer.config import RunConfig
 from trainer.evaluation.metrics import Predictions, compute_metrics
-from trainer.serving.restore import load_model_from, resolve_checkpoint, run_config, run_node
+from trainer.serving.restore import load_model_from, run_config, run_node
 
 log = logging.getLogger("trainer.predict")
 RANK = int(os.environ.get("RANK", "0"))

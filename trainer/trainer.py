@@ -46,6 +46,7 @@ from tqdm import tqdm
 from data.batch import Batch
 from data.build import build_dataset, build_train_loader
 from data.columns import Dataset, Split
+from data.ids import records, write_records
 from data.loaders.in_memory import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
 from model.moe.host import host_flag, to_host
@@ -66,6 +67,7 @@ from trainer.reporting import report
 from trainer.reporting.logger import MetricLogger
 from trainer.selection import ModelSelector
 from trainer.timer import StepTimer
+from trainer.warm_start import read_record, warm_start
 
 log = logging.getLogger("trainer")
 
@@ -120,6 +122,8 @@ class Trainer:
         np.random.seed(t.seed)
         self.dataset = build_data(run, self.info)
         self.spec = self.dataset.spec
+        if self.info.is_main:  # what each embedding row means, for a later warm start (data/ids.py)
+            write_records(records(self.dataset), run_dir)
         self.task_w = {task: float(t.task_weights.get(task, 1.0)) for task in self.spec.tasks}
         self.model, self.pm = build_model(run, self.dataset, self.info)
         built = build_engine(run, self.pm)
@@ -152,6 +156,7 @@ class Trainer:
         self.faults = FaultInjector(self.info.rank, self.info.world_size)
         self.ckpt_root = run_dir / "checkpoints"
         self.resumed_from: Path | None = None
+        self.init_from: dict[str, Any] | None = None
         self.start_step = 0
         self.last_val: dict[str, dict[str, float | None]] | None = None
         self.eval_s = self.ckpt_s = 0.0
@@ -210,12 +215,19 @@ class Trainer:
     # -- save / load -----------------------------------------------------------------
 
     def load(self) -> None:
-        """Resume from `trainer.resume` (auto: the newest complete checkpoint), if any."""
+        """Resume from `trainer.resume` (auto: the newest complete checkpoint), if any;
+        else warm start from `trainer.init_from`, if set (a resumed warm-started run
+        continues itself: `trainer/warm_start.py`)."""
         self.resumed_from = checkpoint.resolve(self.cfg.resume, self.ckpt_root)
         if self.resumed_from is not None:
             checkpoint.load(self.state, self.resumed_from)
             if self.info.is_main:
                 log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
+            self.init_from = read_record(self.run_dir)
+        elif self.cfg.init_from:
+            self.init_from = warm_start(
+                self.state, self.pm, self.run, self.dataset, run_dir=self.run_dir, is_main=self.info.is_main
+            )
         self.start_step = self.state.step
 
     def save(self, *, best: bool = False) -> None:

@@ -417,7 +417,7 @@ def float32_routing(device: torch.device) -> Any:
 
 
 class Router(nn.Module):
-    """Per-task linear routers (`z_t = x W_t`, no bias) and the selection step.
+    """Per-task linear routers (`z_t = x W_t`, without bias by default) and the selection step.
 
     Args:
         in_dim: D.
@@ -432,6 +432,9 @@ class Router(nn.Module):
             training mode only (evaluation is dropless, see the module doc).
         input_norm: a LayerNorm over D (learned scale and shift, float32) before the
             gate: the routers then read every part of the input at one scale.
+        bias: a learned per-(task, expert) bias on the logits (`z_t = x W_t + b_t`),
+            as MMoE's gates have; an MMoE run converts into SMES exactly with it
+            (`model.moe.upcycle`).
     """
 
     def __init__(
@@ -446,13 +449,14 @@ class Router(nn.Module):
         selection_weights: list[float],
         capacity_factor: float | None = None,
         input_norm: bool = False,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.num_tasks = num_experts, num_tasks
         self.shared_top_k, self.adaptive_top_k = shared_top_k, adaptive_top_k
         self.routing, self.capacity_factor = routing, capacity_factor
         # All T routers as one matmul: weight rows are [task0 experts..., task1 ...].
-        self.gate = nn.Linear(in_dim, num_tasks * num_experts, bias=False)
+        self.gate = nn.Linear(in_dim, num_tasks * num_experts, bias=bias)
         self.norm = nn.LayerNorm(in_dim) if input_norm else None
         # the Stage I selection weights; the buffer keeps its older name, a state-dict key
         self.task_weights_T: torch.Tensor
@@ -464,7 +468,8 @@ class Router(nn.Module):
             x = x_BD.float()
             if self.norm is not None:
                 x = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight.float(), self.norm.bias.float())
-            logits = F.linear(x, self.gate.weight.float())
+            bias = None if self.gate.bias is None else self.gate.bias.float()
+            logits = F.linear(x, self.gate.weight.float(), bias)
         return logits.view(x_BD.shape[0], self.num_tasks, self.num_experts)
 
     @torch.no_grad()

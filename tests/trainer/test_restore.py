@@ -1,4 +1,4 @@
-"""Which checkpoint `checkpoint=best|last|DIR` means (trainer.serving.restore.resolve_checkpoint)."""
+"""Which checkpoint `checkpoint=best|last|DIR` means (trainer.checkpoint.resolve_checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import MARKER
-from trainer.serving.restore import resolve_checkpoint
+from trainer.checkpoint import MARKER, resolve_checkpoint
 
 
 def _ckpt(root: Path, name: str, *, complete: bool = True) -> Path:

@@ -49,6 +49,7 @@ class FinishedRun(Protocol):
     num_network_params: int
     start_step: int
     resumed_from: Path | None
+    init_from: dict[str, Any] | None
     last_val: Metrics | None
     wall_start: float
     setup_s: float
@@ -153,6 +154,7 @@ def summary(
         "skipped_steps": state.skipped_steps,
         "label_stats": tr.dataset.info.get("label_stats"),
         "resumed_from": None if tr.resumed_from is None else str(tr.resumed_from),
+        "init_from": tr.init_from,
         "resumed_at_step": tr.start_step,
         "batch_size": t.batch_size,
         "dense_parameters": tr.num_network_params,  # the older name of network_parameters, kept

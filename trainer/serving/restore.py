@@ -2,7 +2,7 @@
 
 Shared by `trainer.predict` and `trainer.export`: the run's config (`run_node`,
 `run_config`: `config.yaml` with overrides, valid at this world size), which checkpoint
-(`resolve_checkpoint`),
+(`trainer.checkpoint.resolve_checkpoint`),
 and the model built, parallelised and loaded as training does it
 (`trainer.trainer.build_model`, then `checkpoint.load_model`: DCP reads the slices this
 rank's shards cover, so any world size loads a checkpoint written by any other).
@@ -14,9 +14,7 @@ deep inside DCP.
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +28,11 @@ from parallel.dist import DistInfo
 from parallel.expert.checkpoint import checkpoint_view
 from parallel.parallelize import ParallelModel
 from trainer import checkpoint
-from trainer.checkpoint import MARKER, TrainState
+from trainer.checkpoint import TrainState, checkpoint_step
 from trainer.config import RunConfig, build_run_config, load_saved_config
 from trainer.trainer import build_model
 
 log = logging.getLogger("trainer.serving.restore")
-CHOICES = ("best", "last")
 
 
 def run_node(run_dir: str | Path) -> DictConfig:
@@ -72,48 +69,6 @@ def run_config(
         run_ep = 1
     node.parallel.ep = run_ep
     return build_run_config(node)
-
-
-def resolve_checkpoint(choice: str, run_dir: Path) -> Path:
-    """The checkpoint folder meant by `checkpoint=`: best | last | a folder.
-
-    `best` is the model whose test metrics `summary.json` reports (`best_step`): its
-    `best_step_<N>` folder, or `step_<N>` when model selection was off (the last step is
-    reported); without a summary (a run still training), the newest best so far.
-    `last` is the newest complete periodic checkpoint.
-    """
-    root = run_dir / "checkpoints"
-    if choice == "last":
-        done = checkpoint.complete_checkpoints(root)
-        if not done:
-            raise ValueError(f"checkpoint=last: no complete checkpoint under {root}")
-        return done[-1]
-    if choice != "best":
-        path = Path(choice)
-        if not (path / MARKER).exists():
-            raise ValueError(f"checkpoint={choice!r} is not a complete checkpoint folder (no {MARKER} marker)")
-        return path
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        step = json.loads(summary.read_text()).get("best_step")
-        if step is not None:
-            for path in (checkpoint.best_dir(root, int(step)), checkpoint.step_dir(root, int(step))):
-                if (path / MARKER).exists():
-                    return path
-            raise ValueError(
-                f"checkpoint=best: the reported step {step} (summary.json best_step) has no complete checkpoint "
-                f"under {root}; use checkpoint=last or a checkpoint folder"
-            )
-    best = [d for d in sorted(root.glob("best_step_*")) if (d / MARKER).exists()]
-    if not best:
-        raise ValueError(f"checkpoint=best: {run_dir} has no summary.json best_step and no best checkpoint; "
-                         "use checkpoint=last or a checkpoint folder")  # fmt: skip
-    log.warning("no summary.json in %s (still training?): using the best checkpoint so far, %s", run_dir, best[-1])
-    return best[-1]
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(pickle.loads((path / "meta.pkl").read_bytes())["step"])
 
 
 def _global_shape(value: Any) -> tuple[int, ...] | None:
