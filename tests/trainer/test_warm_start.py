@@ -217,3 +217,14 @@ def test_bad_sources_fail_before_training_naming_the_key(source: dict[str, Any],
     ]  # fmt: skip
     for message, key in zip(got, want, strict=True):
         assert key in message, (key, message)
+
+
+@pytest.mark.slow
+def test_the_deepspeed_engine_trains_on_from_the_loaded_weights(source: dict[str, Any], tmp_path: Path) -> None:
+    """ZeRO keeps fp32 master weights of its own: without refreshing them from the loaded
+    model, the first optimizer step would write the random initial weights back."""
+    overrides = (f"trainer.init_from={source['dir']}", "trainer.steps=3", "trainer.checkpoint.at_end=false")
+    (native,) = run_ranks(_train, 1, str(tmp_path / "native"), overrides)
+    (ds,) = run_ranks(_train, 1, str(tmp_path / "ds"), (*overrides, "trainer.engine=deepspeed"))
+    assert len(native["losses"]) == 3
+    assert ds["losses"] == pytest.approx(native["losses"], rel=1e-5, abs=1e-6)
