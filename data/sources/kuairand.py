@@ -37,9 +37,13 @@ Choices:
   its dense ones (0 after standardisation); `Dataset.info` counts such rows per table
   (`rows_without_user_features`, `rows_without_video_features`) and the imputed dense
   cells per column (`imputed_dense`). A table with a duplicated id is an error.
-- Split `date` (default): test = the last `test_days` dates of the log, val = the
-  `val_days` dates before (or, with `val_days: 0`, a seeded `val_fraction` of the
-  remaining rows), train = the rest. Dates are ordered as integers when they all are
+- Date window `dates: [first, last]` (inclusive; default null = every date): rows dated
+  outside it are not used at all (in no split, and so in no vocabulary, imputation mean
+  or dense statistic); `Dataset.info["rows_outside_dates"]` counts them. The bounds are
+  compared like the dates themselves (below), and apply with either split.
+- Split `date` (default): test = the last `test_days` dates of the log (of the window),
+  val = the `val_days` dates before (or, with `val_days: 0`, a seeded `val_fraction` of
+  the remaining rows), train = the rest. Dates are ordered as integers when they all are
   (yyyymmdd), else as text. Split `fraction`: seeded `val_fraction` and
   `test_fraction` of all rows (needed when the log has no `date`, like the sample).
 - `Batch.user_id` is the log's user_id (GAUC groups by it).
@@ -76,7 +80,6 @@ from data.columns import (
 from data.parsing.bad_rows import SkipLog
 from data.parsing.files import (
     binary_labels,
-    category_codes,
     category_dictionary,
     concat_keys,
     csv_delimiter,
@@ -105,6 +108,7 @@ from data.sources.kuairand_tables import Feature, Read, Source, concat_reads, jo
 from data.spec import DatasetSpec, SparseFeature
 
 SPLITS = ("date", "fraction")
+OUTSIDE = -1  # split code of rows outside `data.dates` (no split: `split_rows` ignores them)
 KEY_COLUMNS = ("user_id", "video_id")  # log columns written out with predictions
 _KIND_KEY = {"cat": "categorical", "dense": "dense", "multi": "multi_hot"}
 
@@ -126,6 +130,8 @@ class KuaiRandConfig:
             video_multi_hot (column -> separator): video columns. None = defaults.
         log1p_dense: apply `sign(x) * log1p(|x|)` to every dense column.
         split: `date` or `fraction`.
+        dates: `[first, last]` dates kept, inclusive (yyyymmdd, as the logs write them);
+            rows outside are not used; None = every date.
         test_days, val_days: date split sizes (val_days 0: val is a val_fraction carve).
         val_fraction, test_fraction, seed: the seeded carve-outs.
         limit_rows: read only the first N rows of each log file; 0 = all.
@@ -153,6 +159,7 @@ class KuaiRandConfig:
     video_dense: list[str] | None = None
     log1p_dense: bool = True
     split: str = "date"
+    dates: list[str | int] | None = None
     test_days: int = 1
     val_days: int = 1
     val_fraction: float = 0.1
@@ -269,24 +276,37 @@ def _tasks(cfg: KuaiRandConfig, log: Source) -> list[tuple[str, bool]]:
 
 
 def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: int) -> tuple[np.ndarray, dict]:
+    """`[N]` int8 split codes (TRAIN / VAL / TEST, `OUTSIDE` for rows outside `data.dates`)
+    and the split's `info` entries."""
     if cfg.split not in SPLITS:
         raise ValueError(f"data.split={cfg.split!r}; choose one of {SPLITS}")
+    if cfg.split == "date" or cfg.dates is not None:
+        if dates is None:
+            fixes = ["data.split=fraction"] * (cfg.split == "date") + ["data.dates=null"] * (cfg.dates is not None)
+            raise ValueError(f"the log files {cfg.log_files} have no `date` column; set {' and '.join(fixes)}")
+        if dates.null_count:
+            row = int(np.flatnonzero(np.asarray(dates.is_null().to_numpy(zero_copy_only=False)))[0])
+            raise ValueError(f"log row {row + 1} (files {cfg.log_files} concatenated): empty `date`")
+    inside, info = np.ones(num_rows, dtype=bool), {"rows_outside_dates": 0}
+    if cfg.dates is not None:
+        inside = _in_window(cfg, dates)  # type: ignore[arg-type]
+        info["rows_outside_dates"] = int(num_rows - inside.sum())
+    rows = np.flatnonzero(inside)
+    split = np.full(num_rows, OUTSIDE, dtype=np.int8)
     if cfg.split == "fraction":
-        split = carve_splits(num_rows, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-        return split, {}
-    if dates is None:
-        raise ValueError(f"the log files {cfg.log_files} have no `date` column; set data.split=fraction")
-    if dates.null_count:
-        row = int(np.flatnonzero(np.asarray(dates.is_null().to_numpy(zero_copy_only=False)))[0])
-        raise ValueError(f"log row {row + 1} (files {cfg.log_files} concatenated): empty `date`")
+        carved = carve_splits(len(rows), val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        split[rows] = carved
+        return split, info
     if cfg.test_days < 1 or cfg.val_days < 0:
         raise ValueError(f"data.test_days must be >= 1 and data.val_days >= 0, got {cfg.test_days}, {cfg.val_days}")
-    codes, _ = category_codes(dates)
-    values = np.asarray(dates.combine_chunks().dictionary_encode().dictionary.to_pylist())
+    kept = dates.take(pa.array(rows)) if cfg.dates is not None else dates  # type: ignore[union-attr]
+    codes, dictionary = category_dictionary(kept)
+    values = np.asarray(dictionary.to_pylist())
     order = np.argsort(_date_keys(values), kind="stable")
     if len(values) <= cfg.test_days + cfg.val_days:
+        within = "" if cfg.dates is None else f" within data.dates={list(cfg.dates)}"
         raise ValueError(
-            f"the logs span {len(values)} dates; data.test_days={cfg.test_days} + "
+            f"the logs span {len(values)} dates{within}; data.test_days={cfg.test_days} + "
             f"data.val_days={cfg.val_days} leave no train date"
         )
     rank = np.empty(len(values), dtype=np.int64)
@@ -294,19 +314,45 @@ def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: i
     row_rank = rank[codes]
     first_test = len(values) - cfg.test_days
     first_val = first_test - cfg.val_days
-    split = np.full(num_rows, TRAIN, dtype=np.int8)
-    split[row_rank >= first_test] = TEST
-    split[(row_rank >= first_val) & (row_rank < first_test)] = VAL
+    codes_in = np.full(len(rows), TRAIN, dtype=np.int8)
+    codes_in[row_rank >= first_test] = TEST
+    codes_in[(row_rank >= first_val) & (row_rank < first_test)] = VAL
     if cfg.val_days == 0:
-        rest = np.flatnonzero(split == TRAIN)
+        rest = np.flatnonzero(codes_in == TRAIN)
         carved = carve_splits(len(rest), val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed)
-        split[rest] = carved
-    info = {
-        "train_dates": values[order[:first_val]].tolist(),
-        "val_dates": values[order[first_val:first_test]].tolist(),
-        "test_dates": values[order[first_test:]].tolist(),
-    }
+        codes_in[rest] = carved
+    split[rows] = codes_in
+    info.update(
+        train_dates=values[order[:first_val]].tolist(),
+        val_dates=values[order[first_val:first_test]].tolist(),
+        test_dates=values[order[first_test:]].tolist(),
+    )
     return split, info
+
+
+def _in_window(cfg: KuaiRandConfig, dates: pa.ChunkedArray) -> np.ndarray:
+    """`[N]` bool: the rows whose date is within `data.dates` (inclusive), compared with
+    the split's keys (`_date_keys`: integers when every date is one, else text)."""
+    window = cfg.dates
+    if not isinstance(window, list | tuple) or len(window) != 2:
+        raise ValueError(f"data.dates={window!r}; give [first, last] (inclusive), e.g. [20220501, 20220507]")
+    codes, dictionary = category_dictionary(dates)
+    values = np.asarray(dictionary.to_pylist())
+    keys = _date_keys(values)
+    bounds = np.asarray([str(d).strip() for d in window])
+    try:
+        first, last = bounds.astype(keys.dtype) if keys.dtype.kind == "i" else bounds
+    except ValueError:
+        raise ValueError(
+            f"data.dates={list(window)}: the logs' dates are integers (yyyymmdd, like {values[0]}); give the bounds so"
+        ) from None
+    if first > last:
+        raise ValueError(f"data.dates={list(window)}: the first date is after the last")
+    inside = ((keys >= first) & (keys <= last))[codes]
+    if not inside.any():
+        span = values[np.argsort(keys, kind="stable")[[0, -1]]].tolist()
+        raise ValueError(f"data.dates={list(window)} holds no log row; the logs' dates are {span[0]} .. {span[1]}")
+    return inside
 
 
 def _date_keys(values: np.ndarray) -> np.ndarray:
@@ -357,6 +403,9 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
     read = _read_log(cfg, sources, tasks, by_source.get("log", []), skips, key_cols)
     labels = _labels(cfg, log, tasks, read)
     split_N, info = _split_codes(cfg, read.text.get("date"), len(read.text["user_id"]))
+    if info["rows_outside_dates"]:  # out of the window: gone before any join, vocabulary or statistic
+        inside = split_N != OUTSIDE
+        read, labels, split_N = _take_rows(read, inside), {t: v[inside] for t, v in labels.items()}, split_N[inside]
     paths = list(log.paths)
     scored_labels: tuple[str, ...] = ()
     if score_files:
@@ -411,6 +460,19 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
                    scored=scored, scored_labels=scored_labels)  # fmt: skip
 
 
+def _take_rows(read: Read, keep_N: np.ndarray) -> Read:
+    """The rows of `read` where `keep_N`, with their file row numbers."""
+    bounds = np.concatenate([[0], np.cumsum(read.file_rows)]).tolist()
+    per_file = [keep_N[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    index = pa.array(np.flatnonzero(keep_N))
+    return Read(
+        text={c: v.take(index) for c, v in read.text.items()},
+        numbers={c: v[keep_N] for c, v in read.numbers.items()},
+        file_rows=[int(k.sum()) for k in per_file],
+        rows=[r[k] for r, k in zip(read.rows, per_file, strict=True)],
+    )
+
+
 def _read_scored(
     cfg: KuaiRandConfig,
     sources: dict[str, Source],
@@ -444,7 +506,8 @@ def _read_log(
 ) -> Read:
     """The log columns needed: join keys, user_id, date, label inputs, its own features
     (and `key_cols`, kept for predictions)."""
-    date = ["date"] if cfg.split == "date" and "date" in sources["log"].columns else []
+    wants = cfg.split == "date" or cfg.dates is not None
+    date = ["date"] if wants and "date" in sources["log"].columns else []
     text, numbers, label_cols = _log_columns(sources, tasks, own, [*key_cols, *date])
     return read_source(sources["log"], text, numbers, limit_rows=cfg.limit_rows, skips=skips, label_cols=label_cols)
 
