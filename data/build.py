@@ -53,8 +53,21 @@ def declared_names(cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return NAMES[cfg.name](cfg)
 
 
-def build_dataset(cfg: Any, *, score_files: list[str] | None = None, keep_keys: bool = False) -> Dataset:
-    """The source's `Dataset`, checked (`check_dataset`); see the module doc for the options."""
+def build_dataset(
+    cfg: Any,
+    *,
+    score_files: list[str] | None = None,
+    keep_keys: bool = False,
+    base_vocab: dict[str, Any] | None = None,
+) -> Dataset:
+    """The source's `Dataset`, checked (`check_dataset`); see the module doc for the options.
+
+    `base_vocab` (feature -> an earlier run's vocabulary, `data/ids.py`) makes the file
+    sources extend that vocabulary instead of building one from the train rows alone:
+    a warm-started run keeps every id its source trained. The streaming source's ids
+    come from its vocabulary file (extend it with `python -m data.stream vocab
+    --extend`) and the synthetic source's are positional: they ignore it.
+    """
     name = getattr(cfg, "name", None)
     if name not in SOURCES:
         raise ValueError(f"data.name={name!r} is not a known source; choose one of {sorted(SOURCES)}")
@@ -62,7 +75,7 @@ def build_dataset(cfg: Any, *, score_files: list[str] | None = None, keep_keys: 
     if not isinstance(cfg, config_cls):
         raise ValueError(f"data config for {name!r} must be a {config_cls.__name__}, got {type(cfg).__name__}")
     if name in SCORABLE:
-        dataset = load(cfg, score_files=score_files, keep_keys=keep_keys)
+        dataset = load(cfg, score_files=score_files, keep_keys=keep_keys, base_vocab=base_vocab)
     elif score_files:
         raise ValueError(f"data.name={name!r} cannot score other files; sources that can: {list(SCORABLE)}")
     else:  # no key columns: predictions number the rows

@@ -128,6 +128,18 @@ def read_records(folder: Path) -> DataRecord:
     return DataRecord(dataset=doc["dataset"], ids=ids, dense=tuple(doc["dense"]), tasks=tuple(doc["tasks"]))
 
 
+def vocabularies(record: DataRecord) -> dict[str, pa.Array]:
+    """feature -> the values of ids 1..V of its `vocab` features (the base vocabularies
+    that `data.build.build_dataset` extends)."""
+    return {f: r.values for f, r in record.ids.items() if r.values is not None}
+
+
+def run_vocabularies(folder: Path) -> dict[str, pa.Array] | None:
+    """The vocabularies a run recorded in `folder` (None when it recorded none): passed
+    as `base_vocab`, they rebuild exactly the ids the run trained with."""
+    return vocabularies(read_records(folder)) if (folder / SPEC_FILE).is_file() else None
+
+
 def row_map(old: IdRecord, new: IdRecord) -> np.ndarray:
     """`[R_new]` int64: the old row of each new row's id, -1 for ids the old run lacks.
 

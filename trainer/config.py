@@ -43,6 +43,7 @@ NETWORK_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 PIPELINES = ("sparse_dist", "none")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+INIT_VOCAB = ("extend", "rebuild")
 # Config keys renamed in issue 22 (old -> new), and the renamed value of model.routing.
 # The old keys are null placeholders in conf/ for one release (removed in the next).
 RENAMED_KEYS = {
@@ -96,6 +97,8 @@ class TrainerConfig:
             pool upcycled, an MMoE core converted (`trainer/warm_start.py`). With
             `steps=0` the loaded model is only evaluated. None = random initialisation.
         init_from_optimizer: with `init_from`, also carry the optimizer states.
+        init_vocab: with `init_from`: `extend` the source's vocabularies (every id it
+            knew keeps its row) or `rebuild` them from this run's train rows.
         upcycle_noise: relative std of the perturbation of upcycled expert copies.
         engine: native (DDP + the torch network optimizer) | deepspeed (a DeepSpeed
             engine with ZeRO trains the network parameters, experts included; the embedding
@@ -133,6 +136,7 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init_from: str | None = None
     init_from_optimizer: bool = False
+    init_vocab: str = "extend"
     upcycle_noise: float = 0.01
     engine: str = "native"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -298,6 +302,8 @@ def validate(run: RunConfig, *, world_size: int | None = None) -> None:
         )
     if t.init_from_optimizer and not t.init_from:
         raise ValueError("trainer.init_from_optimizer=true needs trainer.init_from (the run to start from)")
+    if t.init_vocab not in INIT_VOCAB:
+        raise ValueError(f"trainer.init_vocab={t.init_vocab!r}; choose one of {INIT_VOCAB}")
     if t.upcycle_noise < 0:
         raise ValueError(f"trainer.upcycle_noise must be >= 0, got {t.upcycle_noise}")
     if t.batch_size < 1 or t.eval_batch_size < 1:

@@ -70,6 +70,7 @@ from torch import nn
 
 from data.build import build_dataset
 from data.columns import Dataset, Split
+from data.ids import run_vocabularies
 from data.loaders.in_memory import eval_batches
 from model.build import MultiTaskModel, table_name
 from model.core import CoreOutput
@@ -243,7 +244,7 @@ def export(run_dir: Path, out: Path, *, checkpoint: str = "best", data: dict[str
     ckpt = resolve_checkpoint(checkpoint, run_dir)
     if not (ckpt / MARKER).exists():
         raise ValueError(f"{ckpt} is not a complete checkpoint")
-    dataset = build_dataset(run.data)
+    dataset = build_dataset(run.data, base_vocab=run_vocabularies(run_dir))  # the ids the run trained with
     model = load_plain_model(run, dataset, ckpt)
     meta = metadata(run, dataset, run_dir=run_dir, ckpt=ckpt)
     write_artifact(model, dataset, meta, out)

@@ -85,6 +85,7 @@ from tqdm import tqdm
 
 from data.build import build_dataset
 from data.columns import Dataset, Split
+from data.ids import run_vocabularies
 from data.loaders.in_memory import eval_batches
 from model.moe.host import host_ints, to_host
 from model.moe.router import union_experts
@@ -291,7 +292,8 @@ def predict(cfg: PredictConfig, info: DistInfo, run: RunConfig) -> dict[str, Any
     """Score on this rank, rank 0 writes the outputs; returns the metrics record (every rank)."""
     run_dir = Path(cfg.run_dir)
     ckpt = resolve_checkpoint(cfg.checkpoint, run_dir)
-    dataset = build_dataset(run.data, score_files=cfg.files, keep_keys=True)
+    # the ids the run trained with (a warm-started run extended its source's vocabularies)
+    dataset = build_dataset(run.data, score_files=cfg.files, keep_keys=True, base_vocab=run_vocabularies(run_dir))
     scoring = select_rows(cfg, dataset)
     model, step = load_model_from(run, dataset, info, ckpt)
     layer = experts_layer(model, run.model.name) if cfg.experts else None

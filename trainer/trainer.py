@@ -67,7 +67,7 @@ from trainer.reporting import report
 from trainer.reporting.logger import MetricLogger
 from trainer.selection import ModelSelector
 from trainer.timer import StepTimer
-from trainer.warm_start import read_record, warm_start
+from trainer.warm_start import base_vocabularies, read_record, warm_start
 
 log = logging.getLogger("trainer")
 
@@ -94,7 +94,8 @@ def build_model(run: RunConfig, dataset: Dataset, info: DistInfo) -> tuple[Multi
 
 
 def build_data(run: RunConfig, info: DistInfo) -> Dataset:
-    dataset = build_dataset(run.data)
+    """The run's data set; a warm start's vocabularies extend its source's (trainer/warm_start.py)."""
+    dataset = build_dataset(run.data, base_vocab=base_vocabularies(run))
     for name in ("train", "val", "test"):
         if len(dataset.split(name)) == 0:
             raise ValueError(

@@ -9,6 +9,13 @@ its first step:
   instead when the checkpoint holds one (`trainer.ema`), since that is the source's
   evaluated model. Under another world size or `parallel.ep` each rank copies its own
   expert slices out of the global tensors.
+- vocabularies (`trainer.init_vocab`): `extend` (default) builds this run's vocabularies
+  of the file sources on the source's (`data.build.build_dataset(base_vocab=...)`): every
+  id the source knew keeps its id, in every split, and this run's new train values are
+  appended, so an id absent from today's rows still has yesterday's trained row;
+  `rebuild` builds them from this run's train rows alone (ids unseen today fall back to
+  the "unseen" row 0; the table does not grow without bound). The streaming source's ids
+  come from its vocabulary file (`python -m data.stream vocab --extend`).
 - embedding rows: carried by id (`data/ids.py`): the row of an id the source knew gets
   the source's row for that id (found by raw value in the source's vocabulary, or row to
   row for hashed ids); ids new to this run keep the usual seeded initialisation. Works
@@ -47,7 +54,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
 from data.columns import Dataset
-from data.ids import DataRecord, id_counts, read_records, records, row_map
+from data.ids import DataRecord, id_counts, read_records, records, row_map, vocabularies
 from model.build import table_name
 from model.moe.upcycle import mmoe_to_smes, upcycle_smes
 from parallel.expert.checkpoint import checkpoint_view
@@ -97,6 +104,17 @@ def resolve_source(init_from: str) -> Source:
         raise ValueError(f"{key}: {e}; its embedding rows cannot be matched to ids") from None
     return Source(checkpoint=ckpt, run_dir=run_dir, config=load_saved_config(run_dir / "config.yaml"), data=data,
                   step=checkpoint.checkpoint_step(ckpt))  # fmt: skip
+
+
+def base_vocabularies(run: RunConfig) -> dict[str, Any] | None:
+    """The vocabularies this run's data extends (`trainer.init_vocab=extend` with
+    `trainer.init_from`), None otherwise. Resolving the source here makes a missing or
+    partial one fail before any data is read."""
+    t = run.trainer
+    if not t.init_from:
+        return None
+    source = resolve_source(t.init_from)
+    return vocabularies(source.data) if t.init_vocab == "extend" else None
 
 
 def _differs(key: str, source: Any, here: Any, hint: str = "") -> ValueError:

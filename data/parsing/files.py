@@ -275,13 +275,41 @@ def category_dictionary(arr: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa
     return codes, encoded.dictionary
 
 
-def train_vocab(codes: np.ndarray, dictionary: pa.Array, train_mask: np.ndarray) -> tuple[np.ndarray, int, pa.Array]:
+def train_vocab(
+    codes: np.ndarray, dictionary: pa.Array, train_mask: np.ndarray, base: pa.Array | None = None
+) -> tuple[np.ndarray, int, pa.Array]:
     """`train_vocab_ids`, plus the vocabulary: the values of ids 1..V in order (what a
-    scorer needs to encode new rows as training did)."""
-    ids, size = train_vocab_ids(codes, len(dictionary), train_mask)
+    scorer needs to encode new rows as training did).
+
+    With `base` (an earlier run's vocabulary, the values of ids 1..B in order; a warm
+    start's, `data/ids.py`) the vocabulary extends it: every base value keeps its id, in
+    every split (an id the earlier run trained keeps its row), and the train values it
+    lacks follow as ids B+1.. in code order.
+    """
+    if base is None:
+        ids, size = train_vocab_ids(codes, len(dictionary), train_mask)
+        seen = np.zeros(len(dictionary), dtype=bool)
+        seen[codes[train_mask & (codes >= 0)]] = True
+        return ids, size, dictionary.take(pa.array(np.flatnonzero(seen)))
+    return extend_vocab_ids(codes, dictionary, train_mask, base)
+
+
+def extend_vocab_ids(
+    codes: np.ndarray, dictionary: pa.Array, train_mask: np.ndarray, base: pa.Array
+) -> tuple[np.ndarray, int, pa.Array]:
+    """`train_vocab` over a `base` vocabulary: (`[M]` ids, table size, vocabulary)."""
+    text = strings(dictionary).combine_chunks()
+    base_text = strings(base).combine_chunks()
+    found = pc.index_in(text, value_set=base_text)
+    known_K = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64) + 1
     seen = np.zeros(len(dictionary), dtype=bool)
     seen[codes[train_mask & (codes >= 0)]] = True
-    return ids, size, dictionary.take(pa.array(np.flatnonzero(seen)))
+    new_codes = np.flatnonzero(seen & (known_K == 0))
+    lut = np.zeros(len(dictionary) + 1, dtype=np.int64)  # slot 0: the null code -1
+    lut[1:] = known_K
+    lut[1 + new_codes] = len(base) + 1 + np.arange(len(new_codes))
+    values = pa.concat_arrays([base_text, text.take(pa.array(new_codes, pa.int64()))])
+    return lut[codes + 1], len(values) + 1, values
 
 
 def split_lists(arr: pa.ChunkedArray, sep: str, *, text: bool = True) -> tuple[np.ndarray, pa.Array]:

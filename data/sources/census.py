@@ -218,13 +218,24 @@ def _encode(vocab: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(found, pos + 1, 0).astype(np.int64)
 
 
+def _encode_extended(vocab: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Map strings to ids 1..len(vocab) (vocab in id order, not sorted); unseen -> 0."""
+    order = np.argsort(vocab, kind="stable")
+    pos = _encode(vocab[order], values)  # 1 + position in the sorted vocabulary, 0 = unseen
+    return np.where(pos > 0, order[np.maximum(pos, 1) - 1] + 1, 0).astype(np.int64)
+
+
 def census_names(cfg: CensusIncomeConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(tasks, sparse features) from the config alone (see `data.build.declared_names`)."""
     return ("income", "never_married"), tuple(CATEGORICAL.values())
 
 
 def load_census_income(
-    cfg: CensusIncomeConfig, *, score_files: list[str] | None = None, keep_keys: bool = False
+    cfg: CensusIncomeConfig,
+    *,
+    score_files: list[str] | None = None,
+    keep_keys: bool = False,
+    base_vocab: dict[str, pa.Array] | None = None,
 ) -> Dataset:
     """Parse, encode and split Census-Income into train / val / test.
 
@@ -232,6 +243,9 @@ def load_census_income(
         cfg: the source config.
         score_files: other Census-Income files to encode as `Dataset.scored`.
         keep_keys: keep `Split.keys` (`file`, `row`).
+        base_vocab: feature -> an earlier run's vocabulary, which the vocabularies
+            extend (its values keep their ids, new train values follow, sorted);
+            None = the sorted train values.
     """
     root = Path(cfg.root) if cfg.root else DEFAULT_DIR
     skips = SkipLog(cfg.on_bad_row)
@@ -245,11 +259,19 @@ def load_census_income(
     features, vocab = [], {}
     sparse_parts: list[dict[str, SparseColumn]] = [{} for _ in parts]
     for col, name in CATEGORICAL.items():
-        vocab[name] = np.unique(train_file.cats[col][tr_rows])
+        train_values = np.unique(train_file.cats[col][tr_rows])
+        base = (base_vocab or {}).get(name)
+        if base is None:
+            vocab[name] = train_values
+            encode = lambda values, v=vocab[name]: _encode(v, values)  # noqa: E731
+        else:  # base values keep their ids, new train values follow (sorted)
+            known = np.asarray(base.to_pylist(), dtype=train_values.dtype)
+            vocab[name] = np.concatenate([known, np.setdiff1d(train_values, known)])
+            encode = lambda values, v=vocab[name]: _encode_extended(v, values)  # noqa: E731
         features.append(SparseFeature(name=name, num_embeddings=len(vocab[name]) + 1))
         for sparse, (p, rows) in zip(sparse_parts, parts, strict=True):
             values = p.cats[col] if rows is None else p.cats[col][rows]
-            sparse[name] = SparseColumn.single_hot(_encode(vocab[name], values))
+            sparse[name] = SparseColumn.single_hot(encode(values))
 
     def split(i: int) -> Split:
         p, rows = parts[i]

@@ -380,13 +380,21 @@ def kuairand_names(cfg: KuaiRandConfig) -> tuple[tuple[str, ...], tuple[str, ...
     return tasks, tuple(dict.fromkeys(features))
 
 
-def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, keep_keys: bool = False) -> Dataset:
+def load_kuairand(
+    cfg: KuaiRandConfig,
+    *,
+    score_files: list[str] | None = None,
+    keep_keys: bool = False,
+    base_vocab: dict[str, pa.Array] | None = None,
+) -> Dataset:
     """Read the logs, join the feature tables, derive labels, encode and split.
 
     Args:
         cfg: the source config.
         score_files: other logs to encode as `Dataset.scored` (see the module doc).
         keep_keys: keep `Split.keys` (`file`, `row`, `user_id`, `video_id`).
+        base_vocab: feature -> an earlier run's vocabulary, which the vocabularies
+            extend (`data.parsing.files.train_vocab`); None = train values only.
     """
     sources = _sources(cfg)
     log = sources["log"]
@@ -428,7 +436,7 @@ def load_kuairand(cfg: KuaiRandConfig, *, score_files: list[str] | None = None, 
             else:
                 info["rows_without_video_features"][",".join(source.paths)] = missing
 
-    specs, sparse, info["vocab"] = _sparse_columns(features, text, is_train)
+    specs, sparse, info["vocab"] = _sparse_columns(features, text, is_train, base_vocab or {})
     dense_names = [f.column for f in features if f.kind == "dense"]
     dense_ND, info["imputed_dense"] = _dense_matrix(dense_names, dense, is_train, log1p=cfg.log1p_dense)
     keys = None
@@ -527,7 +535,7 @@ def _log_columns(
 
 
 def _sparse_columns(
-    features: list[Feature], text: dict[str, pa.ChunkedArray], is_train: np.ndarray
+    features: list[Feature], text: dict[str, pa.ChunkedArray], is_train: np.ndarray, base: dict[str, pa.Array]
 ) -> tuple[list[SparseFeature], dict[str, SparseColumn], dict[str, pa.Array]]:
     """Encode the categorical and multi-hot columns with train-only vocabularies
     (returned too: feature -> values of ids 1, 2, ...)."""
@@ -535,12 +543,14 @@ def _sparse_columns(
     for f in features:
         if f.kind == "cat":
             codes, dictionary = category_dictionary(text[f.column])
-            ids, size, vocab[f.column] = train_vocab(codes, dictionary, is_train)
+            ids, size, vocab[f.column] = train_vocab(codes, dictionary, is_train, base.get(f.column))
             sparse[f.column] = SparseColumn.single_hot(ids)
         elif f.kind == "multi":
             lengths, tokens = split_lists(text[f.column], f.sep)
             codes, dictionary = category_dictionary(tokens)
-            ids, size, vocab[f.column] = train_vocab(codes, dictionary, np.repeat(is_train, lengths))
+            ids, size, vocab[f.column] = train_vocab(
+                codes, dictionary, np.repeat(is_train, lengths), base.get(f.column)
+            )
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
             sparse[f.column] = SparseColumn(values=ids, offsets=offsets)

@@ -389,7 +389,13 @@ def tabular_names(cfg: TabularConfig) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(name for name, _, _ in parse_tasks(cfg)), tuple(features)
 
 
-def load_tabular(cfg: TabularConfig, *, score_files: list[str] | None = None, keep_keys: bool = False) -> Dataset:
+def load_tabular(
+    cfg: TabularConfig,
+    *,
+    score_files: list[str] | None = None,
+    keep_keys: bool = False,
+    base_vocab: dict[str, pa.Array] | None = None,
+) -> Dataset:
     """Read the configured files, carve missing splits, encode, standardise.
 
     Args:
@@ -397,6 +403,8 @@ def load_tabular(cfg: TabularConfig, *, score_files: list[str] | None = None, ke
         score_files: other files with the same columns to encode as `Dataset.scored`
             (see the module doc); None = none.
         keep_keys: keep `Split.keys` (`file`, `row`, and the user id column).
+        base_vocab: feature -> an earlier run's vocabulary, which the vocabularies
+            extend (`data.parsing.files.train_vocab`); None = train values only.
     """
     _check_config(cfg)
     tasks = parse_tasks(cfg)
@@ -424,7 +432,7 @@ def load_tabular(cfg: TabularConfig, *, score_files: list[str] | None = None, ke
         seed=cfg.seed,
     )
     split_N[train_rows] = carved
-    features, sparse, vocab = _encode(cfg, parsed, split_N == TRAIN)
+    features, sparse, vocab = _encode(cfg, parsed, split_N == TRAIN, base_vocab or {})
     user = keys = None
     if cfg.user_id:
         nulls = lambda p: pa.chunked_array([pa.nulls(len(p.dense), pa.string())])  # noqa: E731
@@ -482,7 +490,7 @@ def load_tabular(cfg: TabularConfig, *, score_files: list[str] | None = None, ke
 
 
 def _encode(
-    cfg: TabularConfig, parsed: list[Parsed], is_train: np.ndarray
+    cfg: TabularConfig, parsed: list[Parsed], is_train: np.ndarray, base: dict[str, pa.Array]
 ) -> tuple[list[SparseFeature], dict[str, SparseColumn], dict[str, pa.Array]]:
     """Sparse features with train-only vocabularies: specs, columns and vocabularies."""
     features, sparse, vocab = [], {}, {}
@@ -490,14 +498,16 @@ def _encode(
         codes, dictionary = category_dictionary(
             pa.chunked_array([ch for p in parsed for ch in p.cats[c].chunks], pa.string())
         )
-        ids, size, vocab[feature_name(c)] = train_vocab(codes, dictionary, is_train)
+        ids, size, vocab[feature_name(c)] = train_vocab(codes, dictionary, is_train, base.get(feature_name(c)))
         features.append(SparseFeature(name=feature_name(c), num_embeddings=size))
         sparse[feature_name(c)] = SparseColumn.single_hot(ids)
     for c in cfg.multi_hot:
         lengths = np.concatenate([p.multi[c][0] for p in parsed])
         tokens = pa.chunked_array([p.multi[c][1] for p in parsed], pa.string())
         codes, dictionary = category_dictionary(tokens)
-        ids, size, vocab[feature_name(c)] = train_vocab(codes, dictionary, np.repeat(is_train, lengths))
+        ids, size, vocab[feature_name(c)] = train_vocab(
+            codes, dictionary, np.repeat(is_train, lengths), base.get(feature_name(c))
+        )
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         features.append(SparseFeature(name=feature_name(c), num_embeddings=size, multi_hot=True))

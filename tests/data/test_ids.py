@@ -54,3 +54,29 @@ def test_records_round_trip_through_the_run_directory(tmp_path: Path) -> None:
     bad = Dataset(spec=spec, train=empty, val=empty, test=empty, info={"vocab": {"user": pa.array(["u1"])}})
     with pytest.raises(ValueError, match="'user'"):
         records(bad)
+
+
+def test_a_base_vocabulary_keeps_its_ids_and_train_values_are_appended() -> None:
+    from data.parsing.files import category_dictionary, train_vocab
+
+    column = pa.chunked_array([["b", "x", "a", "y", None, "c", "x"]])
+    is_train = np.array([True, True, True, False, True, False, True])
+    codes, dictionary = category_dictionary(column)
+    ids, size, values = train_vocab(codes, dictionary, is_train, pa.array(["a", "b", "c", "d"]))
+    # base ids 1..4 everywhere (c only in a test row keeps its trained id); x is new (5); y unseen (0)
+    assert ids.tolist() == [2, 5, 1, 0, 0, 3, 5] and size == 6
+    assert values.to_pylist() == ["a", "b", "c", "d", "x"]
+
+
+def test_census_extends_a_base_vocabulary() -> None:
+    from data.sources.census import CensusIncomeConfig, load_census_income
+
+    first = load_census_income(CensusIncomeConfig(limit_rows=2000))
+    base = {k: v for k, v in first.info["vocab"].items()}  # type: ignore[union-attr]
+    again = load_census_income(CensusIncomeConfig(limit_rows=2000), base_vocab=base)
+    for f in first.spec.sparse:  # its own vocabulary as base: the same ids
+        assert np.array_equal(again.train.sparse[f.name].values, first.train.sparse[f.name].values)
+    more = load_census_income(CensusIncomeConfig(limit_rows=20000), base_vocab=base)
+    vocab = more.info["vocab"]["industry_code"].to_pylist()  # type: ignore[index]
+    old = base["industry_code"].to_pylist()
+    assert vocab[: len(old)] == old and len(vocab) > len(old)

@@ -81,6 +81,12 @@ def _loaded(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> 
     }
 
 
+def _fresh_tables(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> torch.Tensor:
+    """The table as built (seeded initialisation), before any load."""
+    trainer = _trainer(rank, world, run_dir, overrides)
+    return _table(trainer.pm.dmp.state_dict()[TABLE])
+
+
 def _source_tensors(path: str, keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     out = {k: torch.empty(keys[k] or tuple(stored[k].size)) for k in keys}
@@ -119,22 +125,33 @@ def test_steps_zero_evaluates_the_source_model_exactly(source: dict[str, Any], t
 
 
 @pytest.mark.slow
-def test_old_ids_carry_their_rows_and_new_ids_get_fresh_ones(source: dict[str, Any], tmp_path: Path) -> None:
-    more = ("data.limit_rows=20000",)
+@pytest.mark.parametrize("vocab", ["extend", "rebuild"])
+def test_old_ids_carry_their_rows_and_new_ids_get_fresh_ones(
+    source: dict[str, Any], tmp_path: Path, vocab: str
+) -> None:
+    """On a larger slice (new industry codes): `extend` keeps every old id at its row and
+    appends the new ones; `rebuild` renumbers them, and the rows follow their ids."""
+    more = ("data.limit_rows=20000", f"trainer.init_vocab={vocab}")
     init = (f"trainer.init_from={source['dir']}", "trainer.init_from_optimizer=true")
     (warm,) = run_ranks(_loaded, 1, str(tmp_path / "warm"), (*more, *init))
-    (fresh,) = run_ranks(_loaded, 1, str(tmp_path / "fresh"), more)
     old, new = read_records(source["dir"]), read_records(tmp_path / "warm")
     feature = TABLE.split(".t_")[1].removesuffix(".weight")
     mapping = row_map(old.ids[feature], new.ids[feature])
     carried, fresh_rows = np.flatnonzero(mapping >= 0), np.flatnonzero(mapping < 0)
-    assert len(fresh_rows) > 0 and len(carried) > 5  # the larger slice brings new industry codes
-    assert not np.array_equal(mapping[carried], carried)  # and the old ones moved rows
+    assert len(fresh_rows) > 0 and len(carried) > 5
+    if vocab == "extend":  # old ids keep their rows; new ones come after them
+        n_old = old.ids[feature].rows
+        assert np.array_equal(mapping[:n_old], np.arange(n_old)) and fresh_rows.min() == n_old
+    else:
+        assert not np.array_equal(mapping[carried], carried)  # the old ids moved rows
+    # a fresh run on the same vocabulary (extend: built on the source's, as the warm start's)
+    fresh_cfg = (*more, f"trainer.init_from={source['dir']}", "trainer.steps=0") if vocab == "extend" else more
+    (fresh,) = run_ranks(_fresh_tables, 1, str(tmp_path / "fresh"), fresh_cfg)
     ckpt = str(resolve_checkpoint("best", source["dir"]))
     src = _source_tensors(ckpt, {f"model.{TABLE}": ()})[f"model.{TABLE}"]
     table = warm["table"]
     assert torch.equal(table[torch.from_numpy(carried)], src[torch.from_numpy(mapping[carried])])
-    assert torch.equal(table[torch.from_numpy(fresh_rows)], fresh["table"][torch.from_numpy(fresh_rows)])
+    assert torch.equal(table[torch.from_numpy(fresh_rows)], fresh[torch.from_numpy(fresh_rows)])
     assert warm["record"]["new_ids"][feature] == len(fresh_rows)
     # init_from_optimizer: the embedding optimizer's row state follows the rows, the network's by name
     (name, momentum), *_ = warm["sparse_optim"].items()
@@ -143,11 +160,10 @@ def test_old_ids_carry_their_rows_and_new_ids_get_fresh_ones(source: dict[str, A
     assert torch.equal(momentum[torch.from_numpy(carried)], src_m[torch.from_numpy(mapping[carried])])
     assert float(momentum[torch.from_numpy(fresh_rows)].abs().max()) == 0.0
     param = "core.layer.router.gate.weight"
-    entry = next(v for k, v in warm["network_optim"].items() if k.endswith(param))
     pname = next(k for k in warm["network_optim"] if k.endswith(param))
     want = _source_tensors(ckpt, {f"optim/dense.state.{pname}.exp_avg": ()})
-    assert torch.equal(entry["exp_avg"], want[f"optim/dense.state.{pname}.exp_avg"])
-    assert float(entry["exp_avg"].abs().max()) > 0
+    assert torch.equal(warm["network_optim"][pname]["exp_avg"], want[f"optim/dense.state.{pname}.exp_avg"])
+    assert float(want[f"optim/dense.state.{pname}.exp_avg"].abs().max()) > 0
 
 
 @pytest.mark.slow
