@@ -3,7 +3,8 @@
     Trainer(run, run_dir)           build: seed, data, model -> parallelize, engine,
                                     schedule, loader, pipeline, checkpoint state, logger
       .load()                       resume from a checkpoint (trainer.resume)
-      .train()                      the loop: train_step, log, evaluate, save
+      .train()                      the loop: train_step, log, evaluate, save (a warm
+                                    start validates its loaded model at step 0 first)
         .train_step()               one step through the pipeline (hooks below)
         .evaluate(split)            metrics over a whole split (every rank alike)
         .save()                     a checkpoint (collective)
@@ -345,6 +346,10 @@ class Trainer:
         if self.state.stopped_early:  # resumed after early stopping: nothing left to train
             self.train_s = 0.0
             return
+        if self.init_from is not None and self.start_step == 0 and t.steps > 0 and self.resumed_from is None:
+            # a warm start's loaded model is the first candidate: a run whose training
+            # only makes it worse reports the loaded model (and logs where it started)
+            self.validate(0)
         bar = tqdm(
             total=t.steps, initial=self.start_step, disable=not (self.info.is_main and t.progress),
             mininterval=1.0, dynamic_ncols=True,

@@ -207,6 +207,10 @@ def test_a_resumed_warm_started_run_continues_itself(source: dict[str, Any], tmp
     s = b["summary"]
     assert s["resumed_at_step"] == 6 and s["resumed_from"].endswith("step_00000006")
     assert s["init_from"] == a["summary"]["init_from"] and s["steps"] == 9
+    # the loaded model was validated once, at step 0, as the first selection candidate
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if any(k.startswith("val/") for k in r)][:1] == [0]
+    assert sum(1 for r in records if r["step"] == 0 and any(k.startswith("val/") for k in r)) == 1
 
 
 @pytest.mark.slow
