@@ -63,11 +63,13 @@ def mean_metric(summary: dict[str, Any], metric: str) -> float | None:
 
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = Path(args.out) / arm / f"seed{seed}"
+    folder = args.upcycled_label if arm == "upcycled" else arm
+    run_dir = Path(args.out) / folder / f"seed{seed}"
     experts = args.source_experts if arm == "source" else args.experts
     overrides = [f"experiment={args.experiment}", f"model.num_experts={experts}", *shlex.split(args.overrides)]
     if arm == "upcycled":
         overrides.append(f"trainer.init_from={Path(args.out) / 'source' / f'seed{seed}'}")
+        overrides += shlex.split(args.upcycled_overrides)
     cmd, env = run_command(Variant(arm, tuple(overrides)), seed, [], run_dir, 1)
     env["OMP_NUM_THREADS"] = "1"
     if not (run_dir / "summary.json").exists():
@@ -142,7 +144,8 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"# Upcycled E={args.experts} (from E={args.source_experts}) vs E={args.experts} from scratch",
         "",
-        f"`{args.experiment}`, seeds {result['seeds']}; test metrics of the reported (best-validation) model.",
+        f"`{args.experiment}`, seeds {result['seeds']}; test metrics of the reported (best-validation) model; "
+        f"upcycled arm overrides: `{args.upcycled_overrides or 'none'}`.",
         "",
         "| arm | E | test mean AUC | test mean GAUC | best step | steps run | train s |",
         "|---|---|---|---|---|---|---|",
@@ -194,6 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--source-experts", type=int, default=16)
     p.add_argument("--overrides", default="", help="extra Hydra overrides for every run (one string)")
+    p.add_argument("--upcycled-overrides", default="",
+                   help="extra overrides of the upcycled arm only, e.g. trainer.init_from_optimizer=true")  # fmt: skip
+    p.add_argument("--upcycled-label", default="upcycled", help="folder of the upcycled runs under --out")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--out", default="outputs/bench/upcycle_kuairand")
     p.add_argument("--results", default="benchmarks/results/upcycle_kuairand")

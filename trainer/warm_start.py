@@ -25,9 +25,10 @@ its first step:
   an MMoE source becomes an SMES model of the same expert width (`model/moe/upcycle.py`;
   `trainer.upcycle_noise` perturbs the copies).
 - `trainer.init_from_optimizer=true` also carries the optimizer states: the embedding
-  optimizer's per-row state by the same row map, the network optimizer's by parameter
-  name (same network only: not with upcycling or a conversion). Otherwise the
-  optimizers start fresh. The step counter, schedule and data position always start at
+  optimizer's per-row state by the same row map (a fresh Adagrad accumulator would take
+  full-size steps on every trained row), the network optimizer's by parameter name when
+  the network is the same (after upcycling or a conversion it starts fresh, noted in
+  the record). Otherwise the optimizers start fresh. The step counter, schedule and data position always start at
   0: the new run trains on its own data with its own schedule.
 
 Checks before any weight is read: the source is a complete checkpoint; its run's model
@@ -258,11 +259,6 @@ def warm_start(
     source = resolve_source(t.init_from)
     here = records(dataset)
     transform = check_compatible(source, run, here)
-    if t.init_from_optimizer and transform != "same":
-        raise ValueError(
-            f"trainer.init_from_optimizer=true carries the optimizer states of the same network; this warm start "
-            f"changes it ({transform}): set trainer.init_from_optimizer=false"
-        )
     dmp = pm.dmp
     live = dmp.state_dict()
     shapes = _global_shapes(pm, _network_state(live))
@@ -308,7 +304,11 @@ def warm_start(
         _fill_rows(live[key], old, mapping)
     dmp.load_state_dict(live)
     if t.init_from_optimizer:
-        _load_optimizers(state, pm, source, maps)
+        _load_sparse_optimizer(state, source, maps)
+        if transform == "same":
+            _load_network_optimizer(state, pm, source)
+        else:
+            notes.append(f"the network optimizer starts fresh: the network changed ({transform})")
     refresh = getattr(state.network_optim, "refresh_master", None)
     if refresh is not None:  # DeepSpeed: its fp32 master weights follow the loaded weights
         refresh()
@@ -337,10 +337,9 @@ def warm_start(
     return record
 
 
-def _load_optimizers(state: TrainState, pm: ParallelModel, source: Source, maps: dict[str, np.ndarray]) -> None:
-    """The optimizer states of the same network (module doc)."""
+def _load_sparse_optimizer(state: TrainState, source: Source, maps: dict[str, np.ndarray]) -> None:
+    """The embedding optimizer's per-row states, by the tables' row maps."""
     stored = _stored(source.checkpoint)
-    # the embedding optimizer: every per-row state tensor by the table's row map
     sparse = state.sparse_optim.state_dict()
     for param, entries in sparse["state"].items():
         feature = next((f for f in maps if param == f"{EMBEDDING_PREFIX}embedding_bags.{table_name(f)}.weight"), None)
@@ -354,7 +353,11 @@ def _load_optimizers(state: TrainState, pm: ParallelModel, source: Source, maps:
             old = _read(source.checkpoint, {key: tuple(meta.size)}, "optim/sparse")[key]
             _fill_rows(value, old, maps[feature])
     state.sparse_optim.load_state_dict(sparse)
-    # the network optimizer, by parameter name (global views of the expert slices)
+
+
+def _load_network_optimizer(state: TrainState, pm: ParallelModel, source: Source) -> None:
+    """The network optimizer's states by parameter name (the same network; global views
+    of the expert slices, so another world size or ep loads them)."""
     state.network_optim.init_state()
     tensors = checkpoint_view({"optim/dense": state.network_optim.state_dict()}, pm.mesh, model=pm.dmp)
     dcp.load(tensors, checkpoint_id=str(source.checkpoint), process_group=checkpoint._dcp_group())

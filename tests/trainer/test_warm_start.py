@@ -178,8 +178,11 @@ def test_two_ranks_with_sharded_experts_take_the_same_first_steps(source: dict[s
 
 @pytest.mark.slow
 def test_a_larger_pool_is_upcycled_from_the_source_experts(source: dict[str, Any], tmp_path: Path) -> None:
-    overrides = (f"trainer.init_from={source['dir']}", "model.num_experts=8", "trainer.upcycle_noise=0")
+    overrides = (f"trainer.init_from={source['dir']}", "model.num_experts=8", "trainer.upcycle_noise=0",
+                 "trainer.init_from_optimizer=true")  # fmt: skip
     (out,) = run_ranks(_loaded, 1, str(tmp_path / "up"), overrides)
+    assert "network optimizer starts fresh" in out["record"]["notes"][0]
+    assert all(float(v["exp_avg"].abs().max()) == 0 for v in out["network_optim"].values() if "exp_avg" in v)
     ckpt = str(resolve_checkpoint("best", source["dir"]))
     key = "model.core.layer.dispatcher.experts.weights.0"
     src = _source_tensors(ckpt, {key: ()})[key]
@@ -227,13 +230,13 @@ def test_bad_sources_fail_before_training_naming_the_key(source: dict[str, Any],
         (src, "model.expert_hidden=[32]"),
         (src, "model.num_experts=6"),
         (src, "model=mmoe", "model.expert_hidden=[16]", "model.tower.hidden=[8]"),
-        (src, "model.num_experts=8", "trainer.init_from_optimizer=true"),
+        (src, "model.router_norm=layernorm"),
         (src, "model.tower.hidden=[4]"),
     ]
     (got,) = run_ranks(_errors, 1, str(source["dir"]), cases, str(tmp_path))
     want = [
         "no such run directory", "partial checkpoint", "model.embedding_dim", "model.expert_hidden",
-        "model.num_experts", "model.name", "trainer.init_from_optimizer", "model.tower.hidden",
+        "model.num_experts", "model.name", "model.router_norm", "model.tower.hidden",
     ]  # fmt: skip
     for message, key in zip(got, want, strict=True):
         assert key in message, (key, message)
