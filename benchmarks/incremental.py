@@ -29,7 +29,7 @@ job does: `WARM_DEFAULTS` = two passes over its day (13-21k rows, 90% train: 12-
 steps of 1024 per pass; `trainer.steps=30`), the optimizer states carried
 (`trainer.init_from_optimizer=true`: fresh Adagrad accumulators would take full-size
 steps on every trained embedding row), and the last model shipped
-(`trainer.early_stopping.metric=null`), validated every 10 steps for the curve only.
+(`trainer.early_stopping.metric=null`, `patience=null`), validated every 10 steps for the curve only.
 Selecting on one day's validation carve does not work: about 2k rows with 3
 is_comment and 2 is_follow positives, whose mean AUC over tasks jumped between .63 and
 .76 from one validation to the next on 05-01 (seed 1), so the selected step was noise.
@@ -93,6 +93,7 @@ WARM_DEFAULTS = (
     "trainer.steps=30",
     "trainer.eval_every=10",
     "trainer.early_stopping.metric=null",
+    "trainer.early_stopping.patience=null",
     "trainer.init_from_optimizer=true",
 )
 
