@@ -267,3 +267,48 @@ def test_any_sharding_of_the_tables_loads_the_same_model(source: dict[str, Any],
             for task, m in one["summary"][split].items():
                 got = two[0]["summary"][split][task]["auc"]
                 assert got == pytest.approx(m["auc"], abs=2e-6), (sharding, split, task)
+
+
+@pytest.mark.slow
+def test_a_daily_streaming_job_extends_its_vocabulary_and_warm_starts(tmp_path: Path) -> None:
+    """The README's daily job on generated Parquet whose second day brings new users and
+    videos: the extended vocabulary keeps day 1's ids, the warm start carries all of them
+    and initialises exactly the appended ones."""
+    import subprocess
+    import sys
+
+    from data.parsing.prepare import read_vocab
+
+    root = Path(__file__).resolve().parents[2]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
+
+    def run(*args: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    for day, (seed, users) in {"d1": (0, 400), "d2": (1, 600)}.items():
+        run("data.generate", "--rows", "4000", "--val-rows", "600", "--test-rows", "600", "--users", str(users),
+            "--videos", str(users // 3), "--seed", str(seed), "--out", str(tmp_path / day))  # fmt: skip
+    vocab = tmp_path / "vocab.parquet"
+    shutil.copy(tmp_path / "d1" / "vocab.parquet", vocab)
+    old = read_vocab(vocab)
+
+    def train(day: str, *extra: str) -> dict[str, Any]:
+        stats = tmp_path / "d1" / "stats.json"
+        run("trainer.train", "data=parquet_stream", f"data.vocab_file={vocab}", f"data.stats_file={stats}",
+            f"data.train=[{tmp_path / day}/train/*.parquet]", f"data.val=[{tmp_path / day}/val/*.parquet]",
+            f"data.test=[{tmp_path / day}/test/*.parquet]", "trainer.steps=6", "trainer.eval_every=3",
+            "trainer.batch_size=256", "model.num_experts=4", "model.expert_hidden=[16]", "logger=none",
+            "trainer.progress=false", f"hydra.run.dir={tmp_path / ('run_' + day)}", *extra)  # fmt: skip
+        return json.loads((tmp_path / f"run_{day}" / "summary.json").read_text())
+
+    train("d1")
+    run("data.stream", "vocab", "--extend", str(vocab), "--out", str(vocab), "--columns", "user_id", "video_id",
+        "--files", f"{tmp_path / 'd2'}/train/*.parquet")  # fmt: skip
+    new = read_vocab(vocab)
+    assert new["user_id"].to_pylist()[: len(old["user_id"])] == old["user_id"].to_pylist()
+    s = train("d2", f"trainer.init_from={tmp_path / 'run_d1'}")
+    for feature in ("user_id", "video_id"):
+        assert s["init_from"]["carried_ids"][feature] == len(old[feature])
+        assert s["init_from"]["new_ids"][feature] == len(new[feature]) - len(old[feature]) > 0
+    assert s["eval"]["is_click"]["auc"] is not None
