@@ -312,3 +312,17 @@ def test_a_daily_streaming_job_extends_its_vocabulary_and_warm_starts(tmp_path: 
         assert s["init_from"]["carried_ids"][feature] == len(old[feature])
         assert s["init_from"]["new_ids"][feature] == len(new[feature]) - len(old[feature]) > 0
     assert s["eval"]["is_click"]["auc"] is not None
+
+
+@pytest.mark.slow
+def test_a_source_with_a_weight_average_passes_on_its_average(tmp_path: Path) -> None:
+    """The source's evaluated model is its moving average (trainer.ema): that is what a
+    warm start loads (steps=0 scores like the source's reported metrics), and this run's
+    own average starts from it."""
+    (src,) = run_ranks(_train, 1, str(tmp_path / "ema"), ("trainer.ema.decay=0.8",))
+    overrides = ("trainer.steps=0", f"trainer.init_from={tmp_path / 'ema'}")
+    (out,) = run_ranks(_train, 1, str(tmp_path / "eval"), overrides)
+    (plain,) = run_ranks(_train, 1, str(tmp_path / "eval_ema"), (*overrides, "trainer.ema.decay=0.5"))
+    for task, m in src["summary"]["eval"].items():
+        assert out["summary"]["eval"][task]["auc"] == pytest.approx(m["auc"], abs=1e-12), task
+        assert plain["summary"]["eval"][task]["auc"] == pytest.approx(m["auc"], abs=1e-12), task
