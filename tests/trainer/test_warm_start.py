@@ -60,6 +60,12 @@ def _train(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> d
     return {"summary": summary, "losses": [json.loads(x)["loss/total"] for x in lines if "loss/total" in x]}
 
 
+def _many(rank: int, world: int, jobs: list[tuple[Any, str, tuple[str, ...]]]) -> list[Any]:
+    """Several `(fn, run_dir, overrides)` one after the other in one process per rank
+    (a process start and its imports cost seconds; the runs are independent)."""
+    return [fn(rank, world, run_dir, overrides) for fn, run_dir, overrides in jobs]
+
+
 def _table(value: Any) -> torch.Tensor:
     return value.local_shards()[0].tensor.clone() if hasattr(value, "local_shards") else value.clone()
 
@@ -133,7 +139,10 @@ def test_old_ids_carry_their_rows_and_new_ids_get_fresh_ones(
     appends the new ones; `rebuild` renumbers them, and the rows follow their ids."""
     more = ("data.limit_rows=20000", f"trainer.init_vocab={vocab}")
     init = (f"trainer.init_from={source['dir']}", "trainer.init_from_optimizer=true")
-    (warm,) = run_ranks(_loaded, 1, str(tmp_path / "warm"), (*more, *init))
+    # a fresh run on the same vocabulary (extend: built on the source's, as the warm start's)
+    fresh_cfg = (*more, f"trainer.init_from={source['dir']}", "trainer.steps=0") if vocab == "extend" else more
+    jobs = [(_loaded, str(tmp_path / "warm"), (*more, *init)), (_fresh_tables, str(tmp_path / "fresh"), fresh_cfg)]
+    ((warm, fresh),) = run_ranks(_many, 1, jobs)
     old, new = read_records(source["dir"]), read_records(tmp_path / "warm")
     feature = TABLE.split(".t_")[1].removesuffix(".weight")
     mapping = row_map(old.ids[feature], new.ids[feature])
@@ -144,9 +153,6 @@ def test_old_ids_carry_their_rows_and_new_ids_get_fresh_ones(
         assert np.array_equal(mapping[:n_old], np.arange(n_old)) and fresh_rows.min() == n_old
     else:
         assert not np.array_equal(mapping[carried], carried)  # the old ids moved rows
-    # a fresh run on the same vocabulary (extend: built on the source's, as the warm start's)
-    fresh_cfg = (*more, f"trainer.init_from={source['dir']}", "trainer.steps=0") if vocab == "extend" else more
-    (fresh,) = run_ranks(_fresh_tables, 1, str(tmp_path / "fresh"), fresh_cfg)
     ckpt = str(resolve_checkpoint("best", source["dir"]))
     src = _source_tensors(ckpt, {f"model.{TABLE}": ()})[f"model.{TABLE}"]
     table = warm["table"]
@@ -193,9 +199,10 @@ def test_a_larger_pool_is_upcycled_from_the_source_experts(source: dict[str, Any
 @pytest.mark.slow
 def test_an_mmoe_run_converts_into_an_smes_model_that_evaluates_like_it(tmp_path: Path) -> None:
     mmoe = ("model=mmoe", "model.num_experts=4", "model.expert_hidden=[16]", "model.tower.hidden=[8]")
-    (src,) = run_ranks(_train, 1, str(tmp_path / "mmoe"), mmoe)
     smes = ("model.routing=all", "model.router_bias=true", "trainer.steps=0", f"trainer.init_from={tmp_path / 'mmoe'}")
-    (out,) = run_ranks(_train, 1, str(tmp_path / "smes"), smes)
+    ((src, out),) = run_ranks(
+        _many, 1, [(_train, str(tmp_path / "mmoe"), mmoe), (_train, str(tmp_path / "smes"), smes)]
+    )
     assert out["summary"]["init_from"]["transform"] == "mmoe_to_smes"
     for task, m in src["summary"]["eval"].items():
         assert out["summary"]["eval"][task]["auc"] == pytest.approx(m["auc"], abs=1e-6), task
@@ -205,8 +212,8 @@ def test_an_mmoe_run_converts_into_an_smes_model_that_evaluates_like_it(tmp_path
 def test_a_resumed_warm_started_run_continues_itself(source: dict[str, Any], tmp_path: Path) -> None:
     run_dir = str(tmp_path / "warm")
     first = (f"trainer.init_from={source['dir']}", "trainer.steps=6", "trainer.checkpoint.every=3")
-    (a,) = run_ranks(_train, 1, run_dir, first)
-    (b,) = run_ranks(_train, 1, run_dir, (*first[:1], "trainer.steps=9", "trainer.checkpoint.every=3"))
+    again = (*first[:1], "trainer.steps=9", "trainer.checkpoint.every=3")
+    ((a, b),) = run_ranks(_many, 1, [(_train, run_dir, first), (_train, run_dir, again)])
     s = b["summary"]
     assert s["resumed_at_step"] == 6 and s["resumed_from"].endswith("step_00000006")
     assert s["init_from"] == a["summary"]["init_from"] and s["steps"] == 9
@@ -247,8 +254,11 @@ def test_the_deepspeed_engine_trains_on_from_the_loaded_weights(source: dict[str
     """ZeRO keeps fp32 master weights of its own: without refreshing them from the loaded
     model, the first optimizer step would write the random initial weights back."""
     overrides = (f"trainer.init_from={source['dir']}", "trainer.steps=3", "trainer.checkpoint.at_end=false")
-    (native,) = run_ranks(_train, 1, str(tmp_path / "native"), overrides)
-    (ds,) = run_ranks(_train, 1, str(tmp_path / "ds"), (*overrides, "trainer.engine=deepspeed"))
+    jobs = [
+        (_train, str(tmp_path / "native"), overrides),
+        (_train, str(tmp_path / "ds"), (*overrides, "trainer.engine=deepspeed")),
+    ]
+    ((native, ds),) = run_ranks(_many, 1, jobs)
     assert len(native["losses"]) == 3
     assert ds["losses"] == pytest.approx(native["losses"], rel=1e-5, abs=1e-6)
 
@@ -319,10 +329,13 @@ def test_a_source_with_a_weight_average_passes_on_its_average(tmp_path: Path) ->
     """The source's evaluated model is its moving average (trainer.ema): that is what a
     warm start loads (steps=0 scores like the source's reported metrics), and this run's
     own average starts from it."""
-    (src,) = run_ranks(_train, 1, str(tmp_path / "ema"), ("trainer.ema.decay=0.8",))
     overrides = ("trainer.steps=0", f"trainer.init_from={tmp_path / 'ema'}")
-    (out,) = run_ranks(_train, 1, str(tmp_path / "eval"), overrides)
-    (plain,) = run_ranks(_train, 1, str(tmp_path / "eval_ema"), (*overrides, "trainer.ema.decay=0.5"))
+    jobs = [
+        (_train, str(tmp_path / "ema"), ("trainer.ema.decay=0.8",)),
+        (_train, str(tmp_path / "eval"), overrides),
+        (_train, str(tmp_path / "eval_ema"), (*overrides, "trainer.ema.decay=0.5")),
+    ]
+    ((src, out, plain),) = run_ranks(_many, 1, jobs)
     for task, m in src["summary"]["eval"].items():
         assert out["summary"]["eval"][task]["auc"] == pytest.approx(m["auc"], abs=1e-12), task
         assert plain["summary"]["eval"][task]["auc"] == pytest.approx(m["auc"], abs=1e-12), task
