@@ -408,8 +408,9 @@ def render_markdown(rows: list[dict], load: dict[str, Any] | None, paired: list[
             cells = [_md_day(r["test_day"]), r["arm"],
                      *(_ms(r["tasks"].get(t, {}).get(metric, {"mean": None})) for t in tasks)]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Test split = the next day; the model of the best validation step; mean +- sample std over "
-              "seeds. Index 0 is the base run (both arms). new ids: vocabulary values absent from the previous "
+    lines += ["", "Test split = the next day; the reported model (base and retrain: the best validation step; "
+              "warm: the last step, see the module doc); mean +- sample std over seeds. Index 0 is the base run "
+              "(both arms). new ids: vocabulary values absent from the previous "
               "run of the arm; first seen: absent from every earlier run of the arm; init_from: the rows the "
               "warm start initialised afresh; load drift: total-variation distance between consecutive days' "
               "training expert loads (warm chain, mean over seeds)."]  # fmt: skip
