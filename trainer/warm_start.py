@@ -28,8 +28,10 @@ its first step:
   optimizer's per-row state by the same row map (a fresh Adagrad accumulator would take
   full-size steps on every trained row), the network optimizer's by parameter name when
   the network is the same (after upcycling or a conversion it starts fresh, noted in
-  the record). Otherwise the optimizers start fresh. The step counter, schedule and data position always start at
-  0: the new run trains on its own data with its own schedule.
+  the record). Otherwise the optimizers start fresh. The step counter, schedule and
+  data position always start at 0: the new run trains on its own data with its own
+  schedule, and validates the loaded model at step 0 first (the first model-selection
+  candidate; `trainer/trainer.py`).
 
 Checks before any weight is read: the source is a complete checkpoint; its run's model
 kind, embedding dim, expert and tower widths, tasks, dense columns and sparse features
