@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import incremental as inc
+from benchmarks import incremental_report as rep
 
 TASKS = ("click", "like")
 
@@ -158,17 +159,17 @@ def test_load_table_drift() -> None:
 def test_outputs(tmp_path: Path) -> None:
     records = _records()
     rows, load = inc.aggregate(records), inc.load_table(records)
-    md = inc.render_markdown(rows, load, [], title="t")
+    md = rep.render_markdown(rows, load, [], title="t")
     assert md.startswith("### t") and "| 05-01 (1 day) -> 05-02 | warm | 2 |" in md
     assert "| 04-30 (base) -> 05-01 | retrain | 2 |" in md and "(1 failed)" in md
     assert "0.250" in md and "like GAUC" in md
-    inc.plot(rows, tmp_path / "i.png", title="t")
+    rep.plot(rows, tmp_path / "i.png", title="t")
     assert (tmp_path / "i.png").read_bytes()[:4] == b"\x89PNG"
-    assert inc.plot_load(load, tmp_path / "l.png", title="t")
+    assert rep.plot_load(load, tmp_path / "l.png", title="t")
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
     no_load = [{**r, "load": None} for r in records]
-    assert not inc.plot_load(inc.load_table(no_load), tmp_path / "none.png", title="t")
-    steps = dict(inc.wandb_steps(rows, load))
+    assert not rep.plot_load(inc.load_table(no_load), tmp_path / "none.png", title="t")
+    steps = dict(rep.wandb_steps(rows, load))
     assert sorted(steps) == [0, 1, 2] and "warm/load_drift" not in steps[0]
     assert steps[1]["warm/load_drift"] == pytest.approx(0.25)
     assert steps[1]["warm_minus_retrain/mean_auc"] == pytest.approx(0.01)
