@@ -76,7 +76,8 @@ def records(dataset: Dataset) -> DataRecord:
     for f in dataset.spec.sparse:
         values = vocab.get(f.name)
         if values is not None:
-            values = pa.array(values.to_pylist() if hasattr(values, "to_pylist") else list(values), pa.string())
+            # Arrow arrays cast in place (no per-value Python objects for large vocabularies)
+            values = values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
             if len(values) + 1 != f.num_embeddings:
                 raise ValueError(
                     f"feature {f.name!r}: {len(values)} vocabulary values for a table of {f.num_embeddings} rows"

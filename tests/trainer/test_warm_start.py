@@ -189,6 +189,7 @@ def test_a_larger_pool_is_upcycled_from_the_source_experts(source: dict[str, Any
     (out,) = run_ranks(_loaded, 1, str(tmp_path / "up"), overrides)
     assert "network optimizer starts fresh" in out["record"]["notes"][0]
     assert all(float(v["exp_avg"].abs().max()) == 0 for v in out["network_optim"].values() if "exp_avg" in v)
+    assert any(float(t.abs().max()) > 0 for t in out["sparse_optim"].values())  # the embedding state did carry
     ckpt = str(resolve_checkpoint("best", source["dir"]))
     key = "model.core.layer.dispatcher.experts.weights.0"
     src = _source_tensors(ckpt, {key: ()})[key]
