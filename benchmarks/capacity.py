@@ -26,8 +26,10 @@ models are compared paired on the same seeds and test rows: each doubling of E, 
 progressive E against MMoE, independent against progressive at the same E, each wider
 shared-bottom model against the next narrower one. Rows also give activated expert MFLOPs per
 instance, mean |U|, the training rows each expert saw (rows seen x mean |U| / E; every
-row for MMoE), the expert-task NMI (`summary.json`) and, where the test files carry
-`--cluster-columns`, the NMI between the experts a row ran and its latent cluster.
+row for MMoE), the expert-task NMI (`summary.json`) and the NMI between the experts a
+test row ran and its latent cluster: `summary.json`'s `experts.cluster_expert_nmi.test`
+where the data sets `data.cluster_columns`, else from the predictions and the test
+files' `--cluster-columns`.
 
     python -m benchmarks.capacity --data capacity_logs --recipe model=smes --experts 8 16 32 64 128 \
         --independent 16 64 --seeds 1 2 3 --size 8000000 \
@@ -151,10 +153,11 @@ def build_rows(records: list[dict], train_rows: int, *, n_boot: int, cluster_col
             v = (summary.get("experts") or {}).get("task_expert_nmi")
             if v is not None:
                 nmi_task.append(v)
-            if cluster_columns and r.get("predictions"):
+            v = ((summary.get("experts") or {}).get("cluster_expert_nmi") or {}).get("test")  # data.cluster_columns
+            if v is None and cluster_columns and r.get("predictions"):  # runs from before the trainer reported it
                 v = cluster_nmi(r["predictions"], _test_files(Path(r["run_dir"])), cluster_columns)
-                if v is not None:
-                    nmi_cluster.append(v)
+            if v is not None:
+                nmi_cluster.append(v)
         row: dict[str, Any] = {
             "label": label,
             "model": kind,

@@ -23,6 +23,9 @@ class Batch(Pipelineable):
         weights: `[B]` float32 per-instance weight; 0 marks padding rows that the
             evaluation loader adds so that every rank runs the same number of steps.
         user_id: `[B]` int64, or None when the source has no user ids.
+        cluster_id: `[B]` int64 latent cluster code (`Split.clusters`), or None; the batches of a
+            split with clusters carry it (`data=parquet_stream`: val and test, for the
+            cluster-expert NMI of evaluation). Never a model input.
     """
 
     dense: torch.Tensor
@@ -30,6 +33,7 @@ class Batch(Pipelineable):
     labels: dict[str, torch.Tensor]
     weights: torch.Tensor
     user_id: torch.Tensor | None = None
+    cluster_id: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -42,6 +46,7 @@ class Batch(Pipelineable):
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
             weights=self.weights.to(device, non_blocking=non_blocking),
             user_id=None if self.user_id is None else self.user_id.to(device, non_blocking=non_blocking),
+            cluster_id=None if self.cluster_id is None else self.cluster_id.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -51,6 +56,7 @@ class Batch(Pipelineable):
             labels={k: v.pin_memory() for k, v in self.labels.items()},
             weights=self.weights.pin_memory(),
             user_id=None if self.user_id is None else self.user_id.pin_memory(),
+            cluster_id=None if self.cluster_id is None else self.cluster_id.pin_memory(),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -61,3 +67,5 @@ class Batch(Pipelineable):
         self.weights.record_stream(stream)  # type: ignore[arg-type]
         if self.user_id is not None:
             self.user_id.record_stream(stream)  # type: ignore[arg-type]
+        if self.cluster_id is not None:
+            self.cluster_id.record_stream(stream)  # type: ignore[arg-type]

@@ -78,6 +78,9 @@ class Split:
         keys: column -> `[N]` raw values identifying each row (e.g. user_id, video_id;
             `file` / `row` for scored files), kept only when a source is asked to
             (`keep_keys`, for predictions); None otherwise. Never a model input.
+        clusters: `[N]` int64 latent cluster code of each row, 0..C-1 (a source's
+            `cluster_columns`, e.g. a generator's user x item clusters), for the
+            cluster-expert NMI of evaluation; None without. Never a model input.
     """
 
     dense: np.ndarray
@@ -85,6 +88,7 @@ class Split:
     labels: dict[str, np.ndarray]
     user_id: np.ndarray | None = None
     keys: dict[str, np.ndarray] | None = None
+    clusters: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.dense)
@@ -96,6 +100,7 @@ class Split:
             labels={k: v[rows_N] for k, v in self.labels.items()},
             user_id=None if self.user_id is None else self.user_id[rows_N],
             keys=None if self.keys is None else {k: v[rows_N] for k, v in self.keys.items()},
+            clusters=None if self.clusters is None else self.clusters[rows_N],
         )
 
 
@@ -111,12 +116,14 @@ def concat_splits(parts: list[Split]) -> Split:
         sparse[name] = SparseColumn(values=np.concatenate([c.values for c in cols]), offsets=offsets.astype(np.int64))
     users = [p.user_id for p in parts]
     keys = [p.keys for p in parts]
+    clusters = [p.clusters for p in parts]
     return Split(
         dense=np.concatenate([p.dense for p in parts]),
         sparse=sparse,
         labels={t: np.concatenate([p.labels[t] for p in parts]) for t in parts[0].labels},
         user_id=None if users[0] is None else np.concatenate(users),  # type: ignore[arg-type]
         keys=None if keys[0] is None else {k: np.concatenate([ks[k] for ks in keys]) for k in keys[0]},  # type: ignore[index]
+        clusters=None if clusters[0] is None else np.concatenate(clusters),  # type: ignore[arg-type]
     )
 
 

@@ -51,14 +51,16 @@ from data.ids import records, write_records
 from data.loaders.in_memory import TrainBatches, eval_batches
 from model.build import ModelOutput, MultiTaskModel
 from model.moe.host import host_flag, to_host
+from model.moe.router import union_experts
 from parallel.dist import DistInfo, all_gather_object, all_reduce, all_reduce_mean, init_distributed
+from parallel.expert.params import smes_layers
 from parallel.parallelize import ParallelModel, network_parameters, parallelize
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, to_plain, validate_against_data
 from trainer.ema import WeightAverage
 from trainer.engine import build_engine
-from trainer.evaluation.experts import ExpertLoadMeter
+from trainer.evaluation.experts import ClusterExpertMeter, ExpertLoadMeter
 from trainer.evaluation.metrics import Predictions, compute_metrics
 from trainer.faults import FaultInjector
 from trainer.loss import total_loss
@@ -161,6 +163,10 @@ class Trainer:
         self.init_from: dict[str, Any] | None = None
         self.start_step = 0
         self.last_val: dict[str, dict[str, float | None]] | None = None
+        # cluster-expert NMI of the last evaluated split, and of each validation by step
+        self.last_cluster_nmi: float | None = None
+        self.val_cluster_nmi: dict[int, float | None] = {}
+        self.cluster_nmi: dict[str, float | None] = {}  # the reported model's val / test (summary)
         self.eval_s = self.ckpt_s = 0.0
         self._current: StepOut | None = None
 
@@ -314,26 +320,44 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: Split) -> dict[str, dict[str, float | None]]:
-        """Per-task metrics over the whole split (every rank returns the same values)."""
+        """Per-task metrics over the whole split (every rank returns the same values).
+        Sets `last_cluster_nmi`: the cluster-expert NMI of the split's rows when its
+        source gives `Split.clusters` and the model has an SMES layer (its first), else None."""
         e0 = time.perf_counter()
         info, dmp = self.info, self.pm.dmp
+        layers = smes_layers(dmp) if split.clusters is not None and len(split) else []
+        meter = None
+        if layers:
+            assert split.clusters is not None
+            meter = ClusterExpertMeter(int(split.clusters.max()) + 1, layers[0].num_experts, info.device)
         with self.pipeline.paused():
             dmp.eval()
-            preds = Predictions(self.spec.tasks)
-            batches = eval_batches(
-                split,
-                spec=self.spec,
-                batch_size=self.cfg.eval_batch_size,
-                rank=info.rank,
-                world_size=info.world_size,
-            )
-            for batch in batches:
-                batch = batch.to(info.device)
-                with self.autocast():
-                    out: ModelOutput = dmp(batch)
-                preds.add(out.logits, batch.labels, batch.weights, batch.user_id)
+            if meter is not None:
+                layers[0].record_plan = True
+            try:
+                preds = Predictions(self.spec.tasks)
+                batches = eval_batches(
+                    split,
+                    spec=self.spec,
+                    batch_size=self.cfg.eval_batch_size,
+                    rank=info.rank,
+                    world_size=info.world_size,
+                )
+                for batch in batches:
+                    batch = batch.to(info.device)
+                    with self.autocast():
+                        out: ModelOutput = dmp(batch)
+                    preds.add(out.logits, batch.labels, batch.weights, batch.user_id)
+                    if meter is not None and batch.cluster_id is not None:
+                        plan, layers[0].last_plan = layers[0].last_plan, None
+                        assert plan is not None, "the SMES layer kept no routing plan"
+                        meter.add(union_experts(plan), batch.cluster_id, batch.weights)
+            finally:
+                if meter is not None:
+                    layers[0].record_plan, layers[0].last_plan = False, None
             dmp.train()
         metrics = compute_metrics(preds, self.spec.tasks, mode=self.cfg.eval_mode)
+        self.last_cluster_nmi = None if meter is None else meter.compute()
         self.eval_s += time.perf_counter() - e0
         return metrics
 
@@ -387,8 +411,12 @@ class Trainer:
         stop early (every rank decides alike: the metrics are global)."""
         with self.averaged():
             self.last_val = self.evaluate(self.dataset.val)
+        self.val_cluster_nmi[step] = self.last_cluster_nmi
         if self.logger is not None:
-            self.logger.log(step, report.flat("val", self.last_val))
+            logged = report.flat("val", self.last_val)
+            if self.last_cluster_nmi is not None:
+                logged["val/experts/cluster_expert_nmi"] = self.last_cluster_nmi
+            self.logger.log(step, logged)
             log.info("step %d val %s", step, report.fmt(self.last_val))
         if self.selector.update(step, self.last_val):
             self.save(best=True)
@@ -424,14 +452,18 @@ class Trainer:
         with self.averaged():
             if self.last_val is None:
                 self.last_val = self.evaluate(self.dataset.val)
+                self.val_cluster_nmi[self.state.step] = self.last_cluster_nmi
             test_last = test = self.evaluate(self.dataset.test)
         val = self.last_val
         sel = self.selector
+        reported = self.state.step
         if sel.enabled and sel.best_dir is not None and sel.best_step != self.state.step:
             checkpoint.load_model(self.state, self.ckpt_root / sel.best_dir)  # the reported model (its average)
             test, val = self.evaluate(self.dataset.test), sel.best_val or self.last_val
+            reported = sel.best_step
             if self.info.is_main:
                 log.info("reporting the best step %s (%s = %.6f)", sel.best_step, sel.cfg.metric, sel.best_value)
+        self.cluster_nmi = {"val": self.val_cluster_nmi.get(reported), "test": self.last_cluster_nmi}
         loader = self.cursor.loader
         loader_rate = torch.tensor([loader.built_rows / max(1e-9, loader.build_s)], dtype=torch.float64)
         all_reduce(loader_rate)  # sum of per-rank rates = global loader throughput

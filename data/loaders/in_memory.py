@@ -60,6 +60,7 @@ def make_batch(split: Split, rows_B: np.ndarray, spec: DatasetSpec, num_valid: i
         labels={t: torch.from_numpy(split.labels[t][rows_B]) for t in spec.tasks},
         weights=weights,
         user_id=None if split.user_id is None else torch.from_numpy(split.user_id[rows_B]),
+        cluster_id=None if split.clusters is None else torch.from_numpy(split.clusters[rows_B]),
     )
 
 

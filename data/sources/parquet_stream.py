@@ -34,6 +34,12 @@ so cells convert and bad rows are detected exactly as there. On top:
   (`skipped_rows`, `skipped_by_reason`, per rank: sum them over ranks). A column missing
   from a file is always an error naming the file and the column (checked on the footers
   of every file at load time, before any row is read).
+- Latent clusters (`cluster_columns`, e.g. `[user_cluster, item_cluster]` of the
+  capacity generator): val and test rows get `Split.clusters`, a code (0..C-1) for
+  each row's combination of those columns, for the
+  cluster-expert NMI that evaluation reports (`trainer.evaluation.experts`). Never a
+  model input; train rows do not read them. An empty cell there is an error naming the
+  file and column.
 - In-memory limit: val and test are read fully; more than `max_eval_rows` rows in either
   (counted from the footers) is a ValueError naming that key.
 
@@ -100,6 +106,8 @@ class ParquetStreamConfig:
         read_batch_rows: rows per pyarrow record batch when reading a row group.
         max_eval_rows: most rows of val or test (each is held in memory).
         on_bad_row: error or skip (see `data/parsing/bad_rows.py`).
+        cluster_columns: columns whose combination is a row's latent cluster (val /
+            test `Split.clusters`; empty = none).
     """
 
     name: str = "parquet_stream"
@@ -122,6 +130,7 @@ class ParquetStreamConfig:
     read_batch_rows: int = 65_536
     max_eval_rows: int = 5_000_000
     on_bad_row: str = "error"
+    cluster_columns: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ units
@@ -222,21 +231,28 @@ class UnitReader:
         self.mean_D, self.std_D = mean_D, std_D
         self.columns = role_columns(cfg, tasks)
 
-    def read(self, units: Units, u: int, skips: SkipLog, files: FileCache) -> Split:
-        """Unit `u` of `units`; bad rows raise or are dropped and counted in `skips`."""
+    def read(self, units: Units, u: int, skips: SkipLog, files: FileCache, *, clusters: bool = False) -> Split:
+        """Unit `u` of `units`; bad rows raise or are dropped and counted in `skips`.
+        `clusters`: also read `cluster_columns` into `Split.clusters` (63-bit hashes of
+        each row's combination; `_read_split` makes them codes 0..C-1)."""
         path, group = units.files[units.file_U[u]], int(units.group_U[u])
         pf = files.get(path)
-        check_columns(pf, path, self.columns)  # the file may have changed since the scan
+        extra = [c for c in self.cfg.cluster_columns if c not in self.columns] if clusters else []
+        columns = self.columns + extra
+        check_columns(pf, path, columns)  # the file may have changed since the scan
         where = f"{path} (row group {group})"
         row, parts = int(units.first_row_U[u]), []
         for rb in pf.iter_batches(
-            batch_size=self.cfg.read_batch_rows, row_groups=[group], columns=self.columns, use_threads=False
+            batch_size=self.cfg.read_batch_rows, row_groups=[group], columns=columns, use_threads=False
         ):
             table = pa.Table.from_batches([rb])
             parsed = parse_table(
                 table, path=where, cfg=self.cfg, tasks=self.tasks, skips=skips, row_offset=row, raw_ids=True
             )
-            parts.append(self._encode(parsed))
+            part = self._encode(parsed)
+            if clusters:  # the kept rows' cluster cells (parsed.rows: file rows from 1)
+                part.clusters = cluster_hashes(table, self.cfg.cluster_columns, parsed.rows - row - 1, where)
+            parts.append(part)
             row += rb.num_rows
         return concat_splits(parts)
 
@@ -264,6 +280,24 @@ class UnitReader:
         )
 
 
+def cluster_hashes(table: pa.Table, columns: list[str], rows_N: np.ndarray, where: str) -> np.ndarray:
+    """`[N]` int64: a 63-bit hash of each row's cluster cells (`columns`, as text,
+    joined) at rows `rows_N` of `table`; an empty cell is an error naming the column."""
+    cells = []
+    for c in columns:
+        col = table.column(c)
+        if col.null_count:
+            raise ValueError(f"{where}: data.cluster_columns: column {c!r} has {col.null_count} empty cell(s)")
+        cells.append(pc.cast(col, pa.string()))
+    joined = pc.binary_join_element_wise(*cells, "\x1f") if len(cells) > 1 else cells[0]
+    return hashed_group_ids(joined.take(pa.array(rows_N)))
+
+
+def cluster_codes(hashes_N: np.ndarray) -> np.ndarray:
+    """`[N]` int64 codes 0..C-1 of the distinct hashes (sorted order)."""
+    return np.unique(hashes_N, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
 @dataclass
 class StreamTrain:
     """The streamed train split: its units and reader; rows only through `StreamLoader`."""
@@ -289,6 +323,8 @@ def _check(cfg: ParquetStreamConfig) -> None:
             raise ValueError(f"data.{key} names no file (data=parquet_stream needs train, val and test files)")
     if cfg.ids not in IDS:
         raise ValueError(f"data.ids={cfg.ids!r}; choose one of {IDS}")
+    if len(set(cfg.cluster_columns)) != len(cfg.cluster_columns):
+        raise ValueError(f"data.cluster_columns names a column twice: {cfg.cluster_columns}")
     for key in ("shuffle_buffer", "read_batch_rows", "max_eval_rows"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
@@ -364,7 +400,8 @@ def dense_stats(cfg: ParquetStreamConfig, units: Units) -> tuple[np.ndarray, np.
 
 
 def _read_split(cfg: ParquetStreamConfig, key: str, reader: UnitReader, skips: SkipLog) -> Split:
-    units = scan_units(expand_paths(getattr(cfg, key), key=f"data.{key}"), reader.columns)
+    columns = list(dict.fromkeys([*reader.columns, *cfg.cluster_columns]))
+    units = scan_units(expand_paths(getattr(cfg, key), key=f"data.{key}"), columns)
     if units.num_rows > cfg.max_eval_rows:
         raise ValueError(
             f"data.{key} has {units.num_rows} rows, more than data.max_eval_rows={cfg.max_eval_rows}; "
@@ -373,7 +410,11 @@ def _read_split(cfg: ParquetStreamConfig, key: str, reader: UnitReader, skips: S
     if not len(units):
         raise ValueError(f"data.{key}: the files hold no rows")
     cache = FileCache()
-    return concat_splits([reader.read(units, u, skips, cache) for u in range(len(units))])
+    clusters = bool(cfg.cluster_columns)
+    split = concat_splits([reader.read(units, u, skips, cache, clusters=clusters) for u in range(len(units))])
+    if split.clusters is not None:
+        split.clusters = cluster_codes(split.clusters)
+    return split
 
 
 def load_parquet_stream(cfg: ParquetStreamConfig) -> Dataset:

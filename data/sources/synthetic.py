@@ -28,7 +28,8 @@ the user and item embeddings and fit C different functions of the other features
 is where expert capacity (and routing by cluster) can pay off. The cluster draws come
 from their own generator, so the features are exactly those of `num_clusters=0`; only
 the labels change. `info["user_cluster"]` / `info["item_cluster"]` hold the assignments
-(index = id; id 0, missing, has cluster -1).
+(index = id; id 0, missing, has cluster -1); `Split.clusters` is each row's (user
+cluster, item cluster) pair, for the cluster-expert NMI of evaluation.
 
 The additive part is what a logistic regression on one-hot ids and dense columns can
 learn, which the tests check (AUC well above 0.5 for every task). Splits are
@@ -249,6 +250,9 @@ def _generate(
         labels={str(t): labels_NT[:, t] for t in range(num_tasks)},
         user_id=users_N,
     )
+    if clusters is not None:  # the row's (user cluster, item cluster) pair, -1 (missing item) a cluster of its own
+        item_N = np.full(n, -1) if clusters.item is None or items_N is None else clusters.item[items_N]
+        full.clusters = ((clusters.user[users_N] + 1) * (cfg.num_clusters + 1) + item_N + 1).astype(np.int64)
     return full, features, thresholds_T, clusters
 
 

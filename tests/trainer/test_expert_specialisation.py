@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from model.smes import SMES, SMESConfig
-from trainer.evaluation.experts import ExpertLoadMeter, cluster_expert_nmi, load_figures, nmi
+from trainer.evaluation.experts import (
+    ClusterExpertMeter,
+    ExpertLoadMeter,
+    cluster_expert_counts,
+    cluster_expert_nmi,
+    load_figures,
+    nmi,
+)
 from trainer.reporting.report import expert_log
 
 
@@ -106,6 +113,41 @@ def test_cluster_expert_nmi_matches_the_hand_built_table() -> None:
     assert cluster_expert_nmi(same, [0, 0, 1, 1]) == pytest.approx(
         reference_nmi([0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 0, 2, 1, 3, 2, 3])
     )
+
+
+def loop_counts(union_BW: np.ndarray, cluster_B: np.ndarray, weights_B: np.ndarray, C: int, E: int) -> np.ndarray:
+    """The cluster x expert table row by row: a row with weight > 0 adds 1 / |U| to each
+    of its experts (slots >= 0) in its cluster's row."""
+    out = np.zeros((C, E))
+    for row, c, w in zip(union_BW.tolist(), cluster_B.tolist(), weights_B.tolist(), strict=True):
+        ran = [e for e in row if e >= 0]
+        if w > 0 and ran:
+            for e in ran:
+                out[c, e] += 1 / len(ran)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cluster_expert_counts_and_the_meter_match_a_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    C, E, W = 5, 7, 4
+    batches = []
+    for _ in range(3):
+        B = int(rng.integers(1, 30))
+        union = np.full((B, W), -1)
+        for b in range(B):  # ascending distinct experts in the first |U| slots, |U| in 0..W
+            k = int(rng.integers(0, W + 1))
+            union[b, :k] = np.sort(rng.choice(E, size=k, replace=False))
+        batches.append((union, rng.integers(0, C, B), (rng.random(B) < 0.8).astype(np.float32)))
+    meter, want = ClusterExpertMeter(C, E, torch.device("cpu")), np.zeros((C, E))
+    for union, cluster, weights in batches:
+        got = cluster_expert_counts(torch.from_numpy(union), torch.from_numpy(cluster), torch.from_numpy(weights), C, E)
+        ref = loop_counts(union, cluster, weights, C, E)
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-15)
+        meter.add(torch.from_numpy(union), torch.from_numpy(cluster), torch.from_numpy(weights))
+        want += ref
+    assert want.sum() > 0
+    assert meter.compute() == pytest.approx(nmi(want), rel=1e-12)
 
 
 def test_cluster_expert_nmi_extremes_and_errors() -> None:

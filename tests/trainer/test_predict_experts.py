@@ -1,6 +1,8 @@
 """Expert specialisation end to end: a tiny SMES run on synthetic data with latent
-clusters (real CLI), its `task_expert_nmi` in the logs and `summary.json`, and
-`trainer.predict experts=true` at 1 and 2 ranks.
+clusters (real CLI), its `task_expert_nmi` in the logs and `summary.json`,
+`trainer.predict experts=true` at 1 and 2 ranks, and the cluster-expert NMI that
+evaluation reports (per validation and in `summary.json`), equal to the one computed
+from predict's `experts` column, at 1 rank and at 2 ranks with ep = 2.
 
 Legend: T tasks, E experts, K_s / K_a shared / adaptive experts.
 """
@@ -93,6 +95,34 @@ def test_predict_experts_column_at_one_and_two_ranks(smes_run: Path, tmp_path: P
     assert len(clusters) == 600 and len(set(clusters.tolist())) > 1
     score = cluster_expert_nmi(one["experts"].to_pylist(), clusters)
     assert score is not None and 0 <= score <= 1
+
+    # the run's own report: test rows' (user, item) cluster pairs x the reported model's experts
+    pairs = dataset.test.clusters
+    assert pairs is not None and len(set(pairs.tolist())) > 4
+    want = cluster_expert_nmi(one["experts"].to_pylist(), pairs)
+    reported = json.loads((smes_run / "summary.json").read_text())["experts"]["cluster_expert_nmi"]
+    assert want is not None and reported["test"] == pytest.approx(want, rel=1e-9)
+
+
+def validation_nmi(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val/experts/cluster_expert_nmi"] for r in records if "val/experts/cluster_expert_nmi" in r}
+
+
+@pytest.mark.slow
+def test_cluster_expert_nmi_per_validation_and_at_two_ranks(smes_run: Path, tmp_path: Path) -> None:
+    logged = validation_nmi(smes_run)
+    assert sorted(logged) == [3, 6] and all(0 < v < 1 for v in logged.values())
+    summary = json.loads((smes_run / "summary.json").read_text())
+    reported = summary["experts"]["cluster_expert_nmi"]
+    assert reported["val"] == logged[summary["best_step"]]
+    # the reported model evaluated again by two ranks, its experts split over them (ep=2):
+    # each rank counts its rows, the tables are summed, so the NMI is the same
+    again = tmp_path / "ep2"
+    ok(launch(again, *TRAIN, "trainer.steps=0", f"trainer.init_from={smes_run}", "parallel.ep=2", nproc=2))
+    two = json.loads((again / "summary.json").read_text())["experts"]["cluster_expert_nmi"]
+    assert two["test"] == pytest.approx(reported["test"], rel=1e-6)
+    assert two["val"] == pytest.approx(reported["val"], rel=1e-6)
 
 
 def test_experts_needs_an_smes_core() -> None:

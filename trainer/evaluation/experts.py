@@ -6,11 +6,16 @@ are global, then reset. A separate meter spans the whole run for `summary.json`.
 
 Specialisation: `nmi` is the normalised mutual information of a joint count table
 (a labelling x experts). `load_figures` reports `task_expert_nmi` from the per-task
-selection counts; `cluster_expert_nmi` measures how much a row's latent group (e.g. the
-synthetic data's user clusters) tells about the experts its union U ran, from the
+selection counts of each training window. The cluster-expert NMI measures how much a
+row's latent cluster (e.g. the capacity generator's user x item cluster) tells about
+the experts its union U ran: each row spreads a weight of 1 over its U
+(`cluster_expert_counts`). Evaluation computes it on every validation and on test, for
+splits whose source gives `Split.clusters` (`ClusterExpertMeter`, device counts, one
+reduce and one host read per split); `cluster_expert_nmi` computes it from the
 `experts` column of `trainer.predict experts=true`.
 
-Legend: T tasks, E experts, A / B the two labellings of a joint table, C clusters.
+Legend: T tasks, E experts, A / B the two labellings of a joint table, C clusters,
+B rows of a batch, W slots of a union table.
 """
 
 from __future__ import annotations
@@ -113,13 +118,53 @@ def nmi(counts_AB: Any) -> float | None:
     return min(1.0, max(0.0, mutual / math.sqrt(h_A * h_B)))
 
 
-def cluster_expert_nmi(experts_lists: Sequence[Sequence[int]], clusters: Sequence[Any] | np.ndarray) -> float | None:
-    """NMI between a row's latent cluster and the experts its union U ran.
+def cluster_expert_counts(
+    union_BW: torch.Tensor, cluster_B: torch.Tensor, weights_B: torch.Tensor, num_clusters: int, num_experts: int
+) -> torch.Tensor:
+    """`[C, E]` float64 contingency table of latent clusters x executed experts.
 
-    Each row spreads a weight of 1 over its experts, `1 / |U_row|` each, into the
-    contingency table `[clusters, experts]` (rows: the distinct values of `clusters`
-    in sorted order; columns: expert ids 0..max), so every row counts once whatever
-    its |U|; the result is `nmi` of that table. Rows with no expert contribute nothing.
+    Each row with a positive weight spreads a weight of 1 over its experts, `1 / |U|`
+    each, into its cluster's row, so every row counts once whatever its |U|; rows with
+    weight 0 (evaluation padding) or no expert add nothing. On the tensors' device.
+
+    Args:
+        union_BW: `[B, W]` long, each row's executed experts padded with -1
+            (`model.moe.router.union_experts`).
+        cluster_B: `[B]` long cluster codes in 0..C-1.
+        weights_B: `[B]` row weights (> 0 counts).
+        num_clusters, num_experts: C and E.
+    """
+    ran_BW = union_BW >= 0
+    share_B = (weights_B > 0).double() / ran_BW.sum(1).clamp_min(1).double()
+    cells_BW = cluster_B.long()[:, None] * num_experts + union_BW.clamp_min(0)
+    table = torch.zeros(num_clusters * num_experts, dtype=torch.float64, device=union_BW.device)
+    table.index_add_(0, cells_BW.reshape(-1), (ran_BW.double() * share_B[:, None]).reshape(-1))
+    return table.view(num_clusters, num_experts)
+
+
+class ClusterExpertMeter:
+    """Sums `cluster_expert_counts` over a split's batches on the device (no host sync
+    per batch); `compute()` reduces over ranks and reads the table once."""
+
+    def __init__(self, num_clusters: int, num_experts: int, device: torch.device) -> None:
+        self.num_clusters, self.num_experts = num_clusters, num_experts
+        self.table_CE = torch.zeros(num_clusters, num_experts, dtype=torch.float64, device=device)
+
+    def add(self, union_BW: torch.Tensor, cluster_B: torch.Tensor, weights_B: torch.Tensor) -> None:
+        self.table_CE += cluster_expert_counts(union_BW, cluster_B, weights_B, self.num_clusters, self.num_experts)
+
+    def compute(self, group: dist.ProcessGroup | None = None) -> float | None:
+        """The NMI over every rank's rows (collective: every rank must call it)."""
+        table = self.table_CE.clone()
+        all_reduce(table, group=group)
+        return nmi(to_host(table).numpy())
+
+
+def cluster_expert_nmi(experts_lists: Sequence[Sequence[int]], clusters: Sequence[Any] | np.ndarray) -> float | None:
+    """NMI between a row's latent cluster and the experts its union U ran, from lists.
+
+    The table is `cluster_expert_counts` (rows: the distinct values of `clusters` in
+    sorted order; columns: expert ids 0..max); rows with no expert contribute nothing.
 
     Args:
         experts_lists: per row, its distinct experts, e.g. the `experts` column of
@@ -137,10 +182,17 @@ def cluster_expert_nmi(experts_lists: Sequence[Sequence[int]], clusters: Sequenc
     if (experts < 0).any():
         raise ValueError("expert ids must be >= 0")
     names, cluster_R = np.unique(labels, return_inverse=True)
-    table_CE = np.zeros((len(names), int(experts.max()) + 1 if len(experts) else 0))
-    weights = np.repeat(1.0 / np.maximum(sizes_R, 1), sizes_R)
-    np.add.at(table_CE, (np.repeat(cluster_R, sizes_R), experts), weights)
-    return nmi(table_CE)
+    union_RW = np.full((len(sizes_R), int(sizes_R.max(initial=0))), -1, dtype=np.int64)
+    # row-major fill: each row's experts go to its first |U| slots
+    union_RW[np.arange(union_RW.shape[1])[None, :] < sizes_R[:, None]] = experts
+    table_CE = cluster_expert_counts(
+        torch.from_numpy(union_RW),
+        torch.from_numpy(cluster_R.reshape(-1).astype(np.int64)),
+        torch.ones(len(sizes_R)),
+        len(names),
+        int(experts.max()) + 1 if len(experts) else 0,
+    )
+    return nmi(table_CE.numpy())
 
 
 def load_figures(

@@ -45,6 +45,7 @@ class FinishedRun(Protocol):
     selector: ModelSelector
     timer: StepTimer
     run_meter: ExpertLoadMeter
+    cluster_nmi: dict[str, float | None]
     logger: MetricLogger | None
     num_network_params: int
     start_step: int
@@ -88,6 +89,16 @@ def expert_log(figures: dict[str, Any], max_keys: int = MAX_EXPERT_KEYS) -> dict
     out["experts/selection_fraction"] = frac
     out["experts/selection_fraction_per_task"] = figures["selection_fraction_per_task"]
     return out
+
+
+def _experts_view(figures: dict[str, Any] | None, cluster_nmi: dict[str, float | None]) -> dict[str, Any] | None:
+    """The run's load figures without the per-task vectors (none when it trained no
+    step), and the reported model's cluster-expert NMI on val / test
+    (`cluster_expert_nmi`, only for data with clusters); None when neither exists."""
+    out = {k: v for k, v in (figures or {}).items() if k != "selection_fraction_per_task"}
+    if any(v is not None for v in cluster_nmi.values()):
+        out["cluster_expert_nmi"] = dict(cluster_nmi)
+    return out or None
 
 
 def _task_view(metrics: Metrics | None) -> dict[str, dict[str, float | None]]:
@@ -145,9 +156,7 @@ def summary(
         "selection_metric": tr.cfg.early_stopping.metric,
         "stopped_early": state.stopped_early,
         "ema_decay": t.ema.decay,
-        "experts": None
-        if experts is None
-        else {k: v for k, v in experts.items() if k != "selection_fraction_per_task"},
+        "experts": _experts_view(experts, tr.cluster_nmi),
         "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "skipped_rows": skipped_rows,
         "skipped_rows_by_reason": skipped_by_reason,
