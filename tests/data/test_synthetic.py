@@ -183,6 +183,13 @@ def test_clusters_keep_features_and_change_labels() -> None:
     assert user_c.shape == (SMALL["num_users"] + 1,) and user_c[0] == -1 and set(user_c[1:]) == set(range(8))
     assert item_c.shape == (10 + 1,) and item_c[0] == -1 and item_c[1:].max() < 8  # cat_0 vocabulary 10
     assert "user_cluster" not in plain.info
+    # val / test rows carry their (user cluster, item cluster) pair, one code per pair; train none
+    assert clustered.train.clusters is None and plain.val.clusters is None
+    for split in (clustered.val, clustered.test):
+        items = split.sparse["cat_0"].values  # single-hot
+        pairs = list(zip(user_c[split.user_id].tolist(), item_c[items].tolist(), strict=True))
+        codes = split.clusters.tolist()  # type: ignore[union-attr]
+        assert len(set(pairs)) == len(set(codes)) == len(set(zip(pairs, codes, strict=True))) > 8
 
 
 def test_label_function_differs_by_cluster() -> None:
