@@ -26,7 +26,9 @@ def test_quick_run_writes_the_figures_and_reuses_its_data(tmp_path: Path) -> Non
         assert len(res[key]) == len(rows) and all(v > 0 for v in res[key]), key
     for peaks, wait4 in zip(res["peak_rss_mb_per_rank"], res["peak_rss_mb_wait4"], strict=True):
         assert len(peaks) == 2 and min(peaks) > 100  # a torch process; both ranks were found
-        assert wait4 >= max(peaks)  # the kernel's job-wide peak at exit bounds every polled one
+        # the kernel's job-wide peak at exit bounds every polled one, up to the RSS counters
+        # a thread caches before syncing them (64 pages each; seen: 0.25 MB under)
+        assert wait4 >= 0.99 * max(peaks)
     for d in res["data"]:
         assert d["generated"] and d["train_files"] == 2 and d["row_groups"] == d["rows"] // 1000
     for key in ("eval_s", "eval_peak_rss_mb", "eval_extra_rss_mb"):
