@@ -78,7 +78,7 @@ from model.core import CoreOutput, ExpertLoad
 from model.moe.dispatch import LocalDispatcher
 from model.moe.experts import GROUPED_BACKENDS, GroupedExperts
 from model.moe.losses import balance_loss, bias_update, router_z_loss
-from model.moe.router import ROUTER_NORMS, ROUTING_MODES, Router, RoutingPlan, selection_counts
+from model.moe.router import MIXING_MODES, ROUTER_NORMS, ROUTING_MODES, Router, RoutingPlan, selection_counts
 
 
 @dataclass(kw_only=True)
@@ -116,6 +116,10 @@ class SMESConfig:
         router_bias: a learned bias on each task's router logits (default false, the
             paper's bias-free router; MMoE's gates have one, so an MMoE run converted
             by `trainer.init_from` keeps its gates exactly with it).
+        mixing: which executed experts each task mixes: `selected` (the paper: its own
+            K_s + K_a, weights renormalised over them) or `union` (every expert its
+            instance runs, weights renormalised over U; the same expert FLOPs). See
+            `model.moe.router`. Default `selected`.
         capacity_factor: None = dropless (default); else, in training, every expert
             takes at most `ceil(capacity_factor * N / E)` of the N deduplicated pairs
             of the batch this process routes and the rest are dropped (module doc).
@@ -136,6 +140,7 @@ class SMESConfig:
     grouped_backend: str = "auto"
     router_norm: str = "none"
     router_bias: bool = False
+    mixing: str = "selected"
     capacity_factor: float | None = None
 
 
@@ -163,6 +168,8 @@ def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:
         raise ValueError("model.balance_beta and model.z_loss_coef must be >= 0")
     if cfg.bias_update_rate <= 0:
         raise ValueError(f"model.bias_update_rate must be > 0, got {cfg.bias_update_rate}")
+    if cfg.mixing not in MIXING_MODES:
+        raise ValueError(f"model.mixing must be one of {MIXING_MODES}, got {cfg.mixing!r}")
     if cfg.router_norm not in ROUTER_NORMS:
         raise ValueError(f"model.router_norm must be one of {ROUTER_NORMS}, got {cfg.router_norm!r}")
     if cfg.grouped_backend not in GROUPED_BACKENDS:
@@ -184,22 +191,22 @@ def mix_tasks(y_NH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
     Sparse plans: the pair rows are copied once into a padded per-instance table
     `[B, W, H]` (W = `plan.table_width`, the router's static bound on |U|: at most
-    K_s + T*K_a for progressive routing, +1 slot under a capacity limit) and every
-    task's weights are scattered into `[B, T, W]`; one batched matmul mixes (W is
-    static, so the table's shape needs no host read). This moves `N*H` values instead
+    K_s + T*K_a for progressive routing, +1 slot under a capacity limit) and one
+    batched matmul with the `[B, T, W]` weights mixes (W is
+    static, so the table's shape needs no host read). The router laid every task's
+    weights out on the table's slots (`plan.weights_BTW`: its own set for `selected`
+    mixing, all of U for `union`). This moves `N*H` values instead
     of gathering `B*T*K*H` and scatter-adding them back in backward. `all` plans mix
     `y_NH` viewed as `[E, B, H]` with one einsum.
     """
-    B = plan.weights_BTK.shape[0]
+    B = plan.weights_BTW.shape[0]
     if plan.all_experts:
-        return mix_all(plan.weights_BTK, y_NH.view(plan.num_experts, B, -1))
+        return mix_all(plan.weights_BTW, y_NH.view(plan.num_experts, B, -1))
     W, H = plan.table_width, y_NH.shape[1]
     rows_N = plan.pair_instance_N * W + plan.pair_slot_N
     # in place on a fresh buffer: the out-of-place index_copy would clone it once more
     table_BWH = y_NH.new_zeros(B * W, H).index_copy_(0, rows_N, y_NH).view(B, W, H)
-    w_BTW = plan.weights_BTK.new_zeros(B, plan.weights_BTK.shape[1], W)
-    w_BTW = w_BTW.scatter(-1, plan.slot_BTK, plan.weights_BTK)
-    return torch.bmm(w_BTW, table_BWH)
+    return torch.bmm(plan.weights_BTW, table_BWH)
 
 
 class SMESLayer(nn.Module):
@@ -233,6 +240,7 @@ class SMESLayer(nn.Module):
             capacity_factor=cfg.capacity_factor,
             input_norm=cfg.router_norm == "layernorm",
             bias=cfg.router_bias,
+            mixing=cfg.mixing,
         )
         experts = GroupedExperts(E, in_dim, list(cfg.expert_hidden), backend=cfg.grouped_backend)
         self.dispatcher: nn.Module = LocalDispatcher(experts)

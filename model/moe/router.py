@@ -20,10 +20,24 @@ float32 whatever the autocast (the gate runs with autocast off, DESIGN section 5
 bf16 (8 bits of mantissa) near-tied logits round to equal values, more often the
 larger E is, and top-k then breaks the ties towards low expert indices.
 
-Mixing weights: a softmax over each task's selected logits, `softmax_{e in K_t} z_{t,e}`.
-It equals the probabilities renormalised over the set, `p_{t,e} / sum_{K_t} p`, but stays
-finite when the selected probabilities underflow (0/0), e.g. for experts that only a
-large selection bias put in the set.
+Mixing weights (`model.mixing`): which executed experts each task reads, and how much.
+
+- `selected` (the paper, DESIGN section 3): task t mixes its own set K_t with a softmax
+  over its selected logits, `softmax_{e in K_t} z_{t,e}`. It equals the probabilities
+  renormalised over the set, `p_{t,e} / sum_{K_t} p`, but stays finite when the
+  selected probabilities underflow (0/0), e.g. for experts that only a large selection
+  bias put in the set.
+- `union`: task t mixes every expert its instance executes, the union U, with
+  `softmax_{e in U} z_{t,e}` (`p_{t,e}` renormalised over U). The selection, the pairs
+  and so the expert FLOPs are the same as `selected`; only the per-task mix reads
+  |U| table slots instead of K_s + K_a (an O(B*T*W*H) product, small next to the
+  experts). At equal activated expert compute each task then mixes as many experts as
+  the instance runs (MMoE's tasks mix all of theirs), and every task's router gets a
+  gradient through the other tasks' adaptive experts as well.
+
+Either way the plan carries the result as `weights_BTW`, each task's weight on each
+slot of the instance's table (0 on slots it does not read), which `model.smes.mix_tasks`
+multiplies by.
 
 Selection bias (auxiliary-loss-free balancing, after DeepSeek-V3): an optional
 per-expert `bias_E` shifts the scores used for *selection only*; it never enters the
@@ -81,6 +95,7 @@ from torch import nn
 from model.moe.host import host_ints
 
 ROUTING_MODES = ("progressive", "independent", "all")
+MIXING_MODES = ("selected", "union")
 ROUTER_NORMS = ("none", "layernorm")
 
 
@@ -116,7 +131,8 @@ class RoutingPlan:
         probs_BTE: `softmax(logits)` (with grad; balance loss).
         experts_BTK: long, experts selected per (instance, task); for `progressive` the
             first K_s columns are the shared subset S.
-        weights_BTK: mixing weights, the softmax of the selected logits (grad).
+        weights_BTK: the softmax of each task's selected logits, the paper's mixing
+            weights over K_t (grad). What the layer mixes with is `weights_BTW`.
         pair_instance_N: long, instance of each deduplicated pair, expert-contiguous.
         pair_expert_N: long, expert of each pair (non-decreasing).
         counts_E: long, pairs per expert (the traffic the grouped matmul sees), after
@@ -127,6 +143,10 @@ class RoutingPlan:
             layer scatters `y_NH` into a padded `[B, table_width, H]` table with it).
         slot_BTK: long, that position for every selection; `table_width - 1` (a slot
             no pair fills) for a dropped pair.
+        weights_BTW: each task's mixing weight on each table slot (grad): `weights_BTK`
+            scattered to `slot_BTK` for `selected` mixing, the softmax over U for
+            `union` (module doc); 0 on empty slots. For `all` plans W = E and it is
+            `probs_BTE`.
         table_width: W, the static width of the layer's per-instance table: the bound
             on |U| (`max_union`), +1 when a capacity limit applied (module doc).
         num_dropped: long scalar, pairs dropped by the capacity limit (0 = dropless).
@@ -146,6 +166,7 @@ class RoutingPlan:
     pair_index_BTK: torch.Tensor
     pair_slot_N: torch.Tensor
     slot_BTK: torch.Tensor
+    weights_BTW: torch.Tensor
     table_width: int
     num_dropped: torch.Tensor
     all_experts: bool
@@ -213,6 +234,24 @@ def renormalised_weights(experts_BTK: torch.Tensor, *, logits_BTE: torch.Tensor)
     the 0/0 when the selected probabilities underflow (with grad).
     """
     return torch.softmax(logits_BTE.gather(-1, experts_BTK), dim=-1)
+
+
+def union_weights(
+    experts_BTK: torch.Tensor, slot_BTK: torch.Tensor, *, logits_BTE: torch.Tensor, table_width: int
+) -> torch.Tensor:
+    """`union` mixing: every task's `softmax_{e in U} z_{t,e}` over its instance's
+    executed experts, laid out on the table's slots `[B, T, W]` (0 on empty slots).
+
+    U is read from the selections (each selection writes its expert at its slot), so no
+    sort and no host read; every instance has at least one selection, hence a finite
+    softmax.
+    """
+    B, T, K = experts_BTK.shape
+    union_BW = experts_BTK.new_full((B, table_width), -1)
+    # duplicate slots write the same expert, so the result does not depend on the order
+    union_BW.scatter_(1, slot_BTK.reshape(B, T * K), experts_BTK.reshape(B, T * K))
+    logits_BTW = logits_BTE.gather(-1, union_BW.clamp(min=0).unsqueeze(1).expand(B, T, table_width))
+    return torch.softmax(logits_BTW.masked_fill((union_BW < 0).unsqueeze(1), float("-inf")), dim=-1)
 
 
 def selection_counts(experts_BTK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -360,6 +399,7 @@ def sparse_plan(
     table_width: int,
     read_sizes: SizeReader,
     capacity_factor: float | None = None,
+    mixing: str = "selected",
 ) -> RoutingPlan:
     """The plan of a sparse selection: deduplicated expert-contiguous pairs, the slots of
     every instance's union, the capacity limit and the mixing weights (module doc).
@@ -376,6 +416,7 @@ def sparse_plan(
         table_width: W before any capacity slot, the static bound on |U| (`max_union`).
         read_sizes: the step's one host read, `counts_E -> PlanSizes`.
         capacity_factor: None for dropless, else see `apply_capacity`.
+        mixing: `selected` or `union` (module doc).
     """
     B, T, E = probs_BTE.shape
     sel = sort_selections(experts_BTK, E)
@@ -389,20 +430,30 @@ def sparse_plan(
     slot_M = slot_BTK.reshape(-1).index_select(0, sel.order_M)
     inst_N, exp_N, slot_N = gather_pairs(sel, row_M, [sel.instance_M, sel.expert_M, slot_M], N)
     index_BTK = torch.empty_like(row_M).scatter_(0, sel.order_M, row_M).view(B, T, -1)
+    weights_BTK = renormalised_weights(experts_BTK, logits_BTE=logits_BTE)
+    if mixing == "union":
+        # a dropped pair's slot stays in U: no pair fills it, so the task loses that
+        # expert's share without renormalising, as with `selected` (`apply_capacity`)
+        weights_BTW = union_weights(experts_BTK, slot_BTK, logits_BTE=logits_BTE, table_width=table_width)
     if capacity_factor is not None:
         slot_BTK = slot_BTK.masked_fill(index_BTK == N, table_width)
         table_width += 1
+    if mixing == "union":
+        weights_BTW = F.pad(weights_BTW, (0, table_width - weights_BTW.shape[-1]))
+    else:
+        weights_BTW = weights_BTK.new_zeros(B, T, table_width).scatter(-1, slot_BTK, weights_BTK)
     return RoutingPlan(
         logits_BTE=logits_BTE,
         probs_BTE=probs_BTE,
         experts_BTK=experts_BTK,
-        weights_BTK=renormalised_weights(experts_BTK, logits_BTE=logits_BTE),
+        weights_BTK=weights_BTK,
         pair_instance_N=inst_N,
         pair_expert_N=exp_N,
         counts_E=counts_E,
         pair_index_BTK=index_BTK,
         pair_slot_N=slot_N,
         slot_BTK=slot_BTK,
+        weights_BTW=weights_BTW,
         table_width=table_width,
         num_dropped=num_dropped,
         all_experts=False,
@@ -435,6 +486,9 @@ class Router(nn.Module):
         bias: a learned per-(task, expert) bias on the logits (`z_t = x W_t + b_t`),
             as MMoE's gates have; an MMoE run converts into SMES exactly with it
             (`model.moe.upcycle`).
+        mixing: `selected` (each task mixes its own K_s + K_a experts) or `union`
+            (each task mixes every executed expert of its instance), see the module doc.
+            `all` routing mixes all E either way.
     """
 
     def __init__(
@@ -450,8 +504,12 @@ class Router(nn.Module):
         capacity_factor: float | None = None,
         input_norm: bool = False,
         bias: bool = False,
+        mixing: str = "selected",
     ) -> None:
         super().__init__()
+        if mixing not in MIXING_MODES:
+            raise ValueError(f"model.mixing must be one of {MIXING_MODES}, got {mixing!r}")
+        self.mixing = mixing
         self.num_experts, self.num_tasks = num_experts, num_tasks
         self.shared_top_k, self.adaptive_top_k = shared_top_k, adaptive_top_k
         self.routing, self.capacity_factor = routing, capacity_factor
@@ -540,6 +598,7 @@ class Router(nn.Module):
             table_width=self.max_union,
             read_sizes=read_sizes or read_local_sizes,
             capacity_factor=self.capacity_factor if self.training else None,
+            mixing=self.mixing,
         )
 
     def _all_experts_plan(self, logits_BTE: torch.Tensor, probs_BTE: torch.Tensor) -> RoutingPlan:
@@ -556,6 +615,7 @@ class Router(nn.Module):
             pair_index_BTK=index_BTK,
             pair_slot_N=exp_N,
             slot_BTK=experts_BTK,
+            weights_BTW=probs_BTE,
             table_width=E,
             num_dropped=torch.zeros((), dtype=torch.long, device=probs_BTE.device),
             all_experts=True,

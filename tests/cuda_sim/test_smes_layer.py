@@ -104,6 +104,7 @@ def test_router_stays_float32_under_bf16_autocast() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             plan = router(to_sim(x_BD))
         assert plan.logits_BTE.dtype == plan.weights_BTK.dtype == plan.probs_BTE.dtype == torch.float32
+        assert plan.weights_BTW.dtype == torch.float32
         experts = plain(plan.experts_BTK)
     assert experts[0, 0].tolist() == [63, 62, 61]  # S = the two highest, then the next for each task
 
@@ -145,4 +146,16 @@ def test_layer_on_the_simulated_gpu_equals_the_cpu(routing, capacity_factor, aut
     ref = on_cpu(layer, x_BD, autocast)
     assert sim["dtype"] == (torch.bfloat16 if autocast else torch.float32)
     # fp32 on sm90 with `auto` takes the exact per-expert loop; bf16 runs the same kernel as the CPU
+    close(sim, ref, tol=2e-2 if autocast else 1e-5)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_union_mixing_on_the_simulated_gpu_equals_the_cpu(capacity_factor, autocast) -> None:
+    """`model.mixing=union`: the union's weights are built on the device (scatter, gather,
+    masked softmax) in float32, and train the same as on the CPU."""
+    layer = make_layer(routing="progressive", mixing="union", capacity_factor=capacity_factor)
+    x_BD = torch.randn(48, D)
+    sim = on_sim(layer, x_BD, autocast)
+    ref = on_cpu(layer, x_BD, autocast)
     close(sim, ref, tol=2e-2 if autocast else 1e-5)

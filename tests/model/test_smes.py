@@ -29,7 +29,8 @@ def make_core(**kw) -> SMES:
 
 
 def reference_forward(core: SMES, x_BD: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-instance loops over tasks and experts; selection by plain Python sorting."""
+    """Per-instance loops over tasks and experts; selection by plain Python sorting.
+    `union` mixing: every task mixes the instance's union of the task sets."""
     layer, T = core.layer, len(core.tasks)
     router, experts = layer.router, layer.experts
     E, Ks, Ka = router.num_experts, router.shared_top_k, router.adaptive_top_k
@@ -50,6 +51,9 @@ def reference_forward(core: SMES, x_BD: torch.Tensor) -> dict[str, torch.Tensor]
             sets = [sorted(range(E), key=lambda e: -pv[t][e])[: Ks + Ka] for t in range(T)]
         else:
             sets = [list(range(E)) for _ in range(T)]
+        if router.mixing == "union":
+            union = sorted({e for s in sets for e in s})
+            sets = [union for _ in range(T)]
         cache: dict[int, torch.Tensor] = {}
         for t, task in enumerate(core.tasks):
             z = sum(p_TE[t, e] for e in sets[t])
@@ -71,9 +75,10 @@ def grads_of(core: torch.nn.Module, reprs: dict[str, torch.Tensor], proj: dict[s
     return {n: p.grad.clone() for n, p in core.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("mixing", ["selected", "union"])
 @pytest.mark.parametrize("routing", ["progressive", "independent", "all"])
 @pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
-def test_matches_per_instance_reference(routing: str, backend: str) -> None:
+def test_matches_per_instance_reference(routing: str, backend: str, mixing: str) -> None:
     torch.manual_seed(0)
     core = make_core(
         num_experts=6,
@@ -82,6 +87,7 @@ def test_matches_per_instance_reference(routing: str, backend: str) -> None:
         routing=routing,
         grouped_backend=backend,
         selection_weights=[0.5, 0.3, 0.2],
+        mixing=mixing,
     )
     x_BD = torch.randn(20, 8)
     proj = {t: torch.randn(20, 8) for t in TASKS3}
@@ -152,6 +158,41 @@ def test_capacity_drops_and_large_factor_is_dropless() -> None:
     for i, t in enumerate(TASKS3):
         torch.testing.assert_close(out_t.task_reprs[t], expected_BTH[:, i])
     sum(r.sum() for r in out_t.task_reprs.values()).backward()
+
+
+def test_union_mixing_runs_the_same_pairs_and_drops_without_renormalising() -> None:
+    """`union` changes what the tasks read, never what runs: the same selection and
+    pairs as `selected`. Under a capacity limit a dropped pair's expert keeps its share
+    of the union softmax and contributes zero."""
+    torch.manual_seed(4)
+    x_BD = torch.randn(64, 8)
+    sel, uni = make_core(num_experts=8), make_core(num_experts=8, mixing="union")
+    uni.load_state_dict(sel.state_dict())
+    p_sel, p_uni = sel.layer.router(x_BD), uni.layer.router(x_BD)
+    for key in ("experts_BTK", "pair_instance_N", "pair_expert_N", "counts_E", "pair_slot_N"):
+        assert torch.equal(getattr(p_sel, key), getattr(p_uni, key)), key
+    assert uni(x_BD).load.active_sum.item() == sel(x_BD).load.active_sum.item()
+    # each task's weights sum to 1 over its instance's union, and cover all of it
+    assert torch.allclose(p_uni.weights_BTW.sum(-1), torch.ones(64, 3))
+    sizes_B = torch.tensor([len(set(p_uni.experts_BTK[b].flatten().tolist())) for b in range(64)])
+    assert torch.equal((p_uni.weights_BTW > 0).sum(-1), sizes_B.view(64, 1).expand(64, 3))
+
+    tight = make_core(num_experts=8, mixing="union", capacity_factor=0.5)
+    tight.load_state_dict(sel.state_dict())
+    out = tight(x_BD)
+    plan = tight.layer.router(x_BD)
+    assert out.load.dropped_pairs.item() > 0
+    y_EBH = tight.layer.experts.forward_all(x_BD)
+    union_BU = [sorted(set(plan.experts_BTK[b].flatten().tolist())) for b in range(64)]
+    kept = {(i, e) for i, e in zip(plan.pair_instance_N.tolist(), plan.pair_expert_N.tolist(), strict=True)}
+    logits_BTE = tight.layer.router.gating(x_BD)
+    for b in range(64):
+        u = torch.tensor(union_BU[b])
+        w_TU = torch.softmax(logits_BTE[b][:, u], -1)
+        keep_U = torch.tensor([float((b, e) in kept) for e in union_BU[b]])
+        expected_TH = torch.einsum("tu,uh->th", w_TU * keep_U, y_EBH[u, b])
+        for i, t in enumerate(TASKS3):
+            torch.testing.assert_close(out.task_reprs[t][b], expected_TH[i])
 
 
 def test_eval_with_capacity_is_dropless_and_batch_independent() -> None:
@@ -277,6 +318,7 @@ def test_expert_slice_computes_the_same_rows() -> None:
         ({"expert_hidden": []}, "model.expert_hidden"),
         ({"grouped_backend": "cuda"}, "model.grouped_backend"),
         ({"balance_beta": -1.0}, "model.balance_beta"),
+        ({"mixing": "all"}, "model.mixing"),
     ],
 )
 def test_config_errors_name_the_key(kw: dict, key: str) -> None:

@@ -32,13 +32,16 @@ GLOBAL_BATCH, STEPS, LR = 16, 3, 0.05
 E = 4
 
 
-def core_cfg() -> SMESConfig:
-    return SMESConfig(num_experts=E, shared_top_k=1, adaptive_top_k=1, expert_hidden=[8], balance_beta=0.1)
+def core_cfg(mixing: str = "selected") -> SMESConfig:
+    return SMESConfig(num_experts=E, shared_top_k=1, adaptive_top_k=1, expert_hidden=[8], balance_beta=0.1,
+                      mixing=mixing)  # fmt: skip
 
 
-def build(device: str) -> MultiTaskModel:
+def build(device: str, mixing: str = "selected") -> MultiTaskModel:
     torch.manual_seed(0)
-    return MultiTaskModel(SPEC, core_cfg=core_cfg(), embedding_dim=8, tower=TowerConfig(hidden=[4]), ebc_device=device)
+    return MultiTaskModel(
+        SPEC, core_cfg=core_cfg(mixing), embedding_dim=8, tower=TowerConfig(hidden=[4]), ebc_device=device
+    )
 
 
 def total_loss(out, batch) -> torch.Tensor:
@@ -57,8 +60,8 @@ def loader(rank: int, world: int) -> TrainLoader:
     )
 
 
-def reference() -> dict:
-    model = build("cpu")
+def reference(mixing: str = "selected") -> dict:
+    model = build("cpu", mixing)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     out_log, losses, grads, counts = [], [], {}, None
@@ -77,9 +80,9 @@ def reference() -> dict:
             "state": {k: v.clone() for k, v in model.state_dict().items()}}  # fmt: skip
 
 
-def ep_worker(rank: int, world: int, init: dict, ep: int) -> dict:
+def ep_worker(rank: int, world: int, init: dict, ep: int, mixing: str = "selected") -> dict:
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
-    model = build("meta")
+    model = build("meta", mixing)
     model.load_state_dict({k: v for k, v in init.items() if not k.startswith("ebc.")}, strict=False)
     cfg = ParallelConfig(
         embedding=EmbeddingShardingConfig(sharding_type="table_wise"),
@@ -120,11 +123,13 @@ def expert_slice(full: torch.Tensor, ep_rank: int, ep: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 2)])
-def test_expert_parallel_matches_single_process(world: int, ep: int) -> None:
-    ref = reference()
+@pytest.mark.parametrize(("world", "ep", "mixing"), [(2, 2, "selected"), (4, 2, "selected"), (2, 2, "union")])
+def test_expert_parallel_matches_single_process(world: int, ep: int, mixing: str) -> None:
+    """`union` mixing reads the other tasks' experts of a row after the reverse
+    all-to-all: the same parity."""
+    ref = reference(mixing)
     experts = expert_parameter_names(build("meta"))
-    ranks = run_ranks(ep_worker, world, ref["init"], ep)
+    ranks = run_ranks(ep_worker, world, ref["init"], ep, mixing)
     np.testing.assert_allclose(ranks[0]["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
     for t in SPEC.tasks:
         got = torch.cat([r["logits"][t] for r in ranks])
