@@ -32,7 +32,7 @@ Hooks for `parallel/` and the trainer (model/ never imports torch.distributed):
   `model.moe.router`), never the mixing weights, and gets no gradient.
 - Capacity (`model.capacity_factor`, None = dropless, the default): a per-expert limit
   on the batch this process routes, decided by its router before dispatch
-  (`model.moe.router.apply_capacity`; the router gets it at build time). Under expert
+  (`model.moe.pairs.apply_capacity`; the router gets it at build time). Under expert
   parallelism that is each source rank's *local* batch: with N_r the deduplicated
   pairs of rank r's batch, rank r sends expert e at most `ceil(capacity_factor * N_r /
   E)` pairs (the lowest instance indices win), so the owner of e runs at most
