@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = ("torchrec", "fbgemm_gpu", "hydra", "omegaconf", "wandb", "numpy", "deepspeed", "pyarrow", "pandas",
            "data", "trainer", "parallel")  # fmt: skip
 MODEL_MODULES = {"model", "model.core", "model.smes", "model.moe", "model.moe.dispatch", "model.moe.experts",
-                 "model.moe.grouped", "model.moe.host", "model.moe.losses", "model.moe.router",
+                 "model.moe.grouped", "model.moe.host", "model.moe.losses", "model.moe.pairs", "model.moe.router",
                  "model.mlp"}  # fmt: skip
 TRAINER_MODULES = {"trainer", "trainer.loss", "trainer.ema"}  # torch-only: the whole-step section uses them
 
