@@ -18,8 +18,8 @@ every N, so only the training data grows):
    windows of `data.shuffle_buffer` rows, so the first window's read does not
    dominate); `loader_rows_per_s` is the mean over the ranks of rows built per second
    of build time, `loader_peak_rss_mb` the larger process peak.
-3. Training: `NPROC=2 bash launch/torchrun.sh data=parquet_stream ... model=smes`
-   (SMES defaults, global batch `--batch-size`, `--steps` steps, validation only at
+3. Training: `NPROC=2 bash launch/torchrun.sh data=parquet_stream ... model=smes model.num_experts=16`
+   (SMES defaults with the pool of the measured runs, global batch `--batch-size`, `--steps` steps, validation only at
    the end, no checkpoint, no logger; the same config at every N but the paths).
    `trainer_samples_per_s`, `trainer_loader_samples_per_s` and `step_time_ms` come
    from its summary.json. Peak RSS per rank: this process polls `/proc/<pid>/status`
@@ -81,8 +81,8 @@ QUICK = {
     "batch_size": 256, "loader_batches": 5, "eval_rows": 20_000, "eval_users": 500,
 }  # fmt: skip
 TRAIN_OVERRIDES = (
-    "model=smes", "trainer.eval_every=0", "trainer.log_every=50", "trainer.checkpoint.at_end=false",
-    "logger=none", "trainer.progress=false",
+    "model=smes", "model.num_experts=16", "trainer.eval_every=0", "trainer.log_every=50",
+    "trainer.checkpoint.at_end=false", "logger=none", "trainer.progress=false",
 )  # fmt: skip
 
 

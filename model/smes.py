@@ -87,8 +87,9 @@ class SMESConfig:
 
     Attributes:
         name: registry key.
-        num_experts: E, experts in the pool (default 16: the smallest pool in which
-            K_s + T*K_a is well below E for the 2-8 task setups here).
+        num_experts: E, experts in the pool (16 when the class is built directly; the
+            Hydra default `model.num_experts=auto` is resolved by `trainer.config`
+            with `auto_num_experts`).
         shared_top_k: K_s, Stage I task-shared slots per instance: the top-K_s experts
             of the jointly weighted scores (default 2).
         adaptive_top_k: K_a, Stage II task-adaptive slots per task: each task's top-K_a
@@ -144,6 +145,28 @@ class SMESConfig:
     router_bias: bool = False
     mixing: str = "selected"
     capacity_factor: float | None = None
+
+
+def auto_num_experts(
+    *, shared_top_k: int, adaptive_top_k: int, num_tasks: int, routing: str, multiple_of: int = 1
+) -> int:
+    """The pool of `model.num_experts=auto`: the smallest power of two that holds every
+    expert one instance can run, rounded up to a multiple of `multiple_of` (`parallel.ep`).
+
+    An instance runs at most K_s + T K_a experts under `progressive` routing (and under
+    `all`, whose pool size is free) and T (K_s + K_a) under `independent`. Why not a
+    larger pool: measured here, every expert beyond that bound costs quality until the
+    data reach tens of millions of rows per pass, because each expert then sees fewer
+    rows (README, "When does SMES pay?": Census-Income E = 4 level with MMoE at equal
+    FLOPs and E = 8 / 16 below it; the capacity logs at 1M and 8M rows best at E = 8;
+    at 32M rows E = 8, 16 and 64 level). A larger pool is a choice for large data:
+    set `model.num_experts`.
+    """
+    k_s, k_a, t = max(shared_top_k, 0), max(adaptive_top_k, 0), max(num_tasks, 1)
+    bound = t * (k_s + k_a) if routing == "independent" else k_s + t * k_a
+    pool = 1 << max(bound - 1, 0).bit_length()
+    step = max(multiple_of, 1)
+    return -(-pool // step) * step
 
 
 def validate_smes_config(cfg: SMESConfig, *, num_tasks: int) -> None:

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.build import SOURCES, declared_names
 from data.parsing.bad_rows import check_policy
 from model.build import CORES, TowerConfig
-from model.smes import SMESConfig, validate_smes_config
+from model.smes import SMESConfig, auto_num_experts, validate_smes_config
 from parallel.deepspeed_engine import DeepSpeedConfig, check_engine
 from parallel.embedding_sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from parallel.expert.mesh import check_ep
@@ -261,15 +261,60 @@ def load_saved_config(path: str | Path) -> DictConfig:
     return migrate_saved_config(node)
 
 
+def resolve_num_experts(cfg: DictConfig) -> DictConfig:
+    """`cfg` with `model.num_experts=auto` (the SMES default) replaced by its pool size,
+    `model.smes.auto_num_experts` of the run's K_s, K_a, routing, `parallel.ep` and task
+    count; `cfg` itself when there is nothing to resolve (a copy otherwise).
+
+    The task count is the data config's (`declared_names`): exact for every source but
+    `data=kuairand` with `data.tasks=null`, where it is the most tasks the files can give.
+    Training saves the resolved config (`RUN/config.yaml`), so every reader of a run
+    (predict, export, warm start, the benchmarks) sees the pool it trained.
+    """
+    model = cfg.get("model")
+    if model is None or model.get("name") != "smes" or model.get("num_experts") != "auto":
+        return cfg
+    if cfg.get("data") is None:
+        raise ValueError("config lacks the `data` section (model.num_experts=auto needs the task count)")
+    tasks, _ = declared_names(_by_name(SOURCES, cfg.data, "data"))
+    defaults = SMESConfig()
+
+    def _int(key: str, default: int) -> int:
+        value = model.get(key, default)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"model.{key} must be an integer, got {value!r}") from None
+
+    ep = cfg.get("parallel", {}).get("ep", 1)
+    num = auto_num_experts(
+        shared_top_k=_int("shared_top_k", defaults.shared_top_k),
+        adaptive_top_k=_int("adaptive_top_k", defaults.adaptive_top_k),
+        num_tasks=len(tasks),
+        routing=str(model.get("routing", defaults.routing)),
+        multiple_of=int(ep) if isinstance(ep, int) and ep > 0 else 1,
+    )
+    out = copy.deepcopy(cfg)
+    out.model.num_experts = num
+    return out
+
+
+def saved_config_yaml(cfg: DictConfig) -> str:
+    """What training saves as `RUN/config.yaml`: the composed config, interpolations and
+    `model.num_experts=auto` resolved."""
+    return OmegaConf.to_yaml(resolve_num_experts(cfg), resolve=True)
+
+
 def build_run_config(cfg: DictConfig, *, world_size: int | None = None) -> RunConfig:
     """Validate the composed Hydra config into a `RunConfig` (raises ValueError).
 
     A renamed key (`RENAMED_KEYS`) fails first, naming its new key; a saved config of an
     older run must go through `migrate_saved_config` (`load_saved_config`) first.
+    `model.num_experts=auto` is resolved here (`resolve_num_experts`).
 
     `world_size`: the job's ranks (default: torchrun's `WORLD_SIZE`, else 1).
     """
-    cfg = reject_renamed_keys(cfg)
+    cfg = resolve_num_experts(reject_renamed_keys(cfg))
     for key in ("data", "model", "parallel", "trainer", "logger"):
         if key not in cfg or cfg[key] is None:
             raise ValueError(f"config lacks the `{key}` section")

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from parallel.dist import init_distributed, shutdown
-from trainer.config import build_run_config
+from trainer.config import build_run_config, saved_config_yaml
 from trainer.reporting import sweep
 from trainer.trainer import train
 
@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         info = init_distributed(device=run.trainer.device)
         if info.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (run_dir / "config.yaml").write_text(saved_config_yaml(cfg))
         else:
             logging.getLogger().setLevel(logging.WARNING)
             logging.getLogger("data").setLevel(logging.ERROR)  # every rank loads the same data: rank 0 warns

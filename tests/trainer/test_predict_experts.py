@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 
 from data.build import build_dataset
 from model.baselines import MMoE, MMoEConfig
@@ -25,12 +26,12 @@ from trainer.evaluation.experts import cluster_expert_nmi, nmi
 from trainer.predict import experts_layer
 from trainer.serving.restore import run_config, run_node
 
-E, KS, KA, T = 8, 2, 1, 3
+E, KS, KA, T = 8, 2, 1, 3  # model.num_experts=auto: K_s + T K_a = 5 -> E = 8
 TASKS = tuple(f"task{t}" for t in range(T))
 TRAIN = (
     "data=synthetic_clusters", "data.num_train=2000", "data.num_val=400", "data.num_test=600",
     "data.num_users=300", f"data.num_tasks={T}", "data.positive_rates=[0.3,0.1,0.05]", "data.num_clusters=4",
-    "model=smes", f"model.num_experts={E}", f"model.shared_top_k={KS}", f"model.adaptive_top_k={KA}",
+    "model=smes", "model.num_experts=auto", f"model.shared_top_k={KS}", f"model.adaptive_top_k={KA}",
     "model.expert_hidden=[16]", "model.tower.hidden=[8]", "model.embedding_dim=8",
     "trainer.batch_size=64", "trainer.steps=6", "trainer.log_every=2", "trainer.eval_every=3",
     "trainer.progress=false", "logger=none",
@@ -63,6 +64,10 @@ def test_task_expert_nmi_in_the_logs_and_the_summary(smes_run: Path) -> None:
         summed += fractions  # windows of equal size: the run's counts up to one factor
     experts = json.loads((smes_run / "summary.json").read_text())["experts"]
     assert experts["task_expert_nmi"] == pytest.approx(nmi(summed), rel=1e-6)
+    # auto resolved before training and saved resolved: the run's config says 8, as its model has
+    assert experts["num_experts"] == E and len(experts["selection_fraction"]) == E
+    assert OmegaConf.load(smes_run / "config.yaml").model.num_experts == E
+    assert OmegaConf.load(smes_run / ".hydra" / "config.yaml").model.num_experts == "auto"
 
 
 @pytest.mark.slow

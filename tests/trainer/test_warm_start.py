@@ -22,13 +22,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from data.ids import read_records, row_map
 from parallel.dist import DistInfo
 from tests._dist import run_ranks
 from trainer.checkpoint import resolve_checkpoint
-from trainer.config import build_run_config
+from trainer.config import build_run_config, saved_config_yaml
 from trainer.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -47,7 +46,7 @@ def _trainer(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) ->
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"), backend="gloo")
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     if rank == 0:  # as the entry point does (trainer/train.py)
-        (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (Path(run_dir) / "config.yaml").write_text(saved_config_yaml(cfg))
     return Trainer(run, Path(run_dir), info=info)
 
 
