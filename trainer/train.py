@@ -60,6 +60,11 @@ def main(cfg: DictConfig) -> None:
         info = init_distributed(device=run.trainer.device)
         if info.is_main:
             (run_dir / "config.yaml").write_text(saved_config_yaml(cfg))
+            if cfg.model.get("num_experts") == "auto":
+                log.info(
+                    "model.num_experts=auto: %d experts, the smallest power of two holding every expert one "
+                    "instance runs (set model.num_experts for another pool)", run.model.core.num_experts,
+                )  # fmt: skip
         else:
             logging.getLogger().setLevel(logging.WARNING)
             logging.getLogger("data").setLevel(logging.ERROR)  # every rank loads the same data: rank 0 warns
