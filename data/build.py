@@ -19,7 +19,7 @@ from data.columns import Dataset, check_dataset
 from data.loaders.in_memory import TrainBatches, TrainLoader
 from data.loaders.stream import StreamLoader
 from data.sources.census import CensusIncomeConfig, census_names, load_census_income
-from data.sources.kuairand import KuaiRandConfig, kuairand_names, load_kuairand
+from data.sources.kuairand import KuaiRandConfig, kuairand_names, kuairand_tasks, load_kuairand
 from data.sources.parquet_stream import ParquetStreamConfig, StreamTrain, load_parquet_stream, stream_names
 from data.sources.synthetic import SyntheticConfig, load_synthetic, synthetic_names
 from data.sources.tabular import TabularConfig, load_tabular, tabular_names
@@ -51,6 +51,15 @@ def declared_names(cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     returns a superset (its defaults depend on the files' columns); the exact names are
     checked again once the data is loaded."""
     return NAMES[cfg.name](cfg)
+
+
+def task_names(cfg: Any) -> tuple[str, ...]:
+    """The tasks `cfg` yields, exactly: `declared_names`' for every source but KuaiRand
+    with `data.tasks=null`, whose default tasks are the ones its log files' headers have
+    (read here, no rows)."""
+    if cfg.name == "kuairand":
+        return kuairand_tasks(cfg)
+    return declared_names(cfg)[0]
 
 
 def build_dataset(

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.build import SOURCES, declared_names
+from data.build import SOURCES, declared_names, task_names
 from data.parsing.bad_rows import check_policy
 from model.build import CORES, TowerConfig
 from model.smes import SMESConfig, auto_num_experts, validate_smes_config
@@ -266,17 +266,17 @@ def resolve_num_experts(cfg: DictConfig) -> DictConfig:
     `model.smes.auto_num_experts` of the run's K_s, K_a, routing, `parallel.ep` and task
     count; `cfg` itself when there is nothing to resolve (a copy otherwise).
 
-    The task count is the data config's (`declared_names`): exact for every source but
-    `data=kuairand` with `data.tasks=null`, where it is the most tasks the files can give.
-    Training saves the resolved config (`RUN/config.yaml`), so every reader of a run
-    (predict, export, warm start, the benchmarks) sees the pool it trained.
+    The task count is the data's (`data.build.task_names`: from the config, or for
+    `data=kuairand` with `data.tasks=null` from the log files' headers). Training saves
+    the resolved config (`RUN/config.yaml`), so every reader of a run (predict, export,
+    warm start, the benchmarks) sees the pool it trained.
     """
     model = cfg.get("model")
     if model is None or model.get("name") != "smes" or model.get("num_experts") != "auto":
         return cfg
     if cfg.get("data") is None:
         raise ValueError("config lacks the `data` section (model.num_experts=auto needs the task count)")
-    tasks, _ = declared_names(_by_name(SOURCES, cfg.data, "data"))
+    tasks = task_names(_by_name(SOURCES, cfg.data, "data"))
     defaults = SMESConfig()
 
     def _int(key: str, default: int) -> int:

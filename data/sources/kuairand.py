@@ -172,17 +172,23 @@ class KuaiRandConfig:
     dataset_name: str = "kuairand"
 
 
-def _sources(cfg: KuaiRandConfig) -> dict[str, Source]:
+def _log_source(cfg: KuaiRandConfig) -> Source:
+    """The log files as one `Source`, with the columns every file has (headers only)."""
     if not cfg.log_files:
         raise ValueError("data.log_files names no file")
+    read = {"fmt": cfg.format, "delimiter": csv_delimiter(cfg.delimiter)}
+    headers = [file_columns(p, **read) for p in cfg.log_files]  # type: ignore[arg-type]
+    common = [c for c in headers[0] if all(c in h for h in headers[1:])]
+    return Source(name="log", paths=list(cfg.log_files), columns=common, key=None, **read)  # type: ignore[arg-type]
+
+
+def _sources(cfg: KuaiRandConfig) -> dict[str, Source]:
     read = {"fmt": cfg.format, "delimiter": csv_delimiter(cfg.delimiter)}
 
     def columns(path: str) -> list[str]:
         return file_columns(path, **read)  # type: ignore[arg-type]
 
-    headers = [columns(p) for p in cfg.log_files]
-    common = [c for c in headers[0] if all(c in h for h in headers[1:])]
-    sources = {"log": Source(name="log", paths=list(cfg.log_files), columns=common, key=None, **read)}
+    sources = {"log": _log_source(cfg)}
     if cfg.user_features:
         cols = columns(cfg.user_features)
         sources["user"] = Source(name="user", paths=[cfg.user_features], columns=cols, key="user_id", **read)
@@ -363,6 +369,14 @@ def _date_keys(values: np.ndarray) -> np.ndarray:
         return values.astype(np.int64)
     except ValueError:
         return values
+
+
+def kuairand_tasks(cfg: KuaiRandConfig) -> tuple[str, ...]:
+    """The tasks this config yields, exactly: `data.tasks`, or with `data.tasks=null` the
+    default tasks the log files have (read from their headers only)."""
+    if cfg.tasks is not None:
+        return tuple(cfg.tasks)
+    return tuple(task for task, _ in _tasks(cfg, _log_source(cfg)))
 
 
 def kuairand_names(cfg: KuaiRandConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from data.build import build_dataset
+from data.build import build_dataset, task_names
 from data.columns import Dataset, Split
-from data.sources.kuairand import DEFAULT_TASKS, KuaiRandConfig, load_kuairand, long_view
+from data.sources.kuairand import DEFAULT_TASKS, KuaiRandConfig, kuairand_tasks, load_kuairand, long_view
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "kuairand" / "kuairand1k_sample.csv"
 
@@ -205,6 +205,18 @@ def test_tasks_and_long_view_derivation(files: dict[str, object]) -> None:
         assert np.array_equal(d.train.labels[task], raw[task][train].astype(np.float32))
     picked = _load(files, tasks=["is_like", "long_view"])
     assert picked.spec.tasks == ("is_like", "long_view")
+
+
+def test_task_names_from_the_headers_equal_the_loaded_tasks(files: dict[str, object]) -> None:
+    """`task_names` (what model.num_experts=auto counts) reads only the log headers and
+    gives the tasks loading gives: all defaults here, two in the sample (no like column)."""
+    for cfg in (
+        KuaiRandConfig(**files),  # type: ignore[arg-type]
+        KuaiRandConfig(**{**files, "tasks": ["is_like", "long_view"]}),  # type: ignore[arg-type]
+        KuaiRandConfig(log_files=[str(SAMPLE)], split="fraction"),
+    ):
+        assert task_names(cfg) == kuairand_tasks(cfg) == load_kuairand(cfg).spec.tasks
+    assert task_names(KuaiRandConfig(log_files=[str(SAMPLE)])) == ("is_click", "long_view")
 
 
 def test_long_view_column_is_used_when_present(tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ def test_auto_pool_against_enumeration() -> None:
         (("model=smes",), 1, 4),  # census_income: 2 tasks, K_s + T K_a = 4
         (("model=smes", "data=capacity_logs"), 1, 8),  # 4 tasks: 6 -> 8
         (("model=smes", "data=kuairand_pure"), 1, 8),  # 6 tasks: 8
-        (("model=smes", "data=kuairand"), 1, 16),  # tasks=null: the 7 the files may give, 9 -> 16
+        (("model=smes", "data=kuairand"), 1, 4),  # tasks=null: the 2 of the defaults its log files have
+        (("model=smes", "data=kuairand", "data.tasks=[is_click,long_view,is_like]"), 1, 8),
         (("model=smes", "model.routing=independent"), 1, 8),  # T (K_s + K_a) = 6 -> 8
         (("model=smes", "model.shared_top_k=1", "model.adaptive_top_k=3"), 1, 8),  # 7 -> 8
         (("model=smes", "parallel.ep=8"), 8, 8),  # 4, raised to a multiple of ep
