@@ -130,6 +130,25 @@ def test_cluster_expert_nmi_per_validation_and_at_two_ranks(smes_run: Path, tmp_
     assert two["val"] == pytest.approx(reported["val"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_cluster_expert_nmi_of_an_earlier_best_after_resuming_at_the_final_step(tmp_path: Path) -> None:
+    """A run restarted after its last step reports the best step's validation NMI, which
+    the first process measured: the restart recomputes it from the best checkpoint
+    (min_delta 1 keeps the first validation, step 3, as the best)."""
+    run_dir = tmp_path / "run"
+    args = (*TRAIN, "trainer.early_stopping.min_delta=1")
+    ok(launch(run_dir, *args, nproc=1))
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert first["best_step"] == 3 and first["steps"] == 6
+    ok(launch(run_dir, *args, nproc=1))  # resumes at step 6: nothing left to train
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert "at step 6" in (run_dir / "train.log").read_text().split("resumed from")[-1].splitlines()[0]
+    nmi_first, nmi_again = first["experts"]["cluster_expert_nmi"], again["experts"]["cluster_expert_nmi"]
+    assert nmi_first["val"] == validation_nmi(run_dir)[3]
+    assert nmi_again["val"] == pytest.approx(nmi_first["val"], rel=1e-9)
+    assert nmi_again["test"] == pytest.approx(nmi_first["test"], rel=1e-9)
+
+
 def test_experts_needs_an_smes_core() -> None:
     mmoe = MMoE(MMoEConfig(num_experts=2, expert_hidden=[4]), in_dim=5, tasks=("a", "b"))
     with pytest.raises(ValueError, match="experts=true needs an SMES core; the run's model is 'mmoe'"):
