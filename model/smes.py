@@ -155,8 +155,8 @@ def auto_num_experts(
 
     An instance runs at most K_s + T K_a experts under `progressive` routing (and under
     `all`, whose pool size is free) and T (K_s + K_a) under `independent`. Why not a
-    larger pool: measured here, every expert beyond that bound costs quality until the
-    data reach tens of millions of rows per pass, because each expert then sees fewer
+    larger pool: measured here, no pool beyond that bound beat it below tens of millions
+    of train rows per pass, and most cost quality, since each expert then sees fewer
     rows (README, "When does SMES pay?": Census-Income E = 4 level with MMoE at equal
     FLOPs and E = 8 / 16 below it; the capacity logs at 1M and 8M rows best at E = 8;
     at 32M rows E = 8, 16 and 64 level). A larger pool is a choice for large data:
