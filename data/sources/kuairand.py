@@ -46,6 +46,7 @@ Choices:
   the remaining rows), train = the rest. Dates are ordered as integers when they all are
   (yyyymmdd), else as text. Split `fraction`: seeded `val_fraction` and
   `test_fraction` of all rows (needed when the log has no `date`, like the sample).
+  The window and the split are computed in `data/sources/kuairand_dates.py`.
 - `Batch.user_id` is the log's user_id (GAUC groups by it).
 - Scoring other logs (`score_files`, for `trainer.predict files=`): logs in the format
   of `log_files` (their outcome columns may be absent: those tasks are unlabelled
@@ -66,13 +67,10 @@ import pyarrow as pa
 
 from data.columns import (
     SCORED,
-    TEST,
     TRAIN,
-    VAL,
     Dataset,
     SparseColumn,
     Split,
-    carve_splits,
     scored_rows,
     split_rows,
     standardize_dense,
@@ -91,6 +89,7 @@ from data.parsing.files import (
     split_lists,
     train_vocab,
 )
+from data.sources.kuairand_dates import OUTSIDE, split_codes
 from data.sources.kuairand_schema import (
     DEFAULT_LOG_CATEGORICAL,
     DEFAULT_LOG_DENSE,
@@ -107,8 +106,6 @@ from data.sources.kuairand_schema import (
 from data.sources.kuairand_tables import Feature, Read, Source, concat_reads, join_table, read_source
 from data.spec import DatasetSpec, SparseFeature
 
-SPLITS = ("date", "fraction")
-OUTSIDE = -1  # split code of rows outside `data.dates` (no split: `split_rows` ignores them)
 KEY_COLUMNS = ("user_id", "video_id")  # log columns written out with predictions
 _KIND_KEY = {"cat": "categorical", "dense": "dense", "multi": "multi_hot"}
 
@@ -281,96 +278,6 @@ def _tasks(cfg: KuaiRandConfig, log: Source) -> list[tuple[str, bool]]:
     return out
 
 
-def _split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: int) -> tuple[np.ndarray, dict]:
-    """`[N]` int8 split codes (TRAIN / VAL / TEST, `OUTSIDE` for rows outside `data.dates`)
-    and the split's `info` entries."""
-    if cfg.split not in SPLITS:
-        raise ValueError(f"data.split={cfg.split!r}; choose one of {SPLITS}")
-    if cfg.split == "date" or cfg.dates is not None:
-        if dates is None:
-            fixes = ["data.split=fraction"] * (cfg.split == "date") + ["data.dates=null"] * (cfg.dates is not None)
-            raise ValueError(f"the log files {cfg.log_files} have no `date` column; set {' and '.join(fixes)}")
-        if dates.null_count:
-            row = int(np.flatnonzero(np.asarray(dates.is_null().to_numpy(zero_copy_only=False)))[0])
-            raise ValueError(f"log row {row + 1} (files {cfg.log_files} concatenated): empty `date`")
-    inside, info = np.ones(num_rows, dtype=bool), {"rows_outside_dates": 0}
-    if cfg.dates is not None:
-        inside = _in_window(cfg, dates)  # type: ignore[arg-type]
-        info["rows_outside_dates"] = int(num_rows - inside.sum())
-    rows = np.flatnonzero(inside)
-    split = np.full(num_rows, OUTSIDE, dtype=np.int8)
-    if cfg.split == "fraction":
-        carved = carve_splits(len(rows), val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-        split[rows] = carved
-        return split, info
-    if cfg.test_days < 1 or cfg.val_days < 0:
-        raise ValueError(f"data.test_days must be >= 1 and data.val_days >= 0, got {cfg.test_days}, {cfg.val_days}")
-    kept = dates.take(pa.array(rows)) if cfg.dates is not None else dates  # type: ignore[union-attr]
-    codes, dictionary = category_dictionary(kept)
-    values = np.asarray(dictionary.to_pylist())
-    order = np.argsort(_date_keys(values), kind="stable")
-    if len(values) <= cfg.test_days + cfg.val_days:
-        within = "" if cfg.dates is None else f" within data.dates={list(cfg.dates)}"
-        raise ValueError(
-            f"the logs span {len(values)} dates{within}; data.test_days={cfg.test_days} + "
-            f"data.val_days={cfg.val_days} leave no train date"
-        )
-    rank = np.empty(len(values), dtype=np.int64)
-    rank[order] = np.arange(len(values))  # 0 = earliest date
-    row_rank = rank[codes]
-    first_test = len(values) - cfg.test_days
-    first_val = first_test - cfg.val_days
-    codes_in = np.full(len(rows), TRAIN, dtype=np.int8)
-    codes_in[row_rank >= first_test] = TEST
-    codes_in[(row_rank >= first_val) & (row_rank < first_test)] = VAL
-    if cfg.val_days == 0:
-        rest = np.flatnonzero(codes_in == TRAIN)
-        carved = carve_splits(len(rest), val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed)
-        codes_in[rest] = carved
-    split[rows] = codes_in
-    info.update(
-        train_dates=values[order[:first_val]].tolist(),
-        val_dates=values[order[first_val:first_test]].tolist(),
-        test_dates=values[order[first_test:]].tolist(),
-    )
-    return split, info
-
-
-def _in_window(cfg: KuaiRandConfig, dates: pa.ChunkedArray) -> np.ndarray:
-    """`[N]` bool: the rows whose date is within `data.dates` (inclusive), compared with
-    the split's keys (`_date_keys`: integers when every date is one, else text)."""
-    window = cfg.dates
-    if not isinstance(window, list | tuple) or len(window) != 2:
-        raise ValueError(f"data.dates={window!r}; give [first, last] (inclusive), e.g. [20220501, 20220507]")
-    codes, dictionary = category_dictionary(dates)
-    values = np.asarray(dictionary.to_pylist())
-    keys = _date_keys(values)
-    bounds = np.asarray([str(d).strip() for d in window])
-    try:
-        first, last = bounds.astype(keys.dtype) if keys.dtype.kind == "i" else bounds
-    except ValueError:
-        raise ValueError(
-            f"data.dates={list(window)}: the logs' dates are integers (yyyymmdd, like {values[0]}); give the bounds so"
-        ) from None
-    if first > last:
-        raise ValueError(f"data.dates={list(window)}: the first date is after the last")
-    inside = ((keys >= first) & (keys <= last))[codes]
-    if not inside.any():
-        span = values[np.argsort(keys, kind="stable")[[0, -1]]].tolist()
-        raise ValueError(f"data.dates={list(window)} holds no log row; the logs' dates are {span[0]} .. {span[1]}")
-    return inside
-
-
-def _date_keys(values: np.ndarray) -> np.ndarray:
-    """Sort keys of the distinct `date` strings: integers when they all are (yyyymmdd, as
-    KuaiRand writes them; numeric order also holds for unpadded day numbers), else the
-    strings (ISO dates sort as text)."""
-    try:
-        return values.astype(np.int64)
-    except ValueError:
-        return values
-
-
 def kuairand_tasks(cfg: KuaiRandConfig) -> tuple[str, ...]:
     """The tasks this config yields, exactly: `data.tasks`, or with `data.tasks=null` the
     default tasks the log files have (read from their headers only)."""
@@ -424,7 +331,7 @@ def load_kuairand(
     key_cols = [c for c in KEY_COLUMNS if c in log.columns] if keep_keys or score_files else []
     read = _read_log(cfg, sources, tasks, by_source.get("log", []), skips, key_cols)
     labels = _labels(cfg, log, tasks, read)
-    split_N, info = _split_codes(cfg, read.text.get("date"), len(read.text["user_id"]))
+    split_N, info = split_codes(cfg, read.text.get("date"), len(read.text["user_id"]))
     if info["rows_outside_dates"]:  # out of the window: gone before any join, vocabulary or statistic
         inside = split_N != OUTSIDE
         read, labels, split_N = _take_rows(read, inside), {t: v[inside] for t, v in labels.items()}, split_N[inside]
