@@ -33,7 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from parallel.dist import init_distributed, shutdown
-from trainer.config import build_run_config, saved_config_yaml
+from trainer.config import build_run_config, resolve_num_experts, saved_config_yaml
 from trainer.reporting import sweep
 from trainer.trainer import train
 
@@ -55,12 +55,14 @@ def main(cfg: DictConfig) -> None:
         sweep.run_point(cfg)  # one distributed job per multirun point
         return
     try:
+        auto_pool = cfg.model.get("num_experts") == "auto"
+        cfg = resolve_num_experts(cfg)  # once: build_run_config and config.yaml take the resolved pool
         run = build_run_config(cfg)  # config errors surface before any process group or data work
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         info = init_distributed(device=run.trainer.device)
         if info.is_main:
             (run_dir / "config.yaml").write_text(saved_config_yaml(cfg))
-            if cfg.model.get("num_experts") == "auto":
+            if auto_pool:
                 log.info(
                     "model.num_experts=auto: %d experts, the smallest power of two holding every expert one "
                     "instance runs (set model.num_experts for another pool)", run.model.core.num_experts,
