@@ -7,7 +7,7 @@ Legend: N log rows.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -15,14 +15,25 @@ import pyarrow as pa
 from data.columns import TEST, TRAIN, VAL, carve_splits
 from data.parsing.files import category_dictionary
 
-if TYPE_CHECKING:
-    from data.sources.kuairand import KuaiRandConfig
+
+class DateSplitConfig(Protocol):
+    """The fields of `data.sources.kuairand.KuaiRandConfig` the split reads."""
+
+    log_files: list[str]
+    split: str
+    dates: list[str | int] | None
+    test_days: int
+    val_days: int
+    val_fraction: float
+    test_fraction: float
+    seed: int
+
 
 SPLITS = ("date", "fraction")
 OUTSIDE = -1  # split code of rows outside `data.dates` (no split: `split_rows` ignores them)
 
 
-def split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: int) -> tuple[np.ndarray, dict]:
+def split_codes(cfg: DateSplitConfig, dates: pa.ChunkedArray | None, num_rows: int) -> tuple[np.ndarray, dict]:
     """`[N]` int8 split codes (TRAIN / VAL / TEST, `OUTSIDE` for rows outside `data.dates`)
     and the split's `info` entries."""
     if cfg.split not in SPLITS:
@@ -77,7 +88,7 @@ def split_codes(cfg: KuaiRandConfig, dates: pa.ChunkedArray | None, num_rows: in
     return split, info
 
 
-def in_window(cfg: KuaiRandConfig, dates: pa.ChunkedArray) -> np.ndarray:
+def in_window(cfg: DateSplitConfig, dates: pa.ChunkedArray) -> np.ndarray:
     """`[N]` bool: the rows whose date is within `data.dates` (inclusive), compared with
     the split's keys (`date_keys`: integers when every date is one, else text)."""
     window = cfg.dates
