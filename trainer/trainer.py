@@ -459,10 +459,11 @@ class Trainer:
         reported = self.state.step
         if sel.enabled and sel.best_dir is not None and sel.best_step != self.state.step:
             checkpoint.load_model(self.state, self.ckpt_root / sel.best_dir)  # the reported model (its average)
-            if sel.best_step not in self.val_cluster_nmi and self.dataset.val.clusters is not None:
+            best = sel.best_step
+            if best is not None and best not in self.val_cluster_nmi and self.dataset.val.clusters is not None:
                 # its validation ran in an earlier process (this one resumed after it): recompute the NMI
                 self.evaluate(self.dataset.val)
-                self.val_cluster_nmi[sel.best_step] = self.last_cluster_nmi
+                self.val_cluster_nmi[best] = self.last_cluster_nmi
             test, val = self.evaluate(self.dataset.test), sel.best_val or self.last_val
             reported = sel.best_step
             if self.info.is_main:
